@@ -1,0 +1,13 @@
+//! The pure core of weft: everything that decides, nothing that does.
+//!
+//! No module here performs I/O. The `weft` binary crate feeds these functions with what it
+//! read from the kernel, the store and the command line, and carries out what they return.
+
+pub mod acquire;
+pub mod cache;
+pub mod config;
+pub mod flags;
+pub mod iface;
+pub mod ipam;
+pub mod lease;
+pub mod subnet_env;
