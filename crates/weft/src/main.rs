@@ -1,1 +1,120 @@
-fn main(){}
+//! The `weft` binary: `weft daemon` (also when invoked as `flanneld`), `weft leases`.
+
+use std::process::ExitCode;
+
+use weft::cli;
+use weft_core::flags;
+
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+fn usage() -> String {
+    "Usage: weft <command> [flags]\n\nCommands:\n  daemon   run the per-host agent (flanneld's job); see weft daemon --help\n  leases   list the subnet leases of a store; see weft leases --help\n  version  print the version\n".into()
+}
+
+fn init_logging(verbosity: u64) {
+    let default = match verbosity {
+        0 | 1 => "info",
+        2 | 3 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    // Two cores here; the daemon's work is I/O bound, a small runtime is plenty.
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime")
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+fn daemon(args: &[String]) -> ExitCode {
+    let opts = match cli::parse_daemon(args, &env) {
+        Ok(Some(o)) => o,
+        Ok(None) => {
+            if args.iter().any(|a| a.trim_start_matches('-') == "version") {
+                eprintln!("{VERSION}");
+            } else {
+                print!("{}", flags::usage("weft daemon", &cli::daemon_specs()));
+            }
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("weft daemon: {e}\n\n{}", flags::usage("weft daemon", &cli::daemon_specs()));
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(opts.verbosity);
+    match runtime().block_on(weft::daemon::run(opts)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("weft daemon: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn leases(args: &[String]) -> ExitCode {
+    let (store, json) = match weft::leases::parse(args, &env) {
+        Ok(weft::leases::Request::List { store, json }) => (store, json),
+        Ok(weft::leases::Request::Help) => {
+            print!("{}", weft::leases::usage());
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("weft leases: {e}\n\n{}", weft::leases::usage());
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(0);
+    match runtime().block_on(weft::leases::run(&store)) {
+        Ok(l) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&weft::leases::to_json(&l)).unwrap_or_default());
+            } else {
+                print!("{}", weft::leases::table(&l, std::time::SystemTime::now()));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("weft leases: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    let invoked_as = args.first().and_then(|a| std::path::Path::new(a).file_name()).map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    if invoked_as == "flanneld" {
+        return daemon(&args[1..]);
+    }
+    match args.get(1).map(String::as_str) {
+        Some("daemon") => daemon(&args[2..]),
+        Some("leases") => leases(&args[2..]),
+        Some("version" | "--version" | "-version") => {
+            println!("weft {VERSION}");
+            ExitCode::SUCCESS
+        }
+        Some("help" | "--help" | "-help" | "-h") => {
+            print!("{}", usage());
+            ExitCode::SUCCESS
+        }
+        Some(other) => {
+            eprintln!("weft: unknown command {other:?}\n\n{}", usage());
+            ExitCode::from(2)
+        }
+        None => {
+            eprintln!("{}", usage());
+            ExitCode::from(2)
+        }
+    }
+}

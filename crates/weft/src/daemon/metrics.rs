@@ -1,0 +1,69 @@
+//! The daemon's Prometheus metrics (flanneld has none).
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Label set of the counters with a `kind`/`type` label.
+pub type Labels = Vec<(&'static str, &'static str)>;
+
+/// Every metric the daemon exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Unix time at which our lease expires (0 for a reservation).
+    pub lease_expiry: Gauge,
+    /// Peer leases known.
+    pub peers: Gauge,
+    /// 1 once subnet.env is written.
+    pub ready: Gauge,
+    /// Times the store connection or watch was re-established.
+    pub store_reconnects: Counter,
+    /// Lease events handled, by type (added, removed).
+    pub lease_events: Family<Labels, Counter>,
+    /// Errors, by kind (renew, store, …).
+    pub errors: Family<Labels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers the metrics.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            registry: Registry::default(),
+            lease_expiry: Gauge::default(),
+            peers: Gauge::default(),
+            ready: Gauge::default(),
+            store_reconnects: Counter::default(),
+            lease_events: Family::default(),
+            errors: Family::default(),
+        };
+        registry.register("weft_lease_expiry_timestamp_seconds", "Unix time our subnet lease expires (0: reservation)", m.lease_expiry.clone());
+        registry.register("weft_peers", "Peer subnet leases known", m.peers.clone());
+        registry.register("weft_ready", "1 once subnet.env is written", m.ready.clone());
+        registry.register("weft_store_reconnects", "Times the store list/watch was re-established", m.store_reconnects.clone());
+        registry.register("weft_lease_events", "Peer lease events handled", m.lease_events.clone());
+        registry.register("weft_errors", "Errors by kind", m.errors.clone());
+        Metrics { registry, ..m }
+    }
+
+    /// Counts one error of `kind`.
+    pub fn error(&self, kind: &'static str) {
+        self.errors.get_or_create(&vec![("kind", kind)]).inc();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,275 @@
+//! `weft daemon`: flanneld's job. Startup order follows flanneld (config, interface, lease,
+//! subnet.env, ready), then a loop that follows peer leases and renews our own.
+
+pub mod health;
+pub mod metrics;
+pub mod subnet_file;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, watch};
+use weft_core::cache::LeaseEvent;
+use weft_core::config::NetworkConfig;
+use weft_core::iface::{self, IfaceError, Selection};
+use weft_core::lease::{Expiry, SubnetKey};
+use weft_core::subnet_env::SubnetEnv;
+
+use self::metrics::Metrics;
+use crate::backend::{self, BackendError};
+use crate::cli::{DaemonOptions, StoreChoice};
+use crate::host::{self, HostError};
+use crate::registry::acquire::{AcquireFailed, acquire};
+use crate::registry::etcd::EtcdRegistry;
+use crate::registry::local::LocalRegistry;
+use crate::registry::watch::{self as lease_watch, WatchEvent};
+use crate::registry::{LEASE_TTL, Registry, RegistryError};
+
+/// Why the daemon stopped with an error (exit status 1).
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The store could not be set up.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// Reading the host failed.
+    #[error(transparent)]
+    Host(#[from] HostError),
+    /// No interface could be chosen.
+    #[error(transparent)]
+    Iface(#[from] IfaceError),
+    /// The backend cannot run.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// No lease could be taken.
+    #[error("failed to acquire a subnet lease: {0}")]
+    Acquire(#[from] AcquireFailed),
+    /// The subnet file could not be written.
+    #[error("cannot write the subnet file {path}: {source}; make its directory writable or choose another path with --subnet-file")]
+    SubnetFile {
+        /// The path.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The health server could not bind.
+    #[error("cannot listen on {addr} for the health server: {source}; choose another --healthz-port or --healthz-ip")]
+    Health {
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Netlink could not be opened.
+    #[error("cannot open a netlink socket: {0}")]
+    Netlink(std::io::Error),
+}
+
+/// When to renew a lease that expires at `expiry`: `margin` before it, and never in the past.
+pub fn renew_deadline(expiry: SystemTime, margin: Duration, now: SystemTime) -> Duration {
+    expiry.checked_sub(margin).and_then(|t| t.duration_since(now).ok()).unwrap_or(Duration::ZERO)
+}
+
+/// Resolves when SIGINT or SIGTERM arrives; a second signal ends the process at once.
+fn shutdown_signal() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+            tracing::error!("cannot install signal handlers; SIGTERM will kill the daemon without a clean shutdown");
+            return;
+        };
+        tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+        tracing::info!("shutting down (a second signal stops at once)");
+        let _ = tx.send(true);
+        tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+        std::process::exit(130);
+    });
+    rx
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+/// Runs the daemon until a signal or the loss of our lease (both: `Ok`).
+pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
+    tracing::info!(?opts, "weft daemon starting");
+    let metrics = Arc::new(Metrics::new());
+    let (ready_tx, ready_rx) = watch::channel(false);
+    let shutdown = shutdown_signal();
+    if opts.healthz_port > 0 {
+        let addr = SocketAddr::new(opts.healthz_ip, opts.healthz_port);
+        health::serve(addr, ready_rx, metrics.clone(), stopped(shutdown.clone()))
+            .await
+            .map_err(|source| DaemonError::Health { addr, source })?;
+    }
+    match &opts.store {
+        StoreChoice::Etcd(e) => run_with(Arc::new(EtcdRegistry::connect(e).await?), &opts, metrics, ready_tx, shutdown).await,
+        StoreChoice::Local { path, prefix, config } => {
+            run_with(Arc::new(LocalRegistry::open(path, prefix, config)?), &opts, metrics, ready_tx, shutdown).await
+        }
+    }
+}
+
+/// Fetches and validates the config, retrying every second like flanneld; the error is
+/// logged whenever it changes, so an operator sees what to fix.
+async fn network_config<R: Registry>(reg: &R, shutdown: &watch::Receiver<bool>) -> Option<NetworkConfig> {
+    let mut last = String::new();
+    loop {
+        let outcome = match reg.network_config().await {
+            Ok(text) => NetworkConfig::parse(&text).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match outcome {
+            Ok(cfg) => return Some(cfg),
+            Err(msg) => {
+                if msg != last {
+                    tracing::error!("Couldn't fetch network config (retrying every second): {msg}");
+                    last = msg;
+                }
+            }
+        }
+        let mut s = shutdown.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = s.wait_for(|s| *s) => return None,
+        }
+    }
+}
+
+async fn run_with<R: Registry>(
+    reg: Arc<R>,
+    opts: &DaemonOptions,
+    metrics: Arc<Metrics>,
+    ready: watch::Sender<bool>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), DaemonError> {
+    let Some(cfg) = network_config(&*reg, &shutdown).await else { return Ok(()) };
+    if cfg.backend.defaulted {
+        tracing::warn!("the network config has no Backend: using udp as flannel does; set \"Backend\": {{\"Type\": \"vxlan\"}} for a faster data path");
+    }
+    let handle = host::connect().map_err(DaemonError::Netlink)?;
+    let snapshot = host::snapshot(&handle, opts.iface_can_reach).await?;
+    let ext = iface::select(
+        &snapshot,
+        &Selection {
+            iface: opts.iface.clone(),
+            iface_regex: opts.iface_regex.clone(),
+            can_reach: opts.iface_can_reach.is_some(),
+            public_ip: opts.public_ip,
+            public_ipv6: opts.public_ipv6,
+            want_v4: cfg.v4.is_some(),
+            want_v6: cfg.v6.is_some(),
+        },
+    )?;
+    tracing::info!(iface = %ext.name, public_ip = ?ext.public_ip, public_ipv6 = ?ext.public_ipv6, mtu = ext.mtu, "using interface");
+    let prepared = backend::prepare(&cfg.backend, &ext)?;
+
+    let previous = subnet_file::read_previous(&opts.subnet_file).and_then(|p| {
+        let key = SubnetKey {
+            v4: cfg.v4.and(p.previous_subnet()),
+            v6: cfg.v6.and(p.previous_ipv6_subnet()),
+        };
+        (key.v4.is_some() || key.v6.is_some()).then_some(key)
+    });
+    let acquired = acquire(&*reg, &cfg, &prepared.attrs, previous, LEASE_TTL).await?;
+    let own = acquired.lease.key;
+    tracing::info!(subnet = %own, how = ?acquired.choice, store = reg.name(), "acquired lease");
+
+    let env = SubnetEnv {
+        network: cfg.v4.map(|r| r.network),
+        subnet: own.v4,
+        ipv6_network: cfg.v6.map(|r| r.network),
+        ipv6_subnet: own.v6,
+        mtu: prepared.mtu,
+        ip_masq: opts.ip_masq,
+    };
+    subnet_file::write_atomic(&opts.subnet_file, &env.render())
+        .map_err(|source| DaemonError::SubnetFile { path: opts.subnet_file.display().to_string(), source })?;
+    let _ = ready.send(true);
+    metrics.ready.set(1);
+    tracing::info!(path = %opts.subnet_file.display(), "wrote subnet file; ready");
+
+    let (tx, mut rx) = mpsc::channel(256);
+    let watcher = tokio::spawn(lease_watch::run(reg.clone(), own, tx, metrics.clone()));
+    let _stop_watcher = AbortOnDrop(watcher);
+
+    let margin = Duration::from_secs(opts.renew_margin_minutes * 60);
+    let mut expiry = acquired.lease.expiry;
+    let mut shutdown = shutdown;
+    loop {
+        let renew_in = match expiry {
+            Expiry::At(t) => {
+                metrics.lease_expiry.set(t.duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0));
+                renew_deadline(t, margin, SystemTime::now())
+            }
+            // A reservation never expires; nothing to renew.
+            Expiry::Reservation | Expiry::Unknown => Duration::from_secs(365 * 24 * 3600),
+        };
+        tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => return Ok(()),
+            _ = tokio::time::sleep(renew_in) => {
+                match reg.renew(&own, &prepared.attrs, Some(LEASE_TTL)).await {
+                    Ok(()) => {
+                        expiry = Expiry::At(SystemTime::now() + LEASE_TTL);
+                        tracing::info!(subnet = %own, "renewed lease");
+                    }
+                    Err(RegistryError::Lost(_)) => {
+                        tracing::error!(subnet = %own, "our subnet is held by another host now; shutting down rather than share it");
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        metrics.error("renew");
+                        tracing::warn!("renewing the lease failed, retrying in a minute: {e}");
+                        expiry = Expiry::At(SystemTime::now() + margin + Duration::from_secs(60));
+                    }
+                }
+            }
+            ev = rx.recv() => match ev {
+                None => return Ok(()),
+                Some(WatchEvent::OwnGone) => {
+                    tracing::warn!(subnet = %own, "Lease has been revoked. Shutting down daemon.");
+                    return Ok(());
+                }
+                Some(WatchEvent::OwnWritten(l)) if l.attrs.public_ip != prepared.attrs.public_ip => {
+                    tracing::warn!(subnet = %own, holder = %l.attrs.public_ip, "our lease was overwritten by another host. Shutting down daemon.");
+                    return Ok(());
+                }
+                Some(WatchEvent::OwnWritten(_)) => {}
+                Some(WatchEvent::Peers(events)) => {
+                    for e in &events {
+                        let (kind, lease) = match e {
+                            LeaseEvent::Added(l) => ("added", l),
+                            LeaseEvent::Removed(l) => ("removed", l),
+                        };
+                        metrics.lease_events.get_or_create(&vec![("type", kind)]).inc();
+                        tracing::info!(subnet = %lease.key, public_ip = %lease.attrs.public_ip, "peer lease {kind}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Stops a background task when the daemon loop ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_is_margin_before_expiry_and_never_in_the_past() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let day = Duration::from_secs(86400);
+        assert_eq!(renew_deadline(now + day, Duration::from_secs(3600), now), Duration::from_secs(82800));
+        assert_eq!(renew_deadline(now + Duration::from_secs(10), Duration::from_secs(3600), now), Duration::ZERO);
+    }
+}

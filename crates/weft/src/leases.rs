@@ -1,0 +1,153 @@
+//! `weft leases`: the leases of a store as a table or JSON.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::json;
+use weft_core::flags::{self, Kind, Parsed, Spec};
+use weft_core::lease::{Expiry, Lease};
+
+use crate::cli::{STORE_FLAGS, StoreChoice, store_choice};
+use crate::registry::etcd::EtcdRegistry;
+use crate::registry::local::LocalRegistry;
+use crate::registry::{Registry, RegistryError};
+
+fn specs() -> Vec<Spec> {
+    let mut v: Vec<Spec> = STORE_FLAGS.to_vec();
+    v.push(Spec { name: "json", kind: Kind::Bool, default: "false", help: "print JSON instead of a table" });
+    v
+}
+
+/// Usage of `weft leases`.
+pub fn usage() -> String {
+    flags::usage("weft leases", &specs())
+}
+
+/// What the user asked for.
+pub enum Request {
+    /// List leases.
+    List {
+        /// The store.
+        store: StoreChoice,
+        /// JSON output.
+        json: bool,
+    },
+    /// Print usage.
+    Help,
+}
+
+/// Parses `weft leases` arguments.
+pub fn parse(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Request, flags::FlagError> {
+    match flags::parse(&specs(), args, env)? {
+        Parsed::Values(v) => Ok(Request::List { store: store_choice(&v)?, json: v.bool("json") }),
+        Parsed::Help | Parsed::Version => Ok(Request::Help),
+    }
+}
+
+async fn list<R: Registry>(reg: &R) -> Result<Vec<Lease>, RegistryError> {
+    let mut leases = reg.list().await?.leases;
+    reg.resolve_expiry(&mut leases).await?;
+    Ok(leases)
+}
+
+/// Lists the leases of `store`.
+pub async fn run(store: &StoreChoice) -> Result<Vec<Lease>, RegistryError> {
+    match store {
+        StoreChoice::Etcd(e) => list(&EtcdRegistry::connect(e).await?).await,
+        StoreChoice::Local { path, prefix, config } => list(&LocalRegistry::open(path, prefix, config)?).await,
+    }
+}
+
+fn remaining(expiry: &Expiry, now: SystemTime) -> String {
+    match expiry {
+        Expiry::Reservation => "reservation".into(),
+        Expiry::Unknown => "unknown".into(),
+        Expiry::At(t) => match t.duration_since(now) {
+            Ok(d) => {
+                let s = d.as_secs();
+                format!("in {}h{:02}m", s / 3600, (s % 3600) / 60)
+            }
+            Err(_) => "expired".into(),
+        },
+    }
+}
+
+/// The leases as an aligned text table.
+pub fn table(leases: &[Lease], now: SystemTime) -> String {
+    let mut rows = vec![["SUBNET".to_string(), "PUBLIC IP".into(), "BACKEND".into(), "EXPIRES".into()]];
+    for l in leases {
+        let subnet = match (l.key.v4, l.key.v6) {
+            (Some(a), Some(b)) => format!("{a},{b}"),
+            (Some(a), None) => a.to_string(),
+            (None, Some(b)) => b.to_string(),
+            (None, None) => "-".into(),
+        };
+        let ip = match l.attrs.public_ipv6 {
+            Some(v6) => format!("{},{v6}", l.attrs.public_ip),
+            None => l.attrs.public_ip.to_string(),
+        };
+        let backend = if l.attrs.backend_type.is_empty() { "udp/alloc".to_string() } else { l.attrs.backend_type.clone() };
+        rows.push([subnet, ip, backend, remaining(&l.expiry, now)]);
+    }
+    let widths: Vec<usize> = (0..4).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for r in rows {
+        let line = format!("{:w0$}  {:w1$}  {:w2$}  {}", r[0], r[1], r[2], r[3], w0 = widths[0], w1 = widths[1], w2 = widths[2]);
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// The leases as JSON.
+pub fn to_json(leases: &[Lease]) -> serde_json::Value {
+    serde_json::Value::Array(
+        leases
+            .iter()
+            .map(|l| {
+                let (expires_at, reservation) = match l.expiry {
+                    Expiry::At(t) => (t.duration_since(UNIX_EPOCH).ok().map(|d| d.as_secs()), false),
+                    Expiry::Reservation => (None, true),
+                    Expiry::Unknown => (None, false),
+                };
+                json!({
+                    "key": l.key.to_string(),
+                    "subnet": l.key.v4.map(|n| n.to_string()),
+                    "ipv6_subnet": l.key.v6.map(|n| n.to_string()),
+                    "public_ip": l.attrs.public_ip.to_string(),
+                    "public_ipv6": l.attrs.public_ipv6.map(|a| a.to_string()),
+                    "backend_type": l.attrs.backend_type,
+                    "backend_data": l.attrs.backend_data.as_ref().and_then(|r| serde_json::from_str::<serde_json::Value>(r.get()).ok()),
+                    "expires_at": expires_at,
+                    "reservation": reservation,
+                })
+            })
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use weft_core::lease::LeaseAttrs;
+
+    use super::*;
+
+    #[test]
+    fn table_shows_reservations_and_remaining_time() {
+        let now = UNIX_EPOCH + Duration::from_secs(1000);
+        let mut hg = LeaseAttrs::new([192, 0, 2, 12].into());
+        hg.backend_type = "host-gw".into();
+        let leases = vec![
+            Lease { key: "10.5.52.0-24".parse().unwrap(), attrs: LeaseAttrs::new([192, 0, 2, 11].into()), expiry: Expiry::At(now + Duration::from_secs(86340)) },
+            Lease { key: "10.5.53.0-24".parse().unwrap(), attrs: hg, expiry: Expiry::Reservation },
+        ];
+        assert_eq!(
+            table(&leases, now),
+            "SUBNET        PUBLIC IP   BACKEND    EXPIRES\n10.5.52.0/24  192.0.2.11  udp/alloc  in 23h59m\n10.5.53.0/24  192.0.2.12  host-gw    reservation\n"
+        );
+        let j = to_json(&leases);
+        assert_eq!(j[1]["reservation"], true);
+        assert_eq!(j[0]["expires_at"], 87340);
+    }
+}

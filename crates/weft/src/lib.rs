@@ -1,0 +1,11 @@
+//! weft: a flannel-compatible overlay network for containers.
+//!
+//! This crate holds everything with effects (store clients, netlink, HTTP, processes); the
+//! decisions it acts on come from `weft-core`.
+
+pub mod backend;
+pub mod cli;
+pub mod daemon;
+pub mod host;
+pub mod leases;
+pub mod registry;

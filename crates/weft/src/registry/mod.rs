@@ -1,0 +1,120 @@
+//! Where leases live: the `Registry` trait in store terms, its two implementations (etcd v3
+//! and the embedded local store), and the store-independent logic on top of them
+//! (acquisition with retries, the resumable lease watch).
+
+pub mod acquire;
+pub mod etcd;
+pub mod local;
+pub mod watch;
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use weft_core::lease::{Lease, LeaseAttrs, SubnetKey};
+
+/// flannel's lease lifetime: 24 hours.
+pub const LEASE_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// A store problem, with what the operator can do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The store could not be reached or answered with an error.
+    #[error("{store} request failed: {detail}; check that the store is running and reachable (--etcd-endpoints, TLS and credentials)")]
+    Unavailable {
+        /// "etcd" or "local store".
+        store: &'static str,
+        /// The underlying error.
+        detail: String,
+    },
+    /// There is no network config.
+    #[error("{0}")]
+    ConfigMissing(String),
+    /// The client could not be set up (bad endpoint, bad certificate files).
+    #[error("{0}")]
+    Setup(String),
+    /// Our lease is now held by another host or was deleted; we must not use it.
+    #[error("lease {0} is held by another host now")]
+    Lost(SubnetKey),
+}
+
+/// A lease list at one store revision. Entries that do not parse are skipped with a warning.
+#[derive(Debug, Clone)]
+pub struct Listing {
+    /// The parsed leases (reservations included).
+    pub leases: Vec<Lease>,
+    /// The store revision of this view; a watch resumes after it.
+    pub revision: i64,
+}
+
+/// One change under the subnets prefix.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// A lease was written.
+    Put(Lease),
+    /// A lease was deleted or expired.
+    Delete(SubnetKey),
+}
+
+/// What a watch delivers.
+#[derive(Debug)]
+pub enum WatchItem {
+    /// Changes up to and including `revision`.
+    Changes {
+        /// The store revision of the last change.
+        revision: i64,
+        /// The changes, in order.
+        changes: Vec<Change>,
+    },
+    /// The requested start revision was compacted away: re-list.
+    Compacted,
+    /// The watch broke (connection lost); reconnect from the last revision.
+    Broken(String),
+}
+
+/// The store operations weft needs, in lease terms.
+pub trait Registry: Send + Sync + 'static {
+    /// A short name for logs ("etcd", "local").
+    fn name(&self) -> &'static str;
+
+    /// The network config text (`<prefix>/config`).
+    fn network_config(&self) -> impl Future<Output = Result<String, RegistryError>> + Send;
+
+    /// All leases and the revision of that view.
+    fn list(&self) -> impl Future<Output = Result<Listing, RegistryError>> + Send;
+
+    /// Creates `key` only if absent, with a lease of `ttl`. `Ok(false)` when it exists.
+    fn create(&self, key: &SubnetKey, attrs: &LeaseAttrs, ttl: Duration) -> impl Future<Output = Result<bool, RegistryError>> + Send;
+
+    /// Writes our attributes to `key` with a fresh lease of `ttl` (`None`: keep it a
+    /// reservation, without expiry), provided the key is absent or still carries our public
+    /// IP. Otherwise `Err(Lost)`: the subnet went to another host and must not be taken back.
+    fn renew(&self, key: &SubnetKey, attrs: &LeaseAttrs, ttl: Option<Duration>) -> impl Future<Output = Result<(), RegistryError>> + Send;
+
+    /// Deletes `key`.
+    fn delete(&self, key: &SubnetKey) -> impl Future<Output = Result<(), RegistryError>> + Send;
+
+    /// Watches the subnets from `from_revision` (inclusive).
+    fn watch(&self, from_revision: i64) -> impl Future<Output = Result<mpsc::Receiver<WatchItem>, RegistryError>> + Send;
+
+    /// Fills in expiry times that a list left `Unknown` (for display).
+    fn resolve_expiry(&self, leases: &mut [Lease]) -> impl Future<Output = Result<(), RegistryError>> + Send;
+}
+
+/// Parses one stored entry, logging (not failing) when another host wrote garbage.
+pub(crate) fn parse_entry(store: &str, key_suffix: &str, value: &str) -> Option<(SubnetKey, LeaseAttrs)> {
+    let key = match key_suffix.parse::<SubnetKey>() {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::warn!(store, "skipping lease: {e}");
+            return None;
+        }
+    };
+    match LeaseAttrs::from_json(value) {
+        Ok(a) => Some((key, a)),
+        Err(e) => {
+            tracing::warn!(store, key = %key, "skipping lease with unreadable value: {e}");
+            None
+        }
+    }
+}
