@@ -7,5 +7,6 @@ pub mod backend;
 pub mod cli;
 pub mod daemon;
 pub mod host;
+pub mod lab;
 pub mod leases;
 pub mod registry;

@@ -20,6 +20,8 @@ pub struct Metrics {
     pub ready: Gauge,
     /// Times the store connection or watch was re-established.
     pub store_reconnects: Counter,
+    /// Times the store compacted past our revision and the leases were listed afresh.
+    pub store_relists: Counter,
     /// Lease events handled, by type (added, removed).
     pub lease_events: Family<Labels, Counter>,
     /// Errors, by kind (renew, store, …).
@@ -42,6 +44,7 @@ impl Metrics {
             peers: Gauge::default(),
             ready: Gauge::default(),
             store_reconnects: Counter::default(),
+            store_relists: Counter::default(),
             lease_events: Family::default(),
             errors: Family::default(),
         };
@@ -49,6 +52,7 @@ impl Metrics {
         registry.register("weft_peers", "Peer subnet leases known", m.peers.clone());
         registry.register("weft_ready", "1 once subnet.env is written", m.ready.clone());
         registry.register("weft_store_reconnects", "Times the store list/watch was re-established", m.store_reconnects.clone());
+        registry.register("weft_store_relists", "Times the leases were re-listed after the store compacted its history", m.store_relists.clone());
         registry.register("weft_lease_events", "Peer lease events handled", m.lease_events.clone());
         registry.register("weft_errors", "Errors by kind", m.errors.clone());
         Metrics { registry, ..m }

@@ -151,6 +151,34 @@ impl LocalRegistry {
         .await
     }
 
+    /// Writes an arbitrary value under `<prefix>/subnets/<suffix>` with a 24 h expiry, as any
+    /// other writer of the store could (repairs; tests of garbage from other hosts).
+    pub async fn put_raw(&self, suffix: &str, value: &str) -> Result<(), RegistryError> {
+        let (k, v) = (format!("{}{suffix}", self.subnets_prefix()), value.to_string());
+        let expires = now_ms() + super::LEASE_TTL.as_millis() as i64;
+        self.write(move |tx| {
+            let rev = record(tx, &k, Some(&v))?;
+            tx.execute(
+                "INSERT INTO leases (key, value, expires_ms, mod_revision) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(key) DO UPDATE SET value = ?2, expires_ms = ?3, mod_revision = ?4",
+                params![k, v, expires, rev],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Drops the change history up to and including `revision`, like `etcdctl compact`:
+    /// watchers that are behind it must re-list.
+    pub async fn compact(&self, revision: i64) -> Result<(), RegistryError> {
+        self.write(move |tx| {
+            tx.execute("DELETE FROM changes WHERE revision <= ?1", [revision])?;
+            tx.execute("UPDATE meta SET value = max(value, ?1) WHERE name = 'compacted'", [revision])?;
+            Ok(())
+        })
+        .await
+    }
+
     fn poll(&self, after: i64) -> Result<WatchItem, RegistryError> {
         let c = self.conn.lock().map_err(|_| err("local store lock poisoned"))?;
         let compacted: i64 = c.query_row("SELECT value FROM meta WHERE name = 'compacted'", [], |r| r.get(0)).map_err(err)?;

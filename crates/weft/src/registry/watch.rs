@@ -94,7 +94,7 @@ pub async fn run<R: Registry>(reg: Arc<R>, own: SubnetKey, tx: mpsc::Sender<Watc
                     }
                     WatchItem::Compacted => {
                         tracing::info!(revision, "the store compacted past our revision; re-listing leases");
-                        metrics.store_reconnects.inc();
+                        metrics.store_relists.inc();
                         continue 'relist;
                     }
                     WatchItem::Broken(e) => {

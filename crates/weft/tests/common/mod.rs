@@ -1,0 +1,39 @@
+//! Shared helpers of the integration tests: root check, unique namespace prefixes, waiting.
+#![allow(dead_code)]
+
+pub mod scenarios;
+
+use std::time::{Duration, Instant};
+
+/// Integration tests build network namespaces and run etcd: they need root, as in CI.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions and touches no memory.
+    let uid = unsafe { libc::geteuid() };
+    assert_eq!(uid, 0, "these tests create network namespaces and must run as root (CI does)");
+}
+
+/// A namespace prefix unique to this test and run; leftovers of earlier runs of the same
+/// test (any pid) are removed first.
+pub fn prefix(tag: &str) -> String {
+    require_root();
+    assert_eq!(tag.len(), 3, "tags are three letters so no tag is a prefix of another");
+    weft::lab::netns::remove_prefixed(&format!("wt{tag}"));
+    format!("wt{tag}{}-", std::process::id() % 100_000)
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, or panics after `limit` with `what`.
+pub fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The weft binary under test.
+pub fn weft_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_weft")
+}

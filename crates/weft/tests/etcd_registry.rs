@@ -1,0 +1,171 @@
+//! The etcd registry against a real etcd server on a free loopback port.
+
+mod common;
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+
+use common::scenarios::{self, collect, describe, start_watch};
+use weft::lab::etcd::{Etcd, TlsFiles, free_port};
+use weft::registry::acquire::acquire;
+use weft::registry::etcd::{EtcdOptions, EtcdRegistry};
+use weft::registry::{LEASE_TTL, Registry};
+use weft_core::lease::{LeaseAttrs, SubnetKey};
+
+const PREFIX: &str = "/coreos.com/network";
+
+fn start(dir: &Path) -> Etcd {
+    common::require_root();
+    Etcd::start(None, "127.0.0.1", free_port(), free_port(), &dir.join("etcd"), None).unwrap()
+}
+
+fn opts(e: &Etcd) -> EtcdOptions {
+    EtcdOptions { endpoints: vec![e.url()], prefix: PREFIX.into(), ..Default::default() }
+}
+
+async fn connect(e: &Etcd) -> EtcdRegistry {
+    EtcdRegistry::connect(&opts(e)).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_acquisitions_get_fifty_distinct_subnets() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = start(dir.path());
+    let mut regs = Vec::new();
+    for _ in 0..50 {
+        regs.push(connect(&etcd).await);
+    }
+    scenarios::concurrent_acquisitions(regs, &connect(&etcd).await).await;
+    // Every lease is attached to an etcd lease of 24 h, as flanneld's are.
+    let out = etcd.etcdctl(&["get", "--prefix", &format!("{PREFIX}/subnets/"), "-w", "fields"]).unwrap();
+    let ids: Vec<&str> = out.lines().filter(|l| l.starts_with("\"Lease\"")).map(|l| l.rsplit(' ').next().unwrap()).collect();
+    assert_eq!(ids.len(), 50);
+    let ttl = etcd.etcdctl(&["lease", "timetolive", &format!("{:x}", ids[0].parse::<i64>().unwrap())]).unwrap();
+    assert!(ttl.contains("granted with TTL(86400s)"), "{ttl}");
+}
+
+#[tokio::test]
+async fn a_reservation_is_honoured_and_never_re_leased() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = start(dir.path());
+    let reg = connect(&etcd).await;
+    scenarios::reservation_is_honoured(&reg, async |key: &SubnetKey, attrs: &LeaseAttrs| {
+        // An operator's reservation: a key without an etcd lease.
+        etcd.etcdctl(&["put", &format!("{PREFIX}/subnets/{key}"), &attrs.to_json()]).unwrap();
+    })
+    .await;
+    let fields = etcd.etcdctl(&["get", &format!("{PREFIX}/subnets/10.9.0.4-30"), "-w", "fields"]).unwrap();
+    assert!(fields.contains("\"Lease\" : 0"), "the reservation still has no etcd lease: {fields}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watch_follows_changes_and_skips_garbage() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = start(dir.path());
+    let reg = Arc::new(connect(&etcd).await);
+    scenarios::watch_follows_changes(reg, async || {
+        etcd.etcdctl(&["put", &format!("{PREFIX}/subnets/not-a-subnet"), "{}"]).unwrap();
+        etcd.etcdctl(&["put", &format!("{PREFIX}/subnets/10.5.77.0-24"), "garbage"]).unwrap();
+        etcd.etcdctl(&["put", &format!("{PREFIX}/subnets/10.5.78.0-24"), "{\"PublicIP\":42}"]).unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watch_sees_every_change_across_an_etcd_restart_and_a_compaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut etcd = start(dir.path());
+    let port = etcd.port;
+    let reg = Arc::new(connect(&etcd).await);
+    let cfg = scenarios::wide_config();
+    let me = acquire(&*reg, &cfg, &LeaseAttrs::new(Ipv4Addr::new(192, 0, 2, 1)), None, LEASE_TTL).await.unwrap().lease.key;
+    let (mut rx, metrics) = start_watch(reg.clone(), me);
+    let peer = |n: u8| -> (String, String) {
+        (format!("{PREFIX}/subnets/10.5.{n}.0-24"), LeaseAttrs::new(Ipv4Addr::new(192, 0, 2, n)).to_json())
+    };
+    let (k, v) = peer(101);
+    etcd.etcdctl(&["put", &k, &v]).unwrap();
+    assert_eq!(describe(&collect(&mut rx, 1).await.0), ["+10.5.101.0-24"]);
+
+    // etcd goes away; while the daemon cannot reach it (other port), the cluster changes.
+    etcd.restart_on(free_port()).unwrap();
+    let (k2, v2) = peer(102);
+    etcd.etcdctl(&["put", &k2, &v2]).unwrap();
+    etcd.etcdctl(&["del", &k]).unwrap();
+    etcd.restart_on(port).unwrap();
+    assert_eq!(describe(&collect(&mut rx, 2).await.0), ["+10.5.102.0-24", "-10.5.101.0-24"], "resumed from the last revision");
+    assert!(metrics.store_reconnects.get() > 0);
+    assert_eq!(metrics.store_relists.get(), 0);
+
+    // Again, but this time the history is compacted: the watch must re-list and diff.
+    etcd.restart_on(free_port()).unwrap();
+    let (k3, v3) = peer(103);
+    etcd.etcdctl(&["put", &k3, &v3]).unwrap();
+    etcd.etcdctl(&["del", &k2]).unwrap();
+    let status = etcd.etcdctl(&["endpoint", "status", "-w", "fields"]).unwrap();
+    let rev = status.lines().find(|l| l.starts_with("\"Revision\"")).and_then(|l| l.rsplit(' ').next()).unwrap().to_string();
+    etcd.etcdctl(&["compact", &rev]).unwrap();
+    etcd.restart_on(port).unwrap();
+    let mut got = describe(&collect(&mut rx, 2).await.0);
+    got.sort();
+    assert_eq!(got, ["+10.5.103.0-24", "-10.5.102.0-24"]);
+    assert_eq!(metrics.store_relists.get(), 1, "the compaction was noticed and answered with a re-list");
+    assert_eq!(metrics.peers.get(), 1);
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let st = Command::new("openssl").current_dir(dir).args(args).output().unwrap();
+    assert!(st.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&st.stderr));
+}
+
+/// A CA and a certificate (for 127.0.0.1) it signed, usable as etcd's server and as our client.
+fn make_certs(dir: &Path) -> TlsFiles {
+    openssl(dir, &["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=weft-test-ca"]);
+    std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n").unwrap();
+    openssl(dir, &["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "node.key", "-out", "node.csr", "-subj", "/CN=weft-node"]);
+    openssl(dir, &["x509", "-req", "-in", "node.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "node.pem", "-days", "2", "-extfile", "ext.cnf"]);
+    TlsFiles { ca: dir.join("ca.pem"), cert: dir.join("node.pem"), key: dir.join("node.key") }
+}
+
+#[tokio::test]
+async fn tls_with_client_certificates() {
+    common::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let tls = make_certs(dir.path());
+    let etcd = Etcd::start(None, "127.0.0.1", free_port(), free_port(), &dir.path().join("etcd"), Some(tls.clone())).unwrap();
+    let secure = EtcdOptions {
+        // Written as http:// the way flannel users often do; TLS upgrades it.
+        endpoints: vec![format!("http://127.0.0.1:{}", etcd.port)],
+        prefix: PREFIX.into(),
+        cafile: tls.ca.display().to_string(),
+        certfile: tls.cert.display().to_string(),
+        keyfile: tls.key.display().to_string(),
+        ..Default::default()
+    };
+    let reg = EtcdRegistry::connect(&secure).await.unwrap();
+    let got = acquire(&reg, &scenarios::wide_config(), &LeaseAttrs::new(Ipv4Addr::new(192, 0, 2, 9)), None, LEASE_TTL).await.unwrap();
+    let listed = etcd.etcdctl(&["get", "--print-value-only", &format!("{PREFIX}/subnets/{}", got.lease.key)]).unwrap();
+    assert_eq!(listed.trim(), r#"{"PublicIP":"192.0.2.9","PublicIPv6":null}"#);
+
+    // Without a client certificate the server refuses us, and the error says where to look.
+    let plain = EtcdOptions { endpoints: vec![format!("https://127.0.0.1:{}", etcd.port)], cafile: tls.ca.display().to_string(), prefix: PREFIX.into(), ..Default::default() };
+    let err = match EtcdRegistry::connect(&plain).await {
+        Ok(r) => r.list().await.unwrap_err().to_string(),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("etcd"), "{err}");
+    let missing = EtcdOptions { certfile: "/nonexistent.pem".into(), keyfile: "/nonexistent.key".into(), ..secure };
+    let err = EtcdRegistry::connect(&missing).await.err().expect("missing certificate files are an error").to_string();
+    assert!(err.contains("cannot read --etcd-certfile /nonexistent.pem"), "{err}");
+}
+
+#[tokio::test]
+async fn a_missing_config_says_how_to_create_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = start(dir.path());
+    let reg = connect(&etcd).await;
+    let err = reg.network_config().await.unwrap_err().to_string();
+    assert!(err.contains("Did you create your config using etcdv3 API?") && err.contains("etcdctl put /coreos.com/network/config"), "{err}");
+}
