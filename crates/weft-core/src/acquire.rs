@@ -46,7 +46,9 @@ pub struct Plan {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AcquireError {
     /// Every subnet of the range is leased or reserved.
-    #[error("out of subnets: every {family} subnet between SubnetMin and SubnetMax is leased or reserved; widen the Network or SubnetMin/SubnetMax, or delete stale leases (weft leases lists them)")]
+    #[error(
+        "out of subnets: every {family} subnet between SubnetMin and SubnetMax is leased or reserved; widen the Network or SubnetMin/SubnetMax, or delete stale leases (weft leases lists them)"
+    )]
     OutOfSubnets {
         /// "IPv4" or "IPv6".
         family: &'static str,
@@ -56,12 +58,16 @@ pub enum AcquireError {
 /// Whether a lease's subnets fit the config: right families, right lengths, inside the range.
 pub fn fits_config(cfg: &NetworkConfig, key: &SubnetKey) -> bool {
     let v4_ok = match (&cfg.v4, &key.v4) {
-        (Some(r), Some(n)) => n.prefix_len() == r.subnet_len && n.network() >= r.subnet_min && n.network() <= r.subnet_max,
+        (Some(r), Some(n)) => {
+            n.prefix_len() == r.subnet_len && n.network() >= r.subnet_min && n.network() <= r.subnet_max
+        }
         (None, None) => true,
         _ => false,
     };
     let v6_ok = match (&cfg.v6, &key.v6) {
-        (Some(r), Some(n)) => n.prefix_len() == r.subnet_len && n.network() >= r.subnet_min && n.network() <= r.subnet_max,
+        (Some(r), Some(n)) => {
+            n.prefix_len() == r.subnet_len && n.network() >= r.subnet_min && n.network() <= r.subnet_max
+        }
         (None, None) => true,
         _ => false,
     };
@@ -200,11 +206,11 @@ mod tests {
     #[test]
     fn reservations_are_honoured_and_never_given_away() {
         let mine = lease("10.3.7.0-24", [1, 2, 3, 4], Expiry::Reservation);
-        let p = plan(&cfg(), &[mine.clone()], ME, None, &mut |_| 0).unwrap();
+        let p = plan(&cfg(), std::slice::from_ref(&mine), ME, None, &mut |_| 0).unwrap();
         assert_eq!(p.choice, Choice::Reuse { key: mine.key, reservation: true });
 
         let theirs = lease("10.3.1.0-24", [9, 9, 9, 9], Expiry::Reservation);
-        let p = plan(&cfg(), &[theirs.clone()], ME, Some(theirs.key), &mut |_| 0).unwrap();
+        let p = plan(&cfg(), std::slice::from_ref(&theirs), ME, Some(theirs.key), &mut |_| 0).unwrap();
         assert_eq!(p.choice, Choice::Fresh("10.3.2.0-24".parse().unwrap()));
 
         // Our reservation outside the range is left alone, not deleted.
@@ -216,14 +222,18 @@ mod tests {
     #[test]
     fn a_full_range_is_an_error_that_says_what_to_do() {
         let c = NetworkConfig::parse(r#"{"Network":"10.0.0.0/28"}"#).unwrap();
-        let leases: Vec<Lease> = ["10.0.0.4-30", "10.0.0.8-30", "10.0.0.12-30"].iter().map(|k| lease(k, [1, 1, 1, 1], Expiry::Unknown)).collect();
+        let leases: Vec<Lease> = ["10.0.0.4-30", "10.0.0.8-30", "10.0.0.12-30"]
+            .iter()
+            .map(|k| lease(k, [1, 1, 1, 1], Expiry::Unknown))
+            .collect();
         let e = plan(&c, &leases, ME, None, &mut |_| 0).unwrap_err();
         assert!(e.to_string().contains("out of subnets"));
     }
 
     #[test]
     fn dual_stack_allocates_both_families() {
-        let c = NetworkConfig::parse(r#"{"Network":"10.3.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:1::/56"}"#).unwrap();
+        let c =
+            NetworkConfig::parse(r#"{"Network":"10.3.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:1::/56"}"#).unwrap();
         let p = plan(&c, &[], ME, None, &mut |_| 0).unwrap();
         assert_eq!(p.choice.key().to_string(), "10.3.1.0-24&fd00:1:0:1::-64");
     }

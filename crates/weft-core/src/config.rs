@@ -11,7 +11,9 @@ use serde_json::{Map, Value};
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
     /// The text is not a JSON object.
-    #[error("network config is not valid JSON: {0}; expected an object like {{\"Network\": \"10.244.0.0/16\", \"Backend\": {{\"Type\": \"vxlan\"}}}}")]
+    #[error(
+        "network config is not valid JSON: {0}; expected an object like {{\"Network\": \"10.244.0.0/16\", \"Backend\": {{\"Type\": \"vxlan\"}}}}"
+    )]
     Json(String),
     /// A field has the wrong JSON type or an unparsable value.
     #[error("network config field {field}: {problem}")]
@@ -86,21 +88,14 @@ pub struct NetworkConfig {
 /// Looks up `name` in a JSON object as Go's `encoding/json` does: exact key first, then
 /// the first key equal to it ignoring ASCII case.
 pub fn field<'a>(obj: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
-    obj.get(name).or_else(|| {
-        obj.iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v)
-    })
+    obj.get(name).or_else(|| obj.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v))
 }
 
 fn opt_bool(obj: &Map<String, Value>, name: &'static str, default: bool) -> Result<bool, ConfigError> {
     match field(obj, name) {
         None | Some(Value::Null) => Ok(default),
         Some(Value::Bool(b)) => Ok(*b),
-        Some(other) => Err(ConfigError::Field {
-            field: name,
-            problem: format!("expected true or false, got {other}"),
-        }),
+        Some(other) => Err(ConfigError::Field { field: name, problem: format!("expected true or false, got {other}") }),
     }
 }
 
@@ -135,10 +130,7 @@ fn opt_len(obj: &Map<String, Value>, name: &'static str) -> Result<Option<u8>, C
 }
 
 fn bad(field: &'static str, problem: impl Into<String>) -> ConfigError {
-    ConfigError::Field {
-        field,
-        problem: problem.into(),
-    }
+    ConfigError::Field { field, problem: problem.into() }
 }
 
 /// `2^(bits-prefix) - 1`: the host part of a prefix, without overflow for /0.
@@ -226,10 +218,7 @@ fn check_family(
     let check = |value: Option<u128>, field: &'static str, default: u128| -> Result<u128, ConfigError> {
         let Some(v) = value else { return Ok(default) };
         if v < net || v > net + net_mask {
-            return Err(ConfigError::Invalid(format!(
-                "{field} is not in the range of the {}",
-                rules.network_field
-            )));
+            return Err(ConfigError::Invalid(format!("{field} is not in the range of the {}", rules.network_field)));
         }
         if v & size_mask != 0 {
             return Err(ConfigError::Invalid(format!(
@@ -255,11 +244,7 @@ fn check_family(
 }
 
 fn render(bits: u8, v: u128) -> String {
-    if bits == 32 {
-        Ipv4Addr::from(v as u32).to_string()
-    } else {
-        Ipv6Addr::from(v).to_string()
-    }
+    if bits == 32 { Ipv4Addr::from(v as u32).to_string() } else { Ipv6Addr::from(v).to_string() }
 }
 
 impl NetworkConfig {
@@ -304,15 +289,17 @@ fn parse_v4(obj: &Map<String, Value>) -> Result<V4Range, ConfigError> {
         }
         Some(s) => s
             .parse::<Ipv4Net>()
-            .map_err(|_| bad("Network", format!("\"{s}\" is not an IPv4 CIDR; expected something like \"10.244.0.0/16\"")))?
+            .map_err(|_| {
+                bad("Network", format!("\"{s}\" is not an IPv4 CIDR; expected something like \"10.244.0.0/16\""))
+            })?
             .trunc(),
     };
     let addr = |name: &'static str| -> Result<Option<u128>, ConfigError> {
         opt_str(obj, name, "10.244.1.0")?
             .map(|s| {
-                s.parse::<Ipv4Addr>()
-                    .map(|a| u128::from(u32::from(a)))
-                    .map_err(|_| bad(name, format!("\"{s}\" is not an IPv4 address (no prefix length), e.g. \"10.244.1.0\"")))
+                s.parse::<Ipv4Addr>().map(|a| u128::from(u32::from(a))).map_err(|_| {
+                    bad(name, format!("\"{s}\" is not an IPv4 address (no prefix length), e.g. \"10.244.1.0\""))
+                })
             })
             .transpose()
     };
@@ -341,7 +328,9 @@ fn parse_v6(obj: &Map<String, Value>) -> Result<V6Range, ConfigError> {
         }
         Some(s) => s
             .parse::<Ipv6Net>()
-            .map_err(|_| bad("IPv6Network", format!("\"{s}\" is not an IPv6 CIDR; expected something like \"fd00:10:244::/56\"")))?
+            .map_err(|_| {
+                bad("IPv6Network", format!("\"{s}\" is not an IPv6 CIDR; expected something like \"fd00:10:244::/56\""))
+            })?
             .trunc(),
     };
     let addr = |name: &'static str| -> Result<Option<u128>, ConfigError> {
@@ -372,14 +361,21 @@ fn parse_v6(obj: &Map<String, Value>) -> Result<V6Range, ConfigError> {
 fn parse_backend(obj: &Map<String, Value>) -> Result<BackendConfig, ConfigError> {
     match field(obj, "Backend") {
         None | Some(Value::Null) => Ok(BackendConfig { kind: "udp".into(), defaulted: true, raw: Map::new() }),
-        Some(Value::Object(raw)) if raw.is_empty() => Ok(BackendConfig { kind: "udp".into(), defaulted: true, raw: raw.clone() }),
+        Some(Value::Object(raw)) if raw.is_empty() => {
+            Ok(BackendConfig { kind: "udp".into(), defaulted: true, raw: raw.clone() })
+        }
         Some(Value::Object(raw)) => {
             let kind = match field(raw, "Type") {
                 Some(Value::String(s)) if !s.is_empty() => s.to_ascii_lowercase(),
                 Some(Value::String(_)) | None | Some(Value::Null) => {
-                    return Err(bad("Backend.Type", "missing: set it to one of \"vxlan\", \"host-gw\", \"udp\" or \"alloc\""));
+                    return Err(bad(
+                        "Backend.Type",
+                        "missing: set it to one of \"vxlan\", \"host-gw\", \"udp\" or \"alloc\"",
+                    ));
                 }
-                Some(other) => return Err(bad("Backend.Type", format!("expected a string such as \"vxlan\", got {other}"))),
+                Some(other) => {
+                    return Err(bad("Backend.Type", format!("expected a string such as \"vxlan\", got {other}")));
+                }
             };
             Ok(BackendConfig { kind, defaulted: false, raw: raw.clone() })
         }
@@ -419,9 +415,15 @@ mod tests {
     #[test]
     fn vector1_small_networks() {
         let r = v4(r#"{"Network":"10.0.0.0/23"}"#);
-        assert_eq!((r.subnet_len, r.subnet_min, r.subnet_max), (25, Ipv4Addr::new(10, 0, 0, 128), Ipv4Addr::new(10, 0, 1, 128)));
+        assert_eq!(
+            (r.subnet_len, r.subnet_min, r.subnet_max),
+            (25, Ipv4Addr::new(10, 0, 0, 128), Ipv4Addr::new(10, 0, 1, 128))
+        );
         let r = v4(r#"{"Network":"10.0.0.0/28"}"#);
-        assert_eq!((r.subnet_len, r.subnet_min, r.subnet_max), (30, Ipv4Addr::new(10, 0, 0, 4), Ipv4Addr::new(10, 0, 0, 12)));
+        assert_eq!(
+            (r.subnet_len, r.subnet_min, r.subnet_max),
+            (30, Ipv4Addr::new(10, 0, 0, 4), Ipv4Addr::new(10, 0, 0, 12))
+        );
         assert!(err(r#"{"Network":"10.0.0.0/29"}"#).contains("Minimum useful network prefix is /28"));
         assert!(err(r#"{"Network":"10.0.0.0/16","SubnetLen":31}"#).contains("SubnetLen must be less than /31"));
         assert!(err(r#"{"Network":"10.0.0.0/16","SubnetLen":17}"#).contains("at least four subnets"));
@@ -429,7 +431,8 @@ mod tests {
 
     #[test]
     fn vector2_ipv6_only() {
-        let c = NetworkConfig::parse(r#"{ "enableIPv6": true, "ipv6Network": "fc00::/48", "enableIPv4": false }"#).unwrap();
+        let c =
+            NetworkConfig::parse(r#"{ "enableIPv6": true, "ipv6Network": "fc00::/48", "enableIPv4": false }"#).unwrap();
         assert!(c.v4.is_none());
         let r = c.v6.unwrap();
         assert_eq!(r.subnet_len, 64);
@@ -460,8 +463,14 @@ mod tests {
         assert!(err(r#"{"Network":"fd00::/48"}"#).contains("Network: \"fd00::/48\" is not an IPv4 CIDR"));
         assert!(err(r#"{"Network":5}"#).contains("field Network: expected a string"));
         assert!(err(r#"{"Network":"10.3.0.0/16","EnableIPv6":"yes"}"#).contains("EnableIPv6: expected true or false"));
-        assert!(err(r#"{"Network":"10.3.0.0/16","SubnetMin":"10.4.0.0"}"#).contains("SubnetMin is not in the range of the Network"));
-        assert!(err(r#"{"Network":"10.3.0.0/16","SubnetMax":"10.3.0.5"}"#).contains("SubnetMax is not on a SubnetLen boundary: 10.3.0.5"));
+        assert!(
+            err(r#"{"Network":"10.3.0.0/16","SubnetMin":"10.4.0.0"}"#)
+                .contains("SubnetMin is not in the range of the Network")
+        );
+        assert!(
+            err(r#"{"Network":"10.3.0.0/16","SubnetMax":"10.3.0.5"}"#)
+                .contains("SubnetMax is not on a SubnetLen boundary: 10.3.0.5")
+        );
         assert!(err(r#"{"Network":"10.3.0.0/16","SubnetMin":"10.3.9.0","SubnetMax":"10.3.8.0"}"#).contains("above"));
         assert!(err(r#"{"Network":"10.3.0.0/16","SubnetLen":-1}"#).contains("SubnetLen"));
         assert!(err(r#"{"EnableIPv4":false}"#).contains("at least one address family"));

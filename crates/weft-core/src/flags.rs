@@ -98,12 +98,12 @@ fn env_name(flag: &str) -> String {
 
 fn check(spec: &Spec, value: &str, from: &str) -> Result<(), FlagError> {
     match spec.kind {
-        Kind::Bool if parse_bool(value).is_none() => Err(FlagError(format!(
-            "invalid boolean value {value:?} for {from}: use true or false"
-        ))),
-        Kind::Uint if value.parse::<u64>().is_err() => Err(FlagError(format!(
-            "invalid value {value:?} for {from}: expected a whole number"
-        ))),
+        Kind::Bool if parse_bool(value).is_none() => {
+            Err(FlagError(format!("invalid boolean value {value:?} for {from}: use true or false")))
+        }
+        Kind::Uint if value.parse::<u64>().is_err() => {
+            Err(FlagError(format!("invalid value {value:?} for {from}: expected a whole number")))
+        }
         _ => Ok(()),
     }
 }
@@ -122,8 +122,12 @@ pub fn parse(specs: &[Spec], args: &[String], env: &dyn Fn(&str) -> Option<Strin
             }
             break;
         }
-        let Some(body) = arg.strip_prefix("--").or_else(|| arg.strip_prefix('-')).filter(|b| !b.is_empty() && !b.starts_with('-')) else {
-            return Err(FlagError(format!("unexpected argument {arg:?}: this command takes only flags (e.g. --iface=eth0)")));
+        let Some(body) =
+            arg.strip_prefix("--").or_else(|| arg.strip_prefix('-')).filter(|b| !b.is_empty() && !b.starts_with('-'))
+        else {
+            return Err(FlagError(format!(
+                "unexpected argument {arg:?}: this command takes only flags (e.g. --iface=eth0)"
+            )));
         };
         let (name, inline) = match body.split_once('=') {
             Some((n, v)) => (n, Some(v.to_string())),
@@ -170,7 +174,8 @@ pub fn parse(specs: &[Spec], args: &[String], env: &dyn Fn(&str) -> Option<Strin
             values.values.insert(spec.name, vec![v]);
             continue;
         }
-        let default = if spec.default.is_empty() && spec.kind == Kind::List { vec![] } else { vec![spec.default.to_string()] };
+        let default =
+            if spec.default.is_empty() && spec.kind == Kind::List { vec![] } else { vec![spec.default.to_string()] };
         values.values.insert(spec.name, default);
     }
     Ok(Parsed::Values(values))
@@ -178,7 +183,9 @@ pub fn parse(specs: &[Spec], args: &[String], env: &dyn Fn(&str) -> Option<Strin
 
 /// Usage text listing every flag with its default and environment variable.
 pub fn usage(command: &str, specs: &[Spec]) -> String {
-    let mut s = format!("Usage: {command} [flags]\n\nFlags (also -flag, -flag=value; every flag can be set by FLANNELD_<NAME>):\n");
+    let mut s = format!(
+        "Usage: {command} [flags]\n\nFlags (also -flag, -flag=value; every flag can be set by FLANNELD_<NAME>):\n"
+    );
     for spec in specs {
         let arg = match spec.kind {
             Kind::Bool => "",
@@ -221,7 +228,10 @@ mod tests {
 
     #[test]
     fn go_style_and_gnu_style_are_both_accepted() {
-        let v = values(&["-iface", "eth0", "--iface=eth1", "-ip-masq", "--iptables-forward-rules=false", "-healthz-port=8081"], &[]);
+        let v = values(
+            &["-iface", "eth0", "--iface=eth1", "-ip-masq", "--iptables-forward-rules=false", "-healthz-port=8081"],
+            &[],
+        );
         assert_eq!(v.list("iface"), ["eth0", "eth1"]);
         assert!(v.bool("ip-masq"));
         assert!(!v.bool("iptables-forward-rules"));
@@ -232,7 +242,15 @@ mod tests {
 
     #[test]
     fn environment_fills_flags_not_given() {
-        let v = values(&["--etcd-prefix=/a"], &[("FLANNELD_ETCD_PREFIX", "/b"), ("FLANNELD_IP_MASQ", "true"), ("FLANNELD_IFACE", "eth9"), ("FLANNELD_HEALTHZ_PORT", "")]);
+        let v = values(
+            &["--etcd-prefix=/a"],
+            &[
+                ("FLANNELD_ETCD_PREFIX", "/b"),
+                ("FLANNELD_IP_MASQ", "true"),
+                ("FLANNELD_IFACE", "eth9"),
+                ("FLANNELD_HEALTHZ_PORT", ""),
+            ],
+        );
         assert_eq!(v.str("etcd-prefix"), "/a");
         assert!(v.bool("ip-masq"));
         assert_eq!(v.list("iface"), ["eth9"]);
@@ -243,7 +261,9 @@ mod tests {
     fn bad_flags_are_errors_that_name_the_flag() {
         assert_eq!(run(&["-nope"], &[]).unwrap_err().0, "flag provided but not defined: -nope");
         assert_eq!(run(&["--iface"], &[]).unwrap_err().0, "flag needs an argument: -iface");
-        assert!(run(&["-ip-masq=maybe"], &[]).unwrap_err().0.contains("invalid boolean value \"maybe\" for flag -ip-masq"));
+        assert!(
+            run(&["-ip-masq=maybe"], &[]).unwrap_err().0.contains("invalid boolean value \"maybe\" for flag -ip-masq")
+        );
         assert!(run(&["-healthz-port=-1"], &[]).unwrap_err().0.contains("expected a whole number"));
         assert!(run(&["stray"], &[]).unwrap_err().0.contains("unexpected argument"));
         assert!(run(&[], &[("FLANNELD_HEALTHZ_PORT", "x")]).unwrap_err().0.contains("FLANNELD_HEALTHZ_PORT"));

@@ -91,7 +91,9 @@ pub enum IfaceError {
     #[error("--iface-regex {0:?} is not a valid regular expression: {1}")]
     BadRegex(String, String),
     /// Nothing matched the flags.
-    #[error("failed to find interface to use that matches the interfaces and/or regexes provided (--iface {iface:?}, --iface-regex {regex:?}); `ip -br addr` lists the candidates")]
+    #[error(
+        "failed to find interface to use that matches the interfaces and/or regexes provided (--iface {iface:?}, --iface-regex {regex:?}); `ip -br addr` lists the candidates"
+    )]
     NoMatch {
         /// `--iface` values.
         iface: Vec<String>,
@@ -99,13 +101,19 @@ pub enum IfaceError {
         regex: Vec<String>,
     },
     /// No flag and no default route.
-    #[error("no default route found and no --iface given: pass --iface NAME (or --iface-regex, --public-ip) to choose the interface other hosts reach this one on")]
+    #[error(
+        "no default route found and no --iface given: pass --iface NAME (or --iface-regex, --public-ip) to choose the interface other hosts reach this one on"
+    )]
     NoDefaultRoute,
     /// `--public-ip` is not on this host.
-    #[error("--public-ip {0} is not assigned to any interface of this host; without --iface it must be a local address")]
+    #[error(
+        "--public-ip {0} is not assigned to any interface of this host; without --iface it must be a local address"
+    )]
     PublicIpNotLocal(IpAddr),
     /// The interface lacks a usable address of a needed family.
-    #[error("interface {name} has no usable {family} address (global unicast or link-local); add one or choose another with --iface")]
+    #[error(
+        "interface {name} has no usable {family} address (global unicast or link-local); add one or choose another with --iface"
+    )]
     NoAddress {
         /// Interface name.
         name: String,
@@ -192,8 +200,10 @@ pub fn select(snap: &HostSnapshot, sel: &Selection) -> Result<External, IfaceErr
         if found.is_none() {
             'rx: for rx in &regexes {
                 for i in &snap.interfaces {
-                    let hit_v4 = sel.want_v4 && i.addrs.iter().any(|a| a.ip.is_ipv4() && rx.is_match(&a.ip.to_string()));
-                    let hit_v6 = sel.want_v6 && i.addrs.iter().any(|a| a.ip.is_ipv6() && rx.is_match(&a.ip.to_string()));
+                    let hit_v4 =
+                        sel.want_v4 && i.addrs.iter().any(|a| a.ip.is_ipv4() && rx.is_match(&a.ip.to_string()));
+                    let hit_v6 =
+                        sel.want_v6 && i.addrs.iter().any(|a| a.ip.is_ipv6() && rx.is_match(&a.ip.to_string()));
                     let by_ip = if sel.want_v4 && sel.want_v6 { hit_v4 && hit_v6 } else { hit_v4 || hit_v6 };
                     if by_ip {
                         let ip = i.addrs.iter().find(|a| rx.is_match(&a.ip.to_string())).map(|a| a.ip);
@@ -271,15 +281,36 @@ mod tests {
 
     fn addr(s: &str) -> Address {
         let (ip, p) = s.split_once('/').unwrap();
-        Address { ip: ip.parse().unwrap(), prefix: p.parse().unwrap(), deprecated: false, dynamic: false, temporary: false }
+        Address {
+            ip: ip.parse().unwrap(),
+            prefix: p.parse().unwrap(),
+            deprecated: false,
+            dynamic: false,
+            temporary: false,
+        }
     }
 
     fn snap() -> HostSnapshot {
         HostSnapshot {
             interfaces: vec![
-                Interface { name: "lo".into(), index: 1, mtu: 65536, addrs: vec![addr("127.0.0.1/8"), addr("::1/128")] },
-                Interface { name: "eth0".into(), index: 2, mtu: 1500, addrs: vec![addr("169.254.3.3/16"), addr("192.0.2.10/24"), addr("fe80::1/64")] },
-                Interface { name: "eth1".into(), index: 3, mtu: 9000, addrs: vec![addr("198.51.100.7/24"), addr("2001:db8::7/64")] },
+                Interface {
+                    name: "lo".into(),
+                    index: 1,
+                    mtu: 65536,
+                    addrs: vec![addr("127.0.0.1/8"), addr("::1/128")],
+                },
+                Interface {
+                    name: "eth0".into(),
+                    index: 2,
+                    mtu: 1500,
+                    addrs: vec![addr("169.254.3.3/16"), addr("192.0.2.10/24"), addr("fe80::1/64")],
+                },
+                Interface {
+                    name: "eth1".into(),
+                    index: 3,
+                    mtu: 9000,
+                    addrs: vec![addr("198.51.100.7/24"), addr("2001:db8::7/64")],
+                },
             ],
             default_v4: Some(2),
             default_v6: Some(3),
@@ -316,7 +347,11 @@ mod tests {
     #[test]
     fn public_ip_overrides_the_advertised_address_only() {
         let s = snap();
-        let e = select(&s, &Selection { iface: vec!["eth0".into()], public_ip: Some("203.0.113.1".parse().unwrap()), ..v4() }).unwrap();
+        let e = select(
+            &s,
+            &Selection { iface: vec!["eth0".into()], public_ip: Some("203.0.113.1".parse().unwrap()), ..v4() },
+        )
+        .unwrap();
         assert_eq!(e.iface_addr, Some("192.0.2.10".parse().unwrap()));
         assert_eq!(e.public_ip, Some("203.0.113.1".parse().unwrap()));
         let e = select(&s, &Selection { public_ip: Some("198.51.100.7".parse().unwrap()), ..v4() }).unwrap();
@@ -328,8 +363,14 @@ mod tests {
     #[test]
     fn failures_say_what_to_do() {
         let s = snap();
-        assert!(matches!(select(&s, &Selection { iface: vec!["wlan9".into()], ..v4() }), Err(IfaceError::NoMatch { .. })));
-        assert!(matches!(select(&s, &Selection { iface_regex: vec!["(".into()], ..v4() }), Err(IfaceError::BadRegex(..))));
+        assert!(matches!(
+            select(&s, &Selection { iface: vec!["wlan9".into()], ..v4() }),
+            Err(IfaceError::NoMatch { .. })
+        ));
+        assert!(matches!(
+            select(&s, &Selection { iface_regex: vec!["(".into()], ..v4() }),
+            Err(IfaceError::BadRegex(..))
+        ));
         let dual = Selection { want_v4: true, want_v6: true, ..Default::default() };
         assert_eq!(select(&s, &dual), Err(IfaceError::DualStackMismatch));
         let e = select(&s, &Selection { iface: vec!["eth1".into()], ..dual.clone() }).unwrap();

@@ -66,10 +66,8 @@ fn free_bases(bits: u8, len: u8, min: u128, max: u128, taken: &mut [Block], limi
 
 /// Up to `limit` free IPv4 subnets of the configured range, lowest first.
 pub fn free_v4(range: &V4Range, taken: impl IntoIterator<Item = Ipv4Net>, limit: usize) -> Vec<Ipv4Net> {
-    let mut blocks: Vec<Block> = taken
-        .into_iter()
-        .map(|n| block(32, u128::from(u32::from(n.network())), n.prefix_len()))
-        .collect();
+    let mut blocks: Vec<Block> =
+        taken.into_iter().map(|n| block(32, u128::from(u32::from(n.network())), n.prefix_len())).collect();
     free_bases(
         32,
         range.subnet_len,
@@ -85,21 +83,12 @@ pub fn free_v4(range: &V4Range, taken: impl IntoIterator<Item = Ipv4Net>, limit:
 
 /// Up to `limit` free IPv6 subnets of the configured range, lowest first.
 pub fn free_v6(range: &V6Range, taken: impl IntoIterator<Item = Ipv6Net>, limit: usize) -> Vec<Ipv6Net> {
-    let mut blocks: Vec<Block> = taken
+    let mut blocks: Vec<Block> =
+        taken.into_iter().map(|n| block(128, u128::from(n.network()), n.prefix_len())).collect();
+    free_bases(128, range.subnet_len, u128::from(range.subnet_min), u128::from(range.subnet_max), &mut blocks, limit)
         .into_iter()
-        .map(|n| block(128, u128::from(n.network()), n.prefix_len()))
-        .collect();
-    free_bases(
-        128,
-        range.subnet_len,
-        u128::from(range.subnet_min),
-        u128::from(range.subnet_max),
-        &mut blocks,
-        limit,
-    )
-    .into_iter()
-    .map(|b| Ipv6Net::new(Ipv6Addr::from(b), range.subnet_len).expect("length validated by config"))
-    .collect()
+        .map(|b| Ipv6Net::new(Ipv6Addr::from(b), range.subnet_len).expect("length validated by config"))
+        .collect()
 }
 
 /// Whether two IPv4 networks share an address.
@@ -142,7 +131,10 @@ mod tests {
         let r = range(r#"{"Network":"10.0.0.0/8"}"#);
         let free = free_v4(&r, [net("10.0.0.0/9")], 2);
         assert_eq!(free, vec![net("10.128.0.0/24"), net("10.128.1.0/24")]);
-        let v6 = NetworkConfig::parse(r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fc00::/16"}"#).unwrap().v6.unwrap();
+        let v6 = NetworkConfig::parse(r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fc00::/16"}"#)
+            .unwrap()
+            .v6
+            .unwrap();
         let free = free_v6(&v6, ["fc00::/17".parse().unwrap()], 1);
         assert_eq!(free, vec!["fc00:8000::/64".parse::<Ipv6Net>().unwrap()]);
     }

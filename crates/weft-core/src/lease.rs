@@ -69,7 +69,8 @@ impl FromStr for SubnetKey {
             None => (key, None),
         };
         let (ip, len) = v4_part.rsplit_once('-').ok_or_else(|| e("no '-' before the IPv4 prefix length"))?;
-        if ip.split('.').count() != 4 || !ip.split('.').all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())) {
+        if ip.split('.').count() != 4 || !ip.split('.').all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        {
             return Err(e("the IPv4 part is not four dotted numbers"));
         }
         let ip: Ipv4Addr = ip.parse().map_err(|_| e("the IPv4 address is invalid"))?;
@@ -87,7 +88,8 @@ impl FromStr for SubnetKey {
                     return Err(e("the IPv6 part must be lower-case hex and colons"));
                 }
                 let ip: Ipv6Addr = ip.parse().map_err(|_| e("the IPv6 address is invalid"))?;
-                let len = parse_len(len, 127).ok_or_else(|| e("the IPv6 prefix length is not a number from 0 to 127"))?;
+                let len =
+                    parse_len(len, 127).ok_or_else(|| e("the IPv6 prefix length is not a number from 0 to 127"))?;
                 Some(Ipv6Net::new(ip, len).map_err(|_| e("the IPv6 prefix length is invalid"))?)
             }
         };
@@ -135,7 +137,13 @@ impl PartialEq for LeaseAttrs {
 impl LeaseAttrs {
     /// Attributes with only a public address (what udp and alloc write).
     pub fn new(public_ip: Ipv4Addr) -> Self {
-        LeaseAttrs { public_ip, public_ipv6: None, backend_type: String::new(), backend_data: None, backend_v6_data: None }
+        LeaseAttrs {
+            public_ip,
+            public_ipv6: None,
+            backend_type: String::new(),
+            backend_data: None,
+            backend_v6_data: None,
+        }
     }
 
     /// The JSON text flanneld stores: compact, fixed field order, `PublicIPv6` always present.
@@ -182,7 +190,10 @@ impl LeaseAttrs {
         let public_ipv6 = match field(&obj, "PublicIPv6") {
             None | Some(Value::Null) => None,
             Some(Value::String(s)) if s.is_empty() => None,
-            Some(Value::String(s)) => Some(s.parse::<Ipv6Addr>().map_err(|_| LeaseFormatError::Value(format!("PublicIPv6 {s:?} is not an IPv6 address")))?),
+            Some(Value::String(s)) => Some(
+                s.parse::<Ipv6Addr>()
+                    .map_err(|_| LeaseFormatError::Value(format!("PublicIPv6 {s:?} is not an IPv6 address")))?,
+            ),
             Some(v) => return Err(LeaseFormatError::Value(format!("PublicIPv6 is {v}, not a string"))),
         };
         let backend_type = match field(&obj, "BackendType") {
@@ -193,7 +204,9 @@ impl LeaseAttrs {
         let raw = |name| -> Result<Option<Box<RawValue>>, LeaseFormatError> {
             match field(&obj, name) {
                 None | Some(Value::Null) => Ok(None),
-                Some(v) => RawValue::from_string(v.to_string()).map(Some).map_err(|e| LeaseFormatError::Value(e.to_string())),
+                Some(v) => {
+                    RawValue::from_string(v.to_string()).map(Some).map_err(|e| LeaseFormatError::Value(e.to_string()))
+                }
             }
         };
         Ok(LeaseAttrs {
@@ -247,10 +260,23 @@ mod tests {
     #[test]
     fn vector3_bad_keys_are_rejected() {
         for bad in [
-            "10", "10.12.13.0", "10.12.13-24", "10.12.13.300-24", "10.12.13.0-24hi", "&2001::-56",
-            "10.12.13.0-24&:12:13:-56", "10.12.13.0-24&20011::-56", "10.12.13.0-24&2001-56",
-            "10.12.13.0-24&2001::", "10.12.13.0-24&2001::-56hi", "10.12.13.0-32", "10.12.13.0-24&fd00::-128",
-            "x10.12.13.0-24", "", "0.0.0.0-0", "10.12.13.0-24&FD00::-64",
+            "10",
+            "10.12.13.0",
+            "10.12.13-24",
+            "10.12.13.300-24",
+            "10.12.13.0-24hi",
+            "&2001::-56",
+            "10.12.13.0-24&:12:13:-56",
+            "10.12.13.0-24&20011::-56",
+            "10.12.13.0-24&2001-56",
+            "10.12.13.0-24&2001::",
+            "10.12.13.0-24&2001::-56hi",
+            "10.12.13.0-32",
+            "10.12.13.0-24&fd00::-128",
+            "x10.12.13.0-24",
+            "",
+            "0.0.0.0-0",
+            "10.12.13.0-24&FD00::-64",
         ] {
             assert!(bad.parse::<SubnetKey>().is_err(), "{bad:?} must be rejected");
         }
@@ -268,7 +294,10 @@ mod tests {
         let mut hg = LeaseAttrs::new(Ipv4Addr::new(10, 0, 0, 5));
         hg.backend_type = "host-gw".into();
         assert_eq!(hg.to_json(), r#"{"PublicIP":"10.0.0.5","PublicIPv6":null,"BackendType":"host-gw"}"#);
-        assert_eq!(LeaseAttrs::new(Ipv4Addr::new(10, 0, 0, 5)).to_json(), r#"{"PublicIP":"10.0.0.5","PublicIPv6":null}"#);
+        assert_eq!(
+            LeaseAttrs::new(Ipv4Addr::new(10, 0, 0, 5)).to_json(),
+            r#"{"PublicIP":"10.0.0.5","PublicIPv6":null}"#
+        );
     }
 
     #[test]
@@ -276,7 +305,15 @@ mod tests {
         let a = LeaseAttrs::from_json(r#"{"publicip":"10.0.0.1","PublicIPv6":"fd00::1"}"#).unwrap();
         assert_eq!(a.public_ip, Ipv4Addr::new(10, 0, 0, 1));
         assert_eq!(a.public_ipv6, Some("fd00::1".parse().unwrap()));
-        for bad in ["", "null", "[]", r#"{"PublicIP":"fd00::1"}"#, r#"{"PublicIP":7}"#, r#"{"PublicIP":"1.2.3.4","BackendType":3}"#, "\u{0}"] {
+        for bad in [
+            "",
+            "null",
+            "[]",
+            r#"{"PublicIP":"fd00::1"}"#,
+            r#"{"PublicIP":7}"#,
+            r#"{"PublicIP":"1.2.3.4","BackendType":3}"#,
+            "\u{0}",
+        ] {
             assert!(LeaseAttrs::from_json(bad).is_err(), "{bad:?}");
         }
     }

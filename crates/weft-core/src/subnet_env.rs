@@ -134,7 +134,10 @@ mod tests {
             mtu: 1450,
             ip_masq: false,
         };
-        assert_eq!(env.render(), "FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_SUBNET=10.5.52.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n");
+        assert_eq!(
+            env.render(),
+            "FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_SUBNET=10.5.52.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n"
+        );
     }
 
     #[test]
@@ -159,7 +162,9 @@ mod tests {
 
     #[test]
     fn reading_is_lenient_like_dotenv() {
-        let p = parse("# comment\nexport FLANNEL_NETWORK=\"10.1.0.0/16,192.168.0.0/16,10.1.0.0/16,bogus\"\nFLANNEL_SUBNET=10.1.17.1/24\nFLANNEL_MTU=abc\nFLANNEL_IPMASQ=TRUE\nnonsense\nOTHER=1\n");
+        let p = parse(
+            "# comment\nexport FLANNEL_NETWORK=\"10.1.0.0/16,192.168.0.0/16,10.1.0.0/16,bogus\"\nFLANNEL_SUBNET=10.1.17.1/24\nFLANNEL_MTU=abc\nFLANNEL_IPMASQ=TRUE\nnonsense\nOTHER=1\n",
+        );
         assert_eq!(p.networks, vec!["10.1.0.0/16".parse().unwrap(), "192.168.0.0/16".parse().unwrap()]);
         assert_eq!(p.previous_subnet(), Some("10.1.17.0/24".parse().unwrap()));
         assert_eq!((p.mtu, p.ip_masq), (None, Some(false)));

@@ -16,19 +16,34 @@ const fn s(name: &'static str, kind: Kind, default: &'static str, help: &'static
 pub const STORE_FLAGS: &[Spec] = &[
     s("store", Kind::Str, "etcd", "lease store: etcd, or local (an embedded file store for one machine)"),
     s("local-store", Kind::Str, "/var/lib/weft/leases.db", "file of the local store (--store=local)"),
-    s("etcd-endpoints", Kind::Str, "http://127.0.0.1:4001,http://127.0.0.1:2379", "a comma-delimited list of etcd endpoints"),
+    s(
+        "etcd-endpoints",
+        Kind::Str,
+        "http://127.0.0.1:4001,http://127.0.0.1:2379",
+        "a comma-delimited list of etcd endpoints",
+    ),
     s("etcd-prefix", Kind::Str, "/coreos.com/network", "etcd prefix"),
     s("etcd-keyfile", Kind::Str, "", "SSL key file used to secure etcd communication"),
     s("etcd-certfile", Kind::Str, "", "SSL certification file used to secure etcd communication"),
     s("etcd-cafile", Kind::Str, "", "SSL Certificate Authority file used to secure etcd communication"),
     s("etcd-username", Kind::Str, "", "username for BasicAuth to etcd"),
     s("etcd-password", Kind::Str, "", "password for BasicAuth to etcd"),
-    s("net-config-path", Kind::Str, "/etc/kube-flannel/net-conf.json", "path to the network configuration file (local store and kube mode)"),
+    s(
+        "net-config-path",
+        Kind::Str,
+        "/etc/kube-flannel/net-conf.json",
+        "path to the network configuration file (local store and kube mode)",
+    ),
 ];
 
 /// The flags of `weft daemon` besides the store flags.
 pub const DAEMON_FLAGS: &[Spec] = &[
-    s("kube-subnet-mgr", Kind::Bool, "false", "contact the Kubernetes API for subnet assignment instead of etcd (not supported yet)"),
+    s(
+        "kube-subnet-mgr",
+        Kind::Bool,
+        "false",
+        "contact the Kubernetes API for subnet assignment instead of etcd (not supported yet)",
+    ),
     s("kube-api-url", Kind::Str, "", "Kubernetes API server URL"),
     s("kubeconfig-file", Kind::Str, "", "kubeconfig file location"),
     s("kube-annotation-prefix", Kind::Str, "flannel.alpha.coreos.com", "Kubernetes annotation prefix"),
@@ -37,7 +52,12 @@ pub const DAEMON_FLAGS: &[Spec] = &[
     s("iface-can-reach", Kind::Str, "", "use the interface of the route to this address"),
     s("public-ip", Kind::Str, "", "IP accessible by other nodes for inter-host communication"),
     s("public-ipv6", Kind::Str, "", "IPv6 accessible by other nodes for inter-host communication"),
-    s("subnet-file", Kind::Str, "/run/flannel/subnet.env", "filename where env variables (subnet, MTU, ...) will be written to"),
+    s(
+        "subnet-file",
+        Kind::Str,
+        "/run/flannel/subnet.env",
+        "filename where env variables (subnet, MTU, ...) will be written to",
+    ),
     s("subnet-lease-renew-margin", Kind::Uint, "60", "subnet lease renewal margin, in minutes, ranging from 1 to 1439"),
     s("ip-masq", Kind::Bool, "false", "setup IP masquerade rule for traffic destined outside of overlay network"),
     s("ip-masq-fully-random-disable", Kind::Bool, "false", "don't use --random-fully in the MASQUERADE rule"),
@@ -122,7 +142,13 @@ pub fn store_choice(v: &Values) -> Result<StoreChoice, FlagError> {
     let prefix = v.str("etcd-prefix").to_string();
     match v.str("store") {
         "etcd" => Ok(StoreChoice::Etcd(EtcdOptions {
-            endpoints: v.str("etcd-endpoints").split(',').map(str::trim).filter(|e| !e.is_empty()).map(String::from).collect(),
+            endpoints: v
+                .str("etcd-endpoints")
+                .split(',')
+                .map(str::trim)
+                .filter(|e| !e.is_empty())
+                .map(String::from)
+                .collect(),
             prefix,
             keyfile: v.str("etcd-keyfile").into(),
             certfile: v.str("etcd-certfile").into(),
@@ -152,13 +178,16 @@ pub fn parse_daemon(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Re
     };
     let margin = v.uint("subnet-lease-renew-margin");
     if !(1..=1439).contains(&margin) {
-        return Err(bad(format!("invalid value {margin} for flag -subnet-lease-renew-margin: it must be between 1 and 1439 minutes")));
+        return Err(bad(format!(
+            "invalid value {margin} for flag -subnet-lease-renew-margin: it must be between 1 and 1439 minutes"
+        )));
     }
     if v.bool("kube-subnet-mgr") {
         return Err(bad("--kube-subnet-mgr is not supported yet: use --store=etcd or --store=local".into()));
     }
     let port = v.uint("healthz-port");
-    let healthz_port = u16::try_from(port).map_err(|_| bad(format!("invalid value {port} for flag -healthz-port: use 0 to 65535")))?;
+    let healthz_port =
+        u16::try_from(port).map_err(|_| bad(format!("invalid value {port} for flag -healthz-port: use 0 to 65535")))?;
     Ok(Some(DaemonOptions {
         store: store_choice(&v)?,
         iface: v.list("iface").to_vec(),
@@ -173,7 +202,8 @@ pub fn parse_daemon(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Re
         iptables_resync_secs: v.uint("iptables-resync").max(1),
         iptables_forward_rules: v.bool("iptables-forward-rules"),
         ip_blackhole_route: v.bool("ip-blackhole-route"),
-        healthz_ip: opt_parse(&v, "healthz-ip", "an IP address")?.unwrap_or(std::net::IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+        healthz_ip: opt_parse(&v, "healthz-ip", "an IP address")?
+            .unwrap_or(std::net::IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
         healthz_port,
         verbosity: v.uint("v"),
     }))
@@ -205,7 +235,9 @@ mod tests {
         assert!(parse(&["-public-ip=nope"]).unwrap_err().0.contains("expected an IPv4 address"));
         assert!(parse(&["-healthz-port=70000"]).unwrap_err().0.contains("0 to 65535"));
         assert!(parse(&["-store=zookeeper"]).unwrap_err().0.contains("etcd or local"));
-        let o = parse(&["-store", "local", "-local-store=/tmp/x.db", "-iface", "eth1", "-public-ip=192.0.2.1"]).unwrap().unwrap();
+        let o = parse(&["-store", "local", "-local-store=/tmp/x.db", "-iface", "eth1", "-public-ip=192.0.2.1"])
+            .unwrap()
+            .unwrap();
         assert!(matches!(o.store, StoreChoice::Local { .. }));
         assert_eq!(o.public_ip, Some(Ipv4Addr::new(192, 0, 2, 1)));
     }

@@ -34,40 +34,65 @@ fn oif(r: &RouteMessage) -> Option<u32> {
 }
 
 async fn default_route(h: &Handle, v6: bool) -> Result<Option<u32>, HostError> {
-    let msg = if v6 { RouteMessageBuilder::<Ipv6Addr>::new().build() } else { RouteMessageBuilder::<Ipv4Addr>::new().build() };
-    let routes: Vec<RouteMessage> = h.route().get(msg).execute().try_collect().await.map_err(|source| HostError { what: "routes", source })?;
-    Ok(routes
-        .iter()
-        .filter(|r| r.header.destination_prefix_length == 0 && r.header.table == 254)
-        .find_map(oif))
+    let msg = if v6 {
+        RouteMessageBuilder::<Ipv6Addr>::new().build()
+    } else {
+        RouteMessageBuilder::<Ipv4Addr>::new().build()
+    };
+    let routes: Vec<RouteMessage> =
+        h.route().get(msg).execute().try_collect().await.map_err(|source| HostError { what: "routes", source })?;
+    Ok(routes.iter().filter(|r| r.header.destination_prefix_length == 0 && r.header.table == 254).find_map(oif))
 }
 
 /// Reads everything interface selection needs; `can_reach` asks the kernel for the route to
 /// that address.
 pub async fn snapshot(h: &Handle, can_reach: Option<IpAddr>) -> Result<HostSnapshot, HostError> {
-    let links: Vec<_> = h.link().get().execute().try_collect().await.map_err(|source| HostError { what: "links", source })?;
-    let addrs: Vec<_> = h.address().get().execute().try_collect().await.map_err(|source| HostError { what: "addresses", source })?;
+    let links: Vec<_> =
+        h.link().get().execute().try_collect().await.map_err(|source| HostError { what: "links", source })?;
+    let addrs: Vec<_> =
+        h.address().get().execute().try_collect().await.map_err(|source| HostError { what: "addresses", source })?;
     let mut interfaces: Vec<Interface> = links
         .iter()
         .map(|l| Interface {
-            name: l.attributes.iter().find_map(|a| if let LinkAttribute::IfName(n) = a { Some(n.clone()) } else { None }).unwrap_or_default(),
+            name: l
+                .attributes
+                .iter()
+                .find_map(|a| if let LinkAttribute::IfName(n) = a { Some(n.clone()) } else { None })
+                .unwrap_or_default(),
             index: l.header.index,
-            mtu: l.attributes.iter().find_map(|a| if let LinkAttribute::Mtu(m) = a { Some(*m) } else { None }).unwrap_or(0),
+            mtu: l
+                .attributes
+                .iter()
+                .find_map(|a| if let LinkAttribute::Mtu(m) = a { Some(*m) } else { None })
+                .unwrap_or(0),
             addrs: Vec::new(),
         })
         .collect();
     for a in &addrs {
-        let Some(ip) = a.attributes.iter().find_map(|x| match x {
-            AddressAttribute::Local(ip) => Some(*ip),
-            _ => None,
-        }).or_else(|| a.attributes.iter().find_map(|x| match x {
-            AddressAttribute::Address(ip) => Some(*ip),
-            _ => None,
-        })) else { continue };
-        let flags = a.attributes.iter().find_map(|x| match x {
-            AddressAttribute::Flags(f) => Some(*f),
-            _ => None,
-        }).unwrap_or_else(|| AddressFlags::from_bits_retain(u32::from(a.header.flags.bits())));
+        let Some(ip) = a
+            .attributes
+            .iter()
+            .find_map(|x| match x {
+                AddressAttribute::Local(ip) => Some(*ip),
+                _ => None,
+            })
+            .or_else(|| {
+                a.attributes.iter().find_map(|x| match x {
+                    AddressAttribute::Address(ip) => Some(*ip),
+                    _ => None,
+                })
+            })
+        else {
+            continue;
+        };
+        let flags = a
+            .attributes
+            .iter()
+            .find_map(|x| match x {
+                AddressAttribute::Flags(f) => Some(*f),
+                _ => None,
+            })
+            .unwrap_or_else(|| AddressFlags::from_bits_retain(u32::from(a.header.flags.bits())));
         if let Some(i) = interfaces.iter_mut().find(|i| i.index == a.header.index) {
             i.addrs.push(Address {
                 ip,
@@ -85,7 +110,13 @@ pub async fn snapshot(h: &Handle, can_reach: Option<IpAddr>) -> Result<HostSnaps
                 IpAddr::V4(v) => RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(v, 32).build(),
                 IpAddr::V6(v) => RouteMessageBuilder::<Ipv6Addr>::new().destination_prefix(v, 128).build(),
             };
-            let routes: Vec<RouteMessage> = h.route().get(msg).execute().try_collect().await.map_err(|source| HostError { what: "the route to --iface-can-reach", source })?;
+            let routes: Vec<RouteMessage> = h
+                .route()
+                .get(msg)
+                .execute()
+                .try_collect()
+                .await
+                .map_err(|source| HostError { what: "the route to --iface-can-reach", source })?;
             routes.first().and_then(|r| {
                 let src = r.attributes.iter().find_map(|a| match a {
                     RouteAttribute::PrefSource(s) => match s {
@@ -99,5 +130,10 @@ pub async fn snapshot(h: &Handle, can_reach: Option<IpAddr>) -> Result<HostSnaps
             })
         }
     };
-    Ok(HostSnapshot { interfaces, default_v4: default_route(h, false).await?, default_v6: default_route(h, true).await?, can_reach })
+    Ok(HostSnapshot {
+        interfaces,
+        default_v4: default_route(h, false).await?,
+        default_v6: default_route(h, true).await?,
+        can_reach,
+    })
 }

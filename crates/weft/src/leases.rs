@@ -85,13 +85,23 @@ pub fn table(leases: &[Lease], now: SystemTime) -> String {
             Some(v6) => format!("{},{v6}", l.attrs.public_ip),
             None => l.attrs.public_ip.to_string(),
         };
-        let backend = if l.attrs.backend_type.is_empty() { "udp/alloc".to_string() } else { l.attrs.backend_type.clone() };
+        let backend =
+            if l.attrs.backend_type.is_empty() { "udp/alloc".to_string() } else { l.attrs.backend_type.clone() };
         rows.push([subnet, ip, backend, remaining(&l.expiry, now)]);
     }
     let widths: Vec<usize> = (0..4).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
     let mut out = String::new();
     for r in rows {
-        let line = format!("{:w0$}  {:w1$}  {:w2$}  {}", r[0], r[1], r[2], r[3], w0 = widths[0], w1 = widths[1], w2 = widths[2]);
+        let line = format!(
+            "{:w0$}  {:w1$}  {:w2$}  {}",
+            r[0],
+            r[1],
+            r[2],
+            r[3],
+            w0 = widths[0],
+            w1 = widths[1],
+            w2 = widths[2]
+        );
         out.push_str(line.trim_end());
         out.push('\n');
     }
@@ -139,7 +149,11 @@ mod tests {
         let mut hg = LeaseAttrs::new([192, 0, 2, 12].into());
         hg.backend_type = "host-gw".into();
         let leases = vec![
-            Lease { key: "10.5.52.0-24".parse().unwrap(), attrs: LeaseAttrs::new([192, 0, 2, 11].into()), expiry: Expiry::At(now + Duration::from_secs(86340)) },
+            Lease {
+                key: "10.5.52.0-24".parse().unwrap(),
+                attrs: LeaseAttrs::new([192, 0, 2, 11].into()),
+                expiry: Expiry::At(now + Duration::from_secs(86340)),
+            },
             Lease { key: "10.5.53.0-24".parse().unwrap(), attrs: hg, expiry: Expiry::Reservation },
         ];
         assert_eq!(

@@ -40,7 +40,8 @@ async fn fifty_concurrent_acquisitions_get_fifty_distinct_subnets() {
     scenarios::concurrent_acquisitions(regs, &connect(&etcd).await).await;
     // Every lease is attached to an etcd lease of 24 h, as flanneld's are.
     let out = etcd.etcdctl(&["get", "--prefix", &format!("{PREFIX}/subnets/"), "-w", "fields"]).unwrap();
-    let ids: Vec<&str> = out.lines().filter(|l| l.starts_with("\"Lease\"")).map(|l| l.rsplit(' ').next().unwrap()).collect();
+    let ids: Vec<&str> =
+        out.lines().filter(|l| l.starts_with("\"Lease\"")).map(|l| l.rsplit(' ').next().unwrap()).collect();
     assert_eq!(ids.len(), 50);
     let ttl = etcd.etcdctl(&["lease", "timetolive", &format!("{:x}", ids[0].parse::<i64>().unwrap())]).unwrap();
     assert!(ttl.contains("granted with TTL(86400s)"), "{ttl}");
@@ -80,7 +81,8 @@ async fn the_watch_sees_every_change_across_an_etcd_restart_and_a_compaction() {
     let port = etcd.port;
     let reg = Arc::new(connect(&etcd).await);
     let cfg = scenarios::wide_config();
-    let me = acquire(&*reg, &cfg, &LeaseAttrs::new(Ipv4Addr::new(192, 0, 2, 1)), None, LEASE_TTL).await.unwrap().lease.key;
+    let me =
+        acquire(&*reg, &cfg, &LeaseAttrs::new(Ipv4Addr::new(192, 0, 2, 1)), None, LEASE_TTL).await.unwrap().lease.key;
     let (mut rx, metrics) = start_watch(reg.clone(), me);
     let peer = |n: u8| -> (String, String) {
         (format!("{PREFIX}/subnets/10.5.{n}.0-24"), LeaseAttrs::new(Ipv4Addr::new(192, 0, 2, n)).to_json())
@@ -95,7 +97,11 @@ async fn the_watch_sees_every_change_across_an_etcd_restart_and_a_compaction() {
     etcd.etcdctl(&["put", &k2, &v2]).unwrap();
     etcd.etcdctl(&["del", &k]).unwrap();
     etcd.restart_on(port).unwrap();
-    assert_eq!(describe(&collect(&mut rx, 2).await.0), ["+10.5.102.0-24", "-10.5.101.0-24"], "resumed from the last revision");
+    assert_eq!(
+        describe(&collect(&mut rx, 2).await.0),
+        ["+10.5.102.0-24", "-10.5.101.0-24"],
+        "resumed from the last revision"
+    );
     assert!(metrics.store_reconnects.get() > 0);
     assert_eq!(metrics.store_relists.get(), 0);
 
@@ -105,7 +111,8 @@ async fn the_watch_sees_every_change_across_an_etcd_restart_and_a_compaction() {
     etcd.etcdctl(&["put", &k3, &v3]).unwrap();
     etcd.etcdctl(&["del", &k2]).unwrap();
     let status = etcd.etcdctl(&["endpoint", "status", "-w", "fields"]).unwrap();
-    let rev = status.lines().find(|l| l.starts_with("\"Revision\"")).and_then(|l| l.rsplit(' ').next()).unwrap().to_string();
+    let rev =
+        status.lines().find(|l| l.starts_with("\"Revision\"")).and_then(|l| l.rsplit(' ').next()).unwrap().to_string();
     etcd.etcdctl(&["compact", &rev]).unwrap();
     etcd.restart_on(port).unwrap();
     let mut got = describe(&collect(&mut rx, 2).await.0);
@@ -122,10 +129,65 @@ fn openssl(dir: &Path, args: &[&str]) {
 
 /// A CA and a certificate (for 127.0.0.1) it signed, usable as etcd's server and as our client.
 fn make_certs(dir: &Path) -> TlsFiles {
-    openssl(dir, &["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=weft-test-ca"]);
-    std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n").unwrap();
-    openssl(dir, &["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "node.key", "-out", "node.csr", "-subj", "/CN=weft-node"]);
-    openssl(dir, &["x509", "-req", "-in", "node.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "node.pem", "-days", "2", "-extfile", "ext.cnf"]);
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=weft-test-ca",
+        ],
+    );
+    std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n")
+        .unwrap();
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "node.key",
+            "-out",
+            "node.csr",
+            "-subj",
+            "/CN=weft-node",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "node.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "node.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ],
+    );
     TlsFiles { ca: dir.join("ca.pem"), cert: dir.join("node.pem"), key: dir.join("node.key") }
 }
 
@@ -134,7 +196,8 @@ async fn tls_with_client_certificates() {
     common::require_root();
     let dir = tempfile::tempdir().unwrap();
     let tls = make_certs(dir.path());
-    let etcd = Etcd::start(None, "127.0.0.1", free_port(), free_port(), &dir.path().join("etcd"), Some(tls.clone())).unwrap();
+    let etcd =
+        Etcd::start(None, "127.0.0.1", free_port(), free_port(), &dir.path().join("etcd"), Some(tls.clone())).unwrap();
     let secure = EtcdOptions {
         // Written as http:// the way flannel users often do; TLS upgrades it.
         endpoints: vec![format!("http://127.0.0.1:{}", etcd.port)],
@@ -145,12 +208,19 @@ async fn tls_with_client_certificates() {
         ..Default::default()
     };
     let reg = EtcdRegistry::connect(&secure).await.unwrap();
-    let got = acquire(&reg, &scenarios::wide_config(), &LeaseAttrs::new(Ipv4Addr::new(192, 0, 2, 9)), None, LEASE_TTL).await.unwrap();
+    let got = acquire(&reg, &scenarios::wide_config(), &LeaseAttrs::new(Ipv4Addr::new(192, 0, 2, 9)), None, LEASE_TTL)
+        .await
+        .unwrap();
     let listed = etcd.etcdctl(&["get", "--print-value-only", &format!("{PREFIX}/subnets/{}", got.lease.key)]).unwrap();
     assert_eq!(listed.trim(), r#"{"PublicIP":"192.0.2.9","PublicIPv6":null}"#);
 
     // Without a client certificate the server refuses us, and the error says where to look.
-    let plain = EtcdOptions { endpoints: vec![format!("https://127.0.0.1:{}", etcd.port)], cafile: tls.ca.display().to_string(), prefix: PREFIX.into(), ..Default::default() };
+    let plain = EtcdOptions {
+        endpoints: vec![format!("https://127.0.0.1:{}", etcd.port)],
+        cafile: tls.ca.display().to_string(),
+        prefix: PREFIX.into(),
+        ..Default::default()
+    };
     let err = match EtcdRegistry::connect(&plain).await {
         Ok(r) => r.list().await.unwrap_err().to_string(),
         Err(e) => e.to_string(),
@@ -167,5 +237,9 @@ async fn a_missing_config_says_how_to_create_it() {
     let etcd = start(dir.path());
     let reg = connect(&etcd).await;
     let err = reg.network_config().await.unwrap_err().to_string();
-    assert!(err.contains("Did you create your config using etcdv3 API?") && err.contains("etcdctl put /coreos.com/network/config"), "{err}");
+    assert!(
+        err.contains("Did you create your config using etcdv3 API?")
+            && err.contains("etcdctl put /coreos.com/network/config"),
+        "{err}"
+    );
 }

@@ -28,7 +28,10 @@ async fn a_reservation_is_honoured_and_never_re_leased() {
     let dir = tempfile::tempdir().unwrap();
     let reg = open(dir.path());
     let admin = open(dir.path());
-    scenarios::reservation_is_honoured(&reg, async |key: &SubnetKey, attrs: &LeaseAttrs| admin.reserve(key, attrs).await.unwrap()).await;
+    scenarios::reservation_is_honoured(&reg, async |key: &SubnetKey, attrs: &LeaseAttrs| {
+        admin.reserve(key, attrs).await.unwrap()
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -48,14 +51,19 @@ async fn leases_expire_and_a_compacted_history_asks_for_a_relist() {
     let reg = open(dir.path());
     let key: SubnetKey = "10.5.3.0-24".parse().unwrap();
     assert!(reg.create(&key, &LeaseAttrs::new(Ipv4Addr::new(192, 0, 2, 3)), Duration::from_millis(300)).await.unwrap());
-    assert!(!reg.create(&key, &LeaseAttrs::new(Ipv4Addr::new(192, 0, 2, 4)), LEASE_TTL).await.unwrap(), "create-if-absent");
+    assert!(
+        !reg.create(&key, &LeaseAttrs::new(Ipv4Addr::new(192, 0, 2, 4)), LEASE_TTL).await.unwrap(),
+        "create-if-absent"
+    );
     let first = reg.list().await.unwrap();
     assert!(matches!(first.leases[0].expiry, Expiry::At(_)));
     let mut rx = reg.watch(first.revision + 1).await.unwrap();
     tokio::time::sleep(Duration::from_millis(400)).await;
     // The expiry shows up as a deletion in the watch, as etcd reports an expired lease.
     match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap() {
-        WatchItem::Changes { changes, .. } => assert!(matches!(changes.as_slice(), [weft::registry::Change::Delete(k)] if *k == key)),
+        WatchItem::Changes { changes, .. } => {
+            assert!(matches!(changes.as_slice(), [weft::registry::Change::Delete(k)] if *k == key))
+        }
         other => panic!("{other:?}"),
     }
     assert!(reg.list().await.unwrap().leases.is_empty());

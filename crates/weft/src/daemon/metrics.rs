@@ -48,11 +48,23 @@ impl Metrics {
             lease_events: Family::default(),
             errors: Family::default(),
         };
-        registry.register("weft_lease_expiry_timestamp_seconds", "Unix time our subnet lease expires (0: reservation)", m.lease_expiry.clone());
+        registry.register(
+            "weft_lease_expiry_timestamp_seconds",
+            "Unix time our subnet lease expires (0: reservation)",
+            m.lease_expiry.clone(),
+        );
         registry.register("weft_peers", "Peer subnet leases known", m.peers.clone());
         registry.register("weft_ready", "1 once subnet.env is written", m.ready.clone());
-        registry.register("weft_store_reconnects", "Times the store list/watch was re-established", m.store_reconnects.clone());
-        registry.register("weft_store_relists", "Times the leases were re-listed after the store compacted its history", m.store_relists.clone());
+        registry.register(
+            "weft_store_reconnects",
+            "Times the store list/watch was re-established",
+            m.store_reconnects.clone(),
+        );
+        registry.register(
+            "weft_store_relists",
+            "Times the leases were re-listed after the store compacted its history",
+            m.store_relists.clone(),
+        );
         registry.register("weft_lease_events", "Peer lease events handled", m.lease_events.clone());
         registry.register("weft_errors", "Errors by kind", m.errors.clone());
         Metrics { registry, ..m }

@@ -45,7 +45,9 @@ pub enum DaemonError {
     #[error("failed to acquire a subnet lease: {0}")]
     Acquire(#[from] AcquireFailed),
     /// The subnet file could not be written.
-    #[error("cannot write the subnet file {path}: {source}; make its directory writable or choose another path with --subnet-file")]
+    #[error(
+        "cannot write the subnet file {path}: {source}; make its directory writable or choose another path with --subnet-file"
+    )]
     SubnetFile {
         /// The path.
         path: String,
@@ -105,7 +107,9 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
             .map_err(|source| DaemonError::Health { addr, source })?;
     }
     match &opts.store {
-        StoreChoice::Etcd(e) => run_with(Arc::new(EtcdRegistry::connect(e).await?), &opts, metrics, ready_tx, shutdown).await,
+        StoreChoice::Etcd(e) => {
+            run_with(Arc::new(EtcdRegistry::connect(e).await?), &opts, metrics, ready_tx, shutdown).await
+        }
         StoreChoice::Local { path, prefix, config } => {
             run_with(Arc::new(LocalRegistry::open(path, prefix, config)?), &opts, metrics, ready_tx, shutdown).await
         }
@@ -147,7 +151,9 @@ async fn run_with<R: Registry>(
 ) -> Result<(), DaemonError> {
     let Some(cfg) = network_config(&*reg, &shutdown).await else { return Ok(()) };
     if cfg.backend.defaulted {
-        tracing::warn!("the network config has no Backend: using udp as flannel does; set \"Backend\": {{\"Type\": \"vxlan\"}} for a faster data path");
+        tracing::warn!(
+            "the network config has no Backend: using udp as flannel does; set \"Backend\": {{\"Type\": \"vxlan\"}} for a faster data path"
+        );
     }
     let handle = host::connect().map_err(DaemonError::Netlink)?;
     let snapshot = host::snapshot(&handle, opts.iface_can_reach).await?;
@@ -167,10 +173,7 @@ async fn run_with<R: Registry>(
     let prepared = backend::prepare(&cfg.backend, &ext)?;
 
     let previous = subnet_file::read_previous(&opts.subnet_file).and_then(|p| {
-        let key = SubnetKey {
-            v4: cfg.v4.and(p.previous_subnet()),
-            v6: cfg.v6.and(p.previous_ipv6_subnet()),
-        };
+        let key = SubnetKey { v4: cfg.v4.and(p.previous_subnet()), v6: cfg.v6.and(p.previous_ipv6_subnet()) };
         (key.v4.is_some() || key.v6.is_some()).then_some(key)
     });
     let acquired = acquire(&*reg, &cfg, &prepared.attrs, previous, LEASE_TTL).await?;

@@ -33,7 +33,14 @@ pub struct Etcd {
 impl Etcd {
     /// Starts etcd listening on `ip:port` (peer traffic on loopback `peer_port`), inside `ns`
     /// when given, and waits until it answers.
-    pub fn start(ns: Option<&Netns>, ip: &str, port: u16, peer_port: u16, data_dir: &Path, tls: Option<TlsFiles>) -> io::Result<Etcd> {
+    pub fn start(
+        ns: Option<&Netns>,
+        ip: &str,
+        port: u16,
+        peer_port: u16,
+        data_dir: &Path,
+        tls: Option<TlsFiles>,
+    ) -> io::Result<Etcd> {
         let mut e = Etcd {
             child: None,
             ns: ns.map(|n| n.name.clone()),
@@ -81,9 +88,17 @@ impl Etcd {
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         if let Some(t) = &self.tls {
-            c.arg("--cert-file").arg(&t.cert).arg("--key-file").arg(&t.key).arg("--trusted-ca-file").arg(&t.ca).arg("--client-cert-auth");
+            c.arg("--cert-file")
+                .arg(&t.cert)
+                .arg("--key-file")
+                .arg(&t.key)
+                .arg("--trusted-ca-file")
+                .arg(&t.ca)
+                .arg("--client-cert-auth");
         }
-        self.child = Some(c.spawn().map_err(|e| io::Error::other(format!("cannot start etcd (is etcd-server installed?): {e}")))?);
+        self.child = Some(
+            c.spawn().map_err(|e| io::Error::other(format!("cannot start etcd (is etcd-server installed?): {e}")))?,
+        );
         self.wait_healthy(Duration::from_secs(20))
     }
 

@@ -124,7 +124,20 @@ impl Lan {
         let host = Netns::add(&format!("{}h{n}", self.prefix))?;
         let port = format!("h{n}");
         // Both ends are created inside namespaces: nothing appears in the root namespace.
-        host.ip(&["link", "add", "eth0", "mtu", "1500", "type", "veth", "peer", "name", &port, "netns", &self.ns.name])?;
+        host.ip(&[
+            "link",
+            "add",
+            "eth0",
+            "mtu",
+            "1500",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &port,
+            "netns",
+            &self.ns.name,
+        ])?;
         self.ns.ip(&["link", "set", &port, "master", "br0", "up"])?;
         host.ip(&["addr", "add", &format!("{}/24", self.host_ip(n)), "dev", "eth0"])?;
         host.ip(&["link", "set", "eth0", "up"])?;

@@ -47,7 +47,8 @@ pub async fn acquire<R: Registry>(
     let mut previous = previous;
     for attempt in 0..ATTEMPTS {
         let listing = reg.list().await?;
-        let p = acquire::plan(cfg, &listing.leases, attrs.public_ip, previous, &mut |n| rand::rng().random_range(0..n))?;
+        let p =
+            acquire::plan(cfg, &listing.leases, attrs.public_ip, previous, &mut |n| rand::rng().random_range(0..n))?;
         for stale in &p.delete {
             tracing::info!(subnet = %stale, "deleting our old lease, which no longer fits the network config");
             reg.delete(stale).await?;

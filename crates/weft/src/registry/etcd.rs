@@ -4,8 +4,8 @@
 use std::time::{Duration, SystemTime};
 
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity, PutOptions, TlsOptions, Txn,
-    TxnOp, WatchOptions,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity, PutOptions, TlsOptions,
+    Txn, TxnOp, WatchOptions,
 };
 use futures::StreamExt;
 use tokio::sync::mpsc;
@@ -96,8 +96,12 @@ impl EtcdRegistry {
             })
             .collect();
         let client = Client::connect(&endpoints, Some(co)).await.map_err(|e| match e {
-            etcd_client::Error::InvalidArgs(m) => RegistryError::Setup(format!("bad --etcd-endpoints {:?}: {m}", opts.endpoints)),
-            etcd_client::Error::InvalidUri(e) => RegistryError::Setup(format!("bad --etcd-endpoints {:?}: {e}", opts.endpoints)),
+            etcd_client::Error::InvalidArgs(m) => {
+                RegistryError::Setup(format!("bad --etcd-endpoints {:?}: {m}", opts.endpoints))
+            }
+            etcd_client::Error::InvalidUri(e) => {
+                RegistryError::Setup(format!("bad --etcd-endpoints {:?}: {e}", opts.endpoints))
+            }
             other => unavailable(other),
         })?;
         Ok(EtcdRegistry { client, prefix: opts.prefix.trim_end_matches('/').to_string() })
@@ -162,9 +166,11 @@ impl Registry for EtcdRegistry {
         let mut c = self.client.clone();
         let grant = c.lease_grant(ttl.as_secs() as i64, None).await.map_err(unavailable)?;
         let k = self.key(key);
-        let txn = Txn::new()
-            .when([Compare::version(k.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(k, attrs.to_json(), Some(PutOptions::new().with_lease(grant.id())))]);
+        let txn = Txn::new().when([Compare::version(k.clone(), CompareOp::Equal, 0)]).and_then([TxnOp::put(
+            k,
+            attrs.to_json(),
+            Some(PutOptions::new().with_lease(grant.id())),
+        )]);
         let resp = c.txn(txn).await.map_err(unavailable)?;
         if !resp.succeeded() {
             // Lost the race: give the grant back rather than leave it to expire.
@@ -239,10 +245,13 @@ impl Registry for EtcdRegistry {
                                 match ev.event_type() {
                                     EventType::Put => changes.extend(this.lease_from_kv(kv).map(Change::Put)),
                                     EventType::Delete => {
-                                        let key = kv.key_str().ok().and_then(|k| k.strip_prefix(&this.subnets_prefix()));
+                                        let key =
+                                            kv.key_str().ok().and_then(|k| k.strip_prefix(&this.subnets_prefix()));
                                         match key.map(str::parse::<SubnetKey>) {
                                             Some(Ok(k)) => changes.push(Change::Delete(k)),
-                                            _ => tracing::warn!(key = ?kv.key_str(), "ignoring deletion of an unreadable subnet key"),
+                                            _ => {
+                                                tracing::warn!(key = ?kv.key_str(), "ignoring deletion of an unreadable subnet key")
+                                            }
                                         }
                                     }
                                 }

@@ -51,7 +51,8 @@ CREATE TABLE IF NOT EXISTS changes (
 
 /// Runs inside a write transaction: bumps the revision and records one change.
 fn record(tx: &rusqlite::Transaction<'_>, key: &str, value: Option<&str>) -> rusqlite::Result<i64> {
-    let rev: i64 = tx.query_row("UPDATE meta SET value = value + 1 WHERE name = 'revision' RETURNING value", [], |r| r.get(0))?;
+    let rev: i64 =
+        tx.query_row("UPDATE meta SET value = value + 1 WHERE name = 'revision' RETURNING value", [], |r| r.get(0))?;
     tx.execute("INSERT INTO changes (revision, key, value) VALUES (?1, ?2, ?3)", params![rev, key, value])?;
     if rev % 1000 == 0 {
         tx.execute("DELETE FROM changes WHERE revision <= ?1", [rev - HISTORY])?;
@@ -78,14 +79,18 @@ impl LocalRegistry {
     /// Opens (creating if needed) the store file at `path`.
     pub fn open(path: &Path, prefix: &str, config_path: &Path) -> Result<Self, RegistryError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| RegistryError::Setup(format!("cannot create local store directory {}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir).map_err(|e| {
+                RegistryError::Setup(format!("cannot create local store directory {}: {e}", dir.display()))
+            })?;
         }
-        let conn = Connection::open(path).map_err(|e| RegistryError::Setup(format!("cannot open local store {}: {e}", path.display())))?;
+        let conn = Connection::open(path)
+            .map_err(|e| RegistryError::Setup(format!("cannot open local store {}: {e}", path.display())))?;
         conn.busy_timeout(Duration::from_secs(10)).map_err(err)?;
         // WAL lets watchers read while another daemon writes.
         conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
         conn.pragma_update(None, "synchronous", "NORMAL").map_err(err)?;
-        conn.execute_batch(SCHEMA).map_err(|e| RegistryError::Setup(format!("local store {} is not usable: {e}", path.display())))?;
+        conn.execute_batch(SCHEMA)
+            .map_err(|e| RegistryError::Setup(format!("local store {} is not usable: {e}", path.display())))?;
         Ok(LocalRegistry {
             conn: Arc::new(Mutex::new(conn)),
             prefix: prefix.trim_end_matches('/').to_string(),
@@ -181,7 +186,8 @@ impl LocalRegistry {
 
     fn poll(&self, after: i64) -> Result<WatchItem, RegistryError> {
         let c = self.conn.lock().map_err(|_| err("local store lock poisoned"))?;
-        let compacted: i64 = c.query_row("SELECT value FROM meta WHERE name = 'compacted'", [], |r| r.get(0)).map_err(err)?;
+        let compacted: i64 =
+            c.query_row("SELECT value FROM meta WHERE name = 'compacted'", [], |r| r.get(0)).map_err(err)?;
         if after < compacted {
             return Ok(WatchItem::Compacted);
         }
@@ -233,8 +239,12 @@ impl Registry for LocalRegistry {
             .write(move |tx| {
                 let revision: i64 = tx.query_row("SELECT value FROM meta WHERE name = 'revision'", [], |r| r.get(0))?;
                 let rows = tx
-                    .prepare("SELECT key, value, expires_ms FROM leases WHERE substr(key, 1, length(?1)) = ?1 ORDER BY key")?
-                    .query_map([&prefix], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, Option<i64>>(2)?)))?
+                    .prepare(
+                        "SELECT key, value, expires_ms FROM leases WHERE substr(key, 1, length(?1)) = ?1 ORDER BY key",
+                    )?
+                    .query_map([&prefix], |r| {
+                        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, Option<i64>>(2)?))
+                    })?
                     .collect::<Result<Vec<_>, _>>()?;
                 Ok((revision, rows))
             })
@@ -253,7 +263,10 @@ impl Registry for LocalRegistry {
                 return Ok(false);
             }
             let rev = record(tx, &k, Some(&v))?;
-            tx.execute("INSERT INTO leases (key, value, expires_ms, mod_revision) VALUES (?1, ?2, ?3, ?4)", params![k, v, expires, rev])?;
+            tx.execute(
+                "INSERT INTO leases (key, value, expires_ms, mod_revision) VALUES (?1, ?2, ?3, ?4)",
+                params![k, v, expires, rev],
+            )?;
             Ok(true)
         })
         .await
@@ -265,7 +278,8 @@ impl Registry for LocalRegistry {
         let ours = attrs.public_ip;
         let held_by_us = self
             .write(move |tx| {
-                let current: Option<String> = tx.query_row("SELECT value FROM leases WHERE key = ?1", [&k], |r| r.get(0)).optional()?;
+                let current: Option<String> =
+                    tx.query_row("SELECT value FROM leases WHERE key = ?1", [&k], |r| r.get(0)).optional()?;
                 if let Some(cur) = current
                     && LeaseAttrs::from_json(&cur).map(|a| a.public_ip) != Ok(ours)
                 {
@@ -304,8 +318,9 @@ impl Registry for LocalRegistry {
                 // Expiry happens lazily in write transactions; sweep once a second so a
                 // lease that ran out is seen even when nobody writes.
                 ticks += 1;
-                if ticks % 10 == 0 && this.write(|_| Ok(())).await.is_err() {
-                    // Reported through the poll below if the store is really broken.
+                if ticks.is_multiple_of(10) {
+                    // A broken store is reported by the poll below.
+                    let _ = this.write(|_| Ok(())).await;
                 }
                 let me = this.clone();
                 let item = match tokio::task::spawn_blocking(move || me.poll(after)).await {

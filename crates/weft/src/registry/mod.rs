@@ -20,7 +20,9 @@ pub const LEASE_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     /// The store could not be reached or answered with an error.
-    #[error("{store} request failed: {detail}; check that the store is running and reachable (--etcd-endpoints, TLS and credentials)")]
+    #[error(
+        "{store} request failed: {detail}; check that the store is running and reachable (--etcd-endpoints, TLS and credentials)"
+    )]
     Unavailable {
         /// "etcd" or "local store".
         store: &'static str,
@@ -84,18 +86,31 @@ pub trait Registry: Send + Sync + 'static {
     fn list(&self) -> impl Future<Output = Result<Listing, RegistryError>> + Send;
 
     /// Creates `key` only if absent, with a lease of `ttl`. `Ok(false)` when it exists.
-    fn create(&self, key: &SubnetKey, attrs: &LeaseAttrs, ttl: Duration) -> impl Future<Output = Result<bool, RegistryError>> + Send;
+    fn create(
+        &self,
+        key: &SubnetKey,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<bool, RegistryError>> + Send;
 
     /// Writes our attributes to `key` with a fresh lease of `ttl` (`None`: keep it a
     /// reservation, without expiry), provided the key is absent or still carries our public
     /// IP. Otherwise `Err(Lost)`: the subnet went to another host and must not be taken back.
-    fn renew(&self, key: &SubnetKey, attrs: &LeaseAttrs, ttl: Option<Duration>) -> impl Future<Output = Result<(), RegistryError>> + Send;
+    fn renew(
+        &self,
+        key: &SubnetKey,
+        attrs: &LeaseAttrs,
+        ttl: Option<Duration>,
+    ) -> impl Future<Output = Result<(), RegistryError>> + Send;
 
     /// Deletes `key`.
     fn delete(&self, key: &SubnetKey) -> impl Future<Output = Result<(), RegistryError>> + Send;
 
     /// Watches the subnets from `from_revision` (inclusive).
-    fn watch(&self, from_revision: i64) -> impl Future<Output = Result<mpsc::Receiver<WatchItem>, RegistryError>> + Send;
+    fn watch(
+        &self,
+        from_revision: i64,
+    ) -> impl Future<Output = Result<mpsc::Receiver<WatchItem>, RegistryError>> + Send;
 
     /// Fills in expiry times that a list left `Unknown` (for display).
     fn resolve_expiry(&self, leases: &mut [Lease]) -> impl Future<Output = Result<(), RegistryError>> + Send;

@@ -9,7 +9,6 @@ use tokio::sync::mpsc;
 use weft_core::cache::{LeaseCache, LeaseEvent};
 use weft_core::lease::{Lease, SubnetKey};
 
-
 use super::{Change, Registry, WatchItem};
 use crate::daemon::metrics::Metrics;
 

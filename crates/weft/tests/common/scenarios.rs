@@ -58,7 +58,9 @@ pub async fn reservation_is_honoured<R: Registry>(reg: &R, reserve: impl AsyncFn
     reserve(&reserved, &owner).await;
     let mut others = BTreeSet::new();
     for i in 2..=3 {
-        let a = acquire(reg, &cfg, &LeaseAttrs::new(Ipv4Addr::new(203, 0, 113, i)), Some(reserved), LEASE_TTL).await.unwrap();
+        let a = acquire(reg, &cfg, &LeaseAttrs::new(Ipv4Addr::new(203, 0, 113, i)), Some(reserved), LEASE_TTL)
+            .await
+            .unwrap();
         assert_ne!(a.lease.key, reserved, "a reservation is never given to another host, even as its previous subnet");
         others.insert(a.lease.key.to_string());
     }
@@ -113,7 +115,8 @@ pub fn describe(events: &[LeaseEvent]) -> Vec<String> {
 /// of our own lease; garbage written by another host is skipped without stopping it.
 pub async fn watch_follows_changes<R: Registry>(reg: Arc<R>, garbage: impl AsyncFnOnce()) {
     let cfg = wide_config();
-    let me = acquire(&*reg, &cfg, &LeaseAttrs::new(Ipv4Addr::new(192, 0, 2, 1)), None, LEASE_TTL).await.unwrap().lease.key;
+    let me =
+        acquire(&*reg, &cfg, &LeaseAttrs::new(Ipv4Addr::new(192, 0, 2, 1)), None, LEASE_TTL).await.unwrap().lease.key;
     let a: SubnetKey = "10.5.200.0-24".parse().unwrap();
     let b: SubnetKey = "10.5.201.0-24".parse().unwrap();
     assert!(reg.create(&a, &LeaseAttrs::new(Ipv4Addr::new(192, 0, 2, 2)), LEASE_TTL).await.unwrap());

@@ -1,0 +1,318 @@
+//! `weft daemon` as a process, one per host namespace, against a real etcd in the LAN
+//! namespace or a shared local store file.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use common::{wait_for, weft_bin};
+use weft::lab::etcd::Etcd;
+use weft::lab::netns::{Lan, Netns};
+
+const PREFIX: &str = "/coreos.com/network";
+const CONFIG: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"alloc"}}"#;
+
+/// A daemon process in a host namespace, killed on drop.
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(host: &Netns, dir: &Path, args: &[&str]) -> Daemon {
+        let log = dir.join(format!("{}.log", host.name));
+        let err = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let child = host
+            .command(weft_bin())
+            .arg("daemon")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .unwrap();
+        Daemon { child, log }
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        wait_for(limit, "the daemon to exit", || self.child.try_wait().unwrap())
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A LAN with etcd on its bridge address and `n` hosts.
+struct Cluster {
+    _dir: tempfile::TempDir,
+    dir: PathBuf,
+    etcd: Etcd,
+    hosts: Vec<Netns>,
+    lan: Lan,
+}
+
+fn cluster(tag: &str, n: u8) -> Cluster {
+    let prefix = common::prefix(tag);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let lan = Lan::new(&prefix, "192.0.2").unwrap();
+    let hosts = (1..=n).map(|i| lan.add_host(i).unwrap()).collect();
+    let etcd = Etcd::start(Some(&lan.ns), &lan.gateway(), 2379, 2380, &dir.join("etcd"), None).unwrap();
+    etcd.etcdctl(&["put", &format!("{PREFIX}/config"), CONFIG]).unwrap();
+    Cluster { _dir: tmp, dir, etcd, hosts, lan }
+}
+
+impl Cluster {
+    fn env_file(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("h{}.env", i + 1))
+    }
+
+    fn daemon(&self, i: usize, extra: &[&str]) -> Daemon {
+        let endpoints = format!("--etcd-endpoints={}", self.etcd.url());
+        let subnet_file = format!("--subnet-file={}", self.env_file(i).display());
+        let mut args = vec![endpoints.as_str(), subnet_file.as_str(), "-healthz-port", "8081"];
+        args.extend_from_slice(extra);
+        Daemon::start(&self.hosts[i], &self.dir, &args)
+    }
+
+    fn wait_env(&self, i: usize) -> String {
+        let p = self.env_file(i);
+        wait_for(Duration::from_secs(20), "the subnet file", || std::fs::read_to_string(&p).ok())
+    }
+
+    fn http(&self, i: usize, path: &str) -> (String, String) {
+        let out = self.hosts[i]
+            .exec("curl", &["-s", "-m", "2", "-w", "\n%{http_code}", &format!("http://127.0.0.1:8081{path}")])
+            .unwrap_or_default();
+        let (body, code) = out.rsplit_once('\n').unwrap_or(("", ""));
+        (code.to_string(), body.to_string())
+    }
+
+    fn metric(&self, i: usize, name: &str) -> Option<i64> {
+        let (_, body) = self.http(i, "/metrics");
+        body.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+    }
+}
+
+fn subnet_line(env: &str) -> String {
+    env.lines().find(|l| l.starts_with("FLANNEL_SUBNET=")).unwrap().to_string()
+}
+
+#[test]
+fn two_daemons_get_distinct_subnets_written_as_flannel_writes_them() {
+    let c = cluster("dtw", 2);
+    let _d1 = c.daemon(0, &[]);
+    let _d2 = c.daemon(1, &["-iface", "eth0", "-ip-masq"]);
+    let (e1, e2) = (c.wait_env(0), c.wait_env(1));
+    assert_ne!(subnet_line(&e1), subnet_line(&e2));
+    for (env, masq) in [(&e1, "false"), (&e2, "true")] {
+        let lines: Vec<&str> = env.lines().collect();
+        assert_eq!(lines.len(), 4, "{env}");
+        assert_eq!(lines[0], "FLANNEL_NETWORK=10.5.0.0/16");
+        let subnet = lines[1].strip_prefix("FLANNEL_SUBNET=10.5.").unwrap();
+        assert!(subnet.ends_with(".1/24"), "first address of the lease: {subnet}");
+        assert_eq!(lines[2], "FLANNEL_MTU=1500", "alloc reports the interface MTU");
+        assert_eq!(lines[3], format!("FLANNEL_IPMASQ={masq}"));
+        assert!(env.ends_with('\n'));
+    }
+    // The store holds exactly flannel's key and value text, each on a 24 h etcd lease.
+    let listing = c.etcd.etcdctl(&["get", "--prefix", &format!("{PREFIX}/subnets/")]).unwrap();
+    let lines: Vec<&str> = listing.lines().collect();
+    assert_eq!(lines.len(), 4, "{listing}");
+    let mut values: Vec<&str> = vec![lines[1], lines[3]];
+    values.sort();
+    assert_eq!(
+        values,
+        [r#"{"PublicIP":"192.0.2.11","PublicIPv6":null}"#, r#"{"PublicIP":"192.0.2.12","PublicIPv6":null}"#]
+    );
+    let mut from_keys: Vec<String> = [lines[0], lines[2]]
+        .iter()
+        .map(|k| {
+            let third = k.strip_prefix(&format!("{PREFIX}/subnets/10.5.")).unwrap().strip_suffix(".0-24").unwrap();
+            format!("FLANNEL_SUBNET=10.5.{third}.1/24")
+        })
+        .collect();
+    let mut from_files = vec![subnet_line(&e1), subnet_line(&e2)];
+    from_keys.sort();
+    from_files.sort();
+    assert_eq!(from_keys, from_files, "the keys are the subnets the files announce");
+    for key in [lines[0], lines[2]] {
+        let fields = c.etcd.etcdctl(&["get", key, "-w", "fields"]).unwrap();
+        let id: i64 = fields
+            .lines()
+            .find(|l| l.starts_with("\"Lease\""))
+            .and_then(|l| l.rsplit(' ').next())
+            .unwrap()
+            .parse()
+            .unwrap();
+        let ttl = c.etcd.etcdctl(&["lease", "timetolive", &format!("{id:x}")]).unwrap();
+        assert!(ttl.contains("granted with TTL(86400s)"), "{ttl}");
+    }
+    // Health, readiness and metrics, and each daemon sees the other as a peer.
+    assert_eq!(c.http(0, "/healthz"), ("200".into(), "flanneld is running".into()));
+    assert_eq!(c.http(0, "/readyz"), ("200".into(), "flanneld is ready".into()));
+    assert_eq!(c.http(0, "/nope").0, "404");
+    for i in 0..2 {
+        wait_for(Duration::from_secs(10), "each daemon to see one peer", || {
+            (c.metric(i, "weft_peers ") == Some(1)).then_some(())
+        });
+        assert_eq!(c.metric(i, "weft_ready "), Some(1));
+        assert!(c.metric(i, "weft_lease_expiry_timestamp_seconds ").unwrap() > 0);
+    }
+    // weft leases shows both, as JSON and as a table.
+    let json = c.lan.ns.exec(weft_bin(), &["leases", &format!("--etcd-endpoints={}", c.etcd.url()), "--json"]).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 2);
+    assert!(v[0]["expires_at"].as_u64().is_some());
+    let table = c.lan.ns.exec(weft_bin(), &["leases", &format!("-etcd-endpoints={}", c.etcd.url())]).unwrap();
+    assert!(table.starts_with("SUBNET") && table.contains("192.0.2.11") && table.contains("in 23h59m"), "{table}");
+}
+
+#[test]
+fn a_restarted_daemon_keeps_its_subnet() {
+    let c = cluster("drs", 1);
+    let mut d = c.daemon(0, &[]);
+    let first = subnet_line(&c.wait_env(0));
+    d.signal(libc::SIGTERM);
+    assert!(d.wait_exit(Duration::from_secs(10)).success(), "SIGTERM is a clean shutdown");
+    let mut d = c.daemon(0, &[]);
+    wait_for(Duration::from_secs(10), "readiness after restart", || (c.http(0, "/readyz").0 == "200").then_some(()));
+    assert_eq!(subnet_line(&c.wait_env(0)), first);
+    // Even without the old subnet file, the lease of our public IP is found and kept.
+    d.signal(libc::SIGKILL);
+    d.wait_exit(Duration::from_secs(5));
+    std::fs::remove_file(c.env_file(0)).unwrap();
+    let _d2 = c.daemon(0, &[]);
+    assert_eq!(subnet_line(&c.wait_env(0)), first);
+    let listing = c.etcd.etcdctl(&["get", "--prefix", "--keys-only", &format!("{PREFIX}/subnets/")]).unwrap();
+    assert_eq!(listing.lines().filter(|l| !l.is_empty()).count(), 1, "no second lease was taken: {listing}");
+}
+
+#[test]
+fn deleting_our_lease_makes_the_daemon_exit_zero() {
+    let c = cluster("ddl", 1);
+    let mut d = c.daemon(0, &[]);
+    let env = c.wait_env(0);
+    let third = subnet_line(&env).trim_start_matches("FLANNEL_SUBNET=10.5.").trim_end_matches(".1/24").to_string();
+    c.etcd.etcdctl(&["del", &format!("{PREFIX}/subnets/10.5.{third}.0-24")]).unwrap();
+    let status = d.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "{status}");
+    assert!(d.log().contains("Lease has been revoked"), "{}", d.log());
+}
+
+#[test]
+fn a_bad_config_is_explained_and_picked_up_once_fixed() {
+    let c = cluster("dbc", 1);
+    c.etcd.etcdctl(&["put", &format!("{PREFIX}/config"), r#"{"Network":"10.5.0.0/30"}"#]).unwrap();
+    let d = c.daemon(0, &[]);
+    wait_for(Duration::from_secs(10), "the config error in the log", || {
+        d.log().contains("Minimum useful network prefix is /28").then_some(())
+    });
+    assert_eq!(c.http(0, "/readyz"), ("503".into(), "flanneld is not ready yet".into()));
+    assert!(!c.env_file(0).exists());
+    c.etcd.etcdctl(&["put", &format!("{PREFIX}/config"), CONFIG]).unwrap();
+    c.wait_env(0);
+    assert_eq!(c.http(0, "/readyz").0, "200");
+}
+
+#[test]
+fn an_unwritable_subnet_file_is_a_clear_error() {
+    let c = cluster("duw", 1);
+    // The parent of the subnet file is a regular file: no directory can be made there.
+    std::fs::write(c.dir.join("blocker"), "").unwrap();
+    let endpoints = format!("--etcd-endpoints={}", c.etcd.url());
+    let subnet_file = format!("--subnet-file={}", c.dir.join("blocker/subnet.env").display());
+    let mut d = Daemon::start(&c.hosts[0], &c.dir, &[&endpoints, &subnet_file]);
+    let status = d.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(1));
+    assert!(d.log().contains("cannot write the subnet file") && d.log().contains("--subnet-file"), "{}", d.log());
+}
+
+#[test]
+fn bad_flags_exit_2_with_usage() {
+    for (args, needle) in [
+        (vec!["daemon", "-bogus"], "flag provided but not defined: -bogus"),
+        (vec!["daemon", "--iface"], "flag needs an argument: -iface"),
+        (vec!["daemon", "-ip-masq=perhaps"], "invalid boolean value"),
+        (vec!["daemon", "-subnet-lease-renew-margin=2000"], "between 1 and 1439"),
+        (vec!["leases", "--store=mongo"], "use etcd or local"),
+        (vec!["frobnicate"], "unknown command"),
+    ] {
+        let out = Command::new(weft_bin()).args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle) && err.contains("Usage"), "{args:?}: {err}");
+    }
+    let out = Command::new(weft_bin()).args(["daemon", "--help"]).output().unwrap();
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("--etcd-endpoints"));
+}
+
+#[test]
+fn daemons_share_the_local_store() {
+    let prefix = common::prefix("dls");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::write(dir.join("net-conf.json"), CONFIG).unwrap();
+    let lan = Lan::new(&prefix, "192.0.2").unwrap();
+    let hosts: Vec<Netns> = (1..=4).map(|i| lan.add_host(i).unwrap()).collect();
+    let store = format!("--local-store={}", dir.join("leases.db").display());
+    let conf = format!("--net-config-path={}", dir.join("net-conf.json").display());
+    let daemons: Vec<Daemon> = hosts
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let sf = format!("--subnet-file={}", dir.join(format!("h{i}.env")).display());
+            Daemon::start(h, dir, &["--store=local", &store, &conf, &sf, "--healthz-port=8081"])
+        })
+        .collect();
+    let mut subnets: Vec<String> = (0..4)
+        .map(|i| {
+            subnet_line(&wait_for(Duration::from_secs(20), "subnet file", || {
+                std::fs::read_to_string(dir.join(format!("h{i}.env"))).ok()
+            }))
+        })
+        .collect();
+    subnets.sort();
+    subnets.dedup();
+    assert_eq!(subnets.len(), 4, "four processes, four distinct subnets");
+    let peers = |h: &Netns| -> Option<i64> {
+        let body = h.exec("curl", &["-s", "-m", "2", "http://127.0.0.1:8081/metrics"]).ok()?;
+        body.lines().find_map(|l| l.strip_prefix("weft_peers ").and_then(|v| v.parse().ok()))
+    };
+    for h in &hosts {
+        wait_for(Duration::from_secs(10), "three peers", || (peers(h) == Some(3)).then_some(()));
+    }
+    // Removing host 1's lease from the store: host 1 stops, the others forget it.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        use weft::registry::Registry;
+        let reg =
+            weft::registry::local::LocalRegistry::open(&dir.join("leases.db"), PREFIX, &dir.join("net-conf.json"))
+                .unwrap();
+        let own = reg.list().await.unwrap().leases.into_iter().find(|l| l.attrs.public_ip.octets()[3] == 11).unwrap();
+        reg.delete(&own.key).await.unwrap();
+    });
+    let mut d0 = daemons.into_iter();
+    let mut first = d0.next().unwrap();
+    assert!(first.wait_exit(Duration::from_secs(10)).success());
+    for h in &hosts[1..] {
+        wait_for(Duration::from_secs(10), "two peers", || (peers(h) == Some(2)).then_some(()));
+    }
+    let table = Command::new(weft_bin()).args(["leases", "--store=local", &store]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&table.stdout).lines().count(), 4, "header + three leases");
+}
