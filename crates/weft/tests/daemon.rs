@@ -231,6 +231,21 @@ fn a_bad_config_is_explained_and_picked_up_once_fixed() {
 }
 
 #[test]
+fn an_unreachable_store_is_retried_until_it_answers() {
+    let mut c = cluster("dur", 1);
+    c.etcd.kill();
+    let d = c.daemon(0, &[]);
+    wait_for(Duration::from_secs(20), "the store error in the log", || {
+        let log = d.log();
+        (log.contains("Couldn't fetch network config") && log.contains("check that the store is running")).then_some(())
+    });
+    assert_eq!(c.http(0, "/healthz").0, "200", "alive while waiting");
+    assert_eq!(c.http(0, "/readyz").0, "503");
+    c.etcd.restart_on(2379).unwrap();
+    c.wait_env(0);
+}
+
+#[test]
 fn an_unwritable_subnet_file_is_a_clear_error() {
     let c = cluster("duw", 1);
     // The parent of the subnet file is a regular file: no directory can be made there.

@@ -243,3 +243,25 @@ async fn a_missing_config_says_how_to_create_it() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn basic_auth_with_username_and_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = start(dir.path());
+    etcd.etcdctl(&["put", &format!("{PREFIX}/config"), r#"{"Network":"10.5.0.0/16"}"#]).unwrap();
+    etcd.etcdctl(&["user", "add", "root:s3cret"]).unwrap();
+    etcd.etcdctl(&["auth", "enable"]).unwrap();
+    let good = EtcdOptions { username: "root".into(), password: "s3cret".into(), ..opts(&etcd) };
+    let reg = EtcdRegistry::connect(&good).await.unwrap();
+    assert!(reg.network_config().await.unwrap().contains("10.5.0.0/16"));
+    acquire(&reg, &scenarios::wide_config(), &LeaseAttrs::new(Ipv4Addr::new(192, 0, 2, 7)), None, LEASE_TTL)
+        .await
+        .unwrap();
+    assert!(!format!("{good:?}").contains("s3cret"), "the password never reaches a log");
+    let bad = EtcdOptions { password: "wrong".into(), ..good };
+    let err = match EtcdRegistry::connect(&bad).await {
+        Ok(r) => r.list().await.unwrap_err().to_string(),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("authentication failed") || err.contains("invalid"), "{err}");
+}
