@@ -4,10 +4,13 @@
 //! read from the kernel, the store and the command line, and carries out what they return.
 
 pub mod acquire;
+pub mod backend;
 pub mod cache;
 pub mod config;
+pub mod firewall;
 pub mod flags;
 pub mod iface;
 pub mod ipam;
 pub mod lease;
+pub mod plan;
 pub mod subnet_env;
