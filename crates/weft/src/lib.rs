@@ -6,7 +6,9 @@
 pub mod backend;
 pub mod cli;
 pub mod daemon;
+pub mod firewall;
 pub mod host;
+pub mod kernel;
 pub mod lab;
 pub mod leases;
 pub mod registry;

@@ -1,46 +1,221 @@
-//! Backends: what a host writes into its lease and the MTU it reports, and (with the
-//! data-plane work) how it programs the kernel for its peers.
+//! Backends with effects: what a host advertises in its lease, the devices it needs, and
+//! the reconciler that keeps the kernel equal to the plan for the current peers.
 
-use weft_core::config::BackendConfig;
+pub mod host_gw;
+pub mod vxlan;
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use ipnet::IpNet;
+use weft_core::backend::{BackendSpec, Mac};
+use weft_core::cache::LeaseEvent;
+use weft_core::config::NetworkConfig;
 use weft_core::iface::External;
-use weft_core::lease::LeaseAttrs;
+use weft_core::lease::{Lease, LeaseAttrs, SubnetKey};
+use weft_core::plan::{self, HostFacts};
 
-/// A backend that cannot run here.
+use crate::kernel::{Kernel, KernelError, Links};
+
+/// A backend that cannot start.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
-    /// `Backend.Type` names no backend.
-    #[error("unknown backend type {0:?}: set Backend.Type to vxlan, host-gw, udp or alloc")]
-    Unknown(String),
-    /// The backend is known but its data plane is not in this build yet.
-    #[error("backend {0:?} is not available in this version of weft yet; use \"alloc\" (lease only) for now")]
-    NotYetAvailable(String),
-    /// The host has no IPv4 address to advertise.
-    #[error("backend {0} needs an IPv4 public address; pass --public-ip or --iface")]
-    NoPublicIp(String),
+    /// Invalid settings.
+    #[error(transparent)]
+    Config(#[from] weft_core::backend::BackendError),
+    /// The backend is known but not in this build yet.
+    #[error("backend {0:?} is not available in this version of weft yet; use vxlan, host-gw or alloc")]
+    NotYetAvailable(&'static str),
+    /// The host lacks an address the backend needs.
+    #[error("{0}")]
+    Address(String),
+    /// Setting up a device failed.
+    #[error("setting up the {backend} backend failed: {source}")]
+    Kernel {
+        /// Backend name.
+        backend: &'static str,
+        /// The netlink error.
+        source: KernelError,
+    },
 }
 
-/// What a backend contributes before the lease is taken.
-#[derive(Debug, Clone)]
+/// Result of one reconciliation.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// Changes applied.
+    pub changes: usize,
+    /// Changes that failed (retried on the next pass).
+    pub errors: Vec<KernelError>,
+}
+
+/// The data plane of one host.
+pub struct DataPlane {
+    spec: BackendSpec,
+    kernel: Kernel,
+    links: Links,
+    networks: Vec<IpNet>,
+    own: Vec<IpNet>,
+    facts: HostFacts,
+    vxlan: Option<vxlan::Vxlan>,
+    peers: BTreeMap<SubnetKey, Lease>,
+    warned: BTreeMap<SubnetKey, String>,
+}
+
+/// What `prepare` hands back before the lease exists.
 pub struct Prepared {
     /// Our lease attributes.
     pub attrs: LeaseAttrs,
     /// `FLANNEL_MTU`.
     pub mtu: u32,
+    /// The data plane, to be finished once the lease is known.
+    pub dataplane: DataPlane,
 }
 
-/// Prepares the configured backend on the chosen interface.
-pub fn prepare(cfg: &BackendConfig, ext: &External) -> Result<Prepared, BackendError> {
-    match cfg.kind.as_str() {
-        // alloc: a lease and nothing else (routing is someone else's job); MTU = interface.
-        "alloc" => {
-            let mut attrs = LeaseAttrs::new(ext.public_ip.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED));
-            attrs.public_ipv6 = ext.public_ipv6;
-            if ext.public_ip.is_none() && ext.public_ipv6.is_none() {
-                return Err(BackendError::NoPublicIp(cfg.kind.clone()));
+impl DataPlane {
+    /// Validates the backend and sets up what must exist before the lease (the vxlan
+    /// device, whose MAC goes into the lease).
+    pub async fn prepare(cfg: &NetworkConfig, ext: &External, kernel: Kernel) -> Result<Prepared, BackendError> {
+        let spec = BackendSpec::from_config(&cfg.backend)?;
+        let mut attrs = LeaseAttrs::new(ext.public_ip.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED));
+        attrs.public_ipv6 = ext.public_ipv6;
+        attrs.backend_type = spec.lease_type().to_string();
+        let mut links = Links { external: ext.index, ..Links::default() };
+        let mut vx = None;
+        match spec {
+            BackendSpec::Alloc => {}
+            BackendSpec::HostGw => host_gw::check(ext)?,
+            BackendSpec::Vxlan(settings) => {
+                let v = vxlan::Vxlan::create(&kernel, cfg, ext, settings).await?;
+                v.fill_lease(&mut attrs);
+                links.vxlan4 = v.v4.map(|d| d.index);
+                links.vxlan6 = v.v6.map(|d| d.index);
+                vx = Some(v);
             }
-            Ok(Prepared { attrs, mtu: ext.mtu })
+            BackendSpec::Udp(_) => return Err(BackendError::NotYetAvailable("udp")),
         }
-        "vxlan" | "host-gw" | "udp" => Err(BackendError::NotYetAvailable(cfg.kind.clone())),
-        other => Err(BackendError::Unknown(other.to_string())),
+        let networks: Vec<IpNet> =
+            cfg.v4.map(|r| IpNet::V4(r.network)).into_iter().chain(cfg.v6.map(|r| IpNet::V6(r.network))).collect();
+        let connected = if matches!(spec, BackendSpec::Vxlan(v) if v.direct_routing) {
+            kernel
+                .connected_prefixes(ext.index)
+                .await
+                .map_err(|source| BackendError::Kernel { backend: "vxlan", source })?
+        } else {
+            Vec::new()
+        };
+        let facts = HostFacts { connected, vxlan6: links.vxlan6.is_some() };
+        Ok(Prepared {
+            attrs,
+            mtu: spec.mtu(ext.mtu),
+            dataplane: DataPlane {
+                spec,
+                kernel,
+                links,
+                networks,
+                own: Vec::new(),
+                facts,
+                vxlan: vx,
+                peers: BTreeMap::new(),
+                warned: BTreeMap::new(),
+            },
+        })
+    }
+
+    /// Whether this backend programs the kernel at all.
+    pub fn programs_kernel(&self) -> bool {
+        !matches!(self.spec, BackendSpec::Alloc)
+    }
+
+    /// Records our lease (and gives the vxlan device its address).
+    pub async fn set_own(&mut self, own: &SubnetKey) -> Result<(), KernelError> {
+        self.own = own.v4.map(IpNet::V4).into_iter().chain(own.v6.map(IpNet::V6)).collect();
+        if let Some(v) = &self.vxlan {
+            v.address(&self.kernel, own).await?;
+        }
+        Ok(())
+    }
+
+    /// Our lease subnets.
+    pub fn own_subnets(&self) -> &[IpNet] {
+        &self.own
+    }
+
+    /// Applies peer lease events to the peer table.
+    pub fn update(&mut self, events: &[LeaseEvent]) {
+        for e in events {
+            match e {
+                LeaseEvent::Added(l) => {
+                    self.peers.insert(l.key, l.clone());
+                }
+                LeaseEvent::Removed(l) => {
+                    self.peers.remove(&l.key);
+                    self.warned.remove(&l.key);
+                }
+            }
+        }
+    }
+
+    /// The MAC(s) we advertise, if vxlan.
+    pub fn vtep_macs(&self) -> (Option<Mac>, Option<Mac>) {
+        match &self.vxlan {
+            Some(v) => (v.v4.map(|d| d.mac), v.v6.map(|d| d.mac)),
+            None => (None, None),
+        }
+    }
+
+    /// Makes the kernel match the plan for the current peers. Devices deleted behind our
+    /// back are re-created first (same MAC). Failures are reported, not fatal.
+    pub async fn reconcile(&mut self) -> Report {
+        let mut report = Report::default();
+        if !self.programs_kernel() {
+            return report;
+        }
+        if let Some(v) = &mut self.vxlan {
+            match v.repair(&self.kernel, &self.own).await {
+                Ok(changed) => {
+                    if changed {
+                        report.changes += 1;
+                    }
+                    self.links.vxlan4 = v.v4.map(|d| d.index);
+                    self.links.vxlan6 = v.v6.map(|d| d.index);
+                }
+                Err(e) => {
+                    report.errors.push(e);
+                    return report;
+                }
+            }
+        }
+        let started = Instant::now();
+        let p = plan::plan(&self.spec, self.peers.values(), &self.facts);
+        for (key, why) in p.skipped {
+            if self.warned.get(&key) != Some(&why) {
+                tracing::warn!(peer = %key, "ignoring peer lease: {why}");
+                self.warned.insert(key, why);
+            }
+        }
+        let actual = match self.kernel.read_state(&self.links, &self.networks, &self.own).await {
+            Ok(a) => a,
+            Err(e) => {
+                report.errors.push(e);
+                return report;
+            }
+        };
+        let ops = plan::diff(&p.state, &actual);
+        if !ops.is_empty() {
+            if ops.len() <= 20 {
+                for line in ops.describe() {
+                    tracing::info!("{line}");
+                }
+            }
+            report.errors = self.kernel.apply(&ops, &self.links).await;
+            report.changes += ops.len() - report.errors.len().min(ops.len());
+            tracing::info!(
+                changes = ops.len(),
+                failed = report.errors.len(),
+                took_ms = started.elapsed().as_millis() as u64,
+                "kernel reconciled"
+            );
+        }
+        report
     }
 }

@@ -24,6 +24,12 @@ pub struct Metrics {
     pub store_relists: Counter,
     /// Lease events handled, by type (added, removed).
     pub lease_events: Family<Labels, Counter>,
+    /// Reconciliation passes over the kernel state.
+    pub reconciles: Counter,
+    /// Kernel entries changed by the reconciler.
+    pub kernel_changes: Counter,
+    /// Duration of the last reconciliation, in milliseconds.
+    pub reconcile_ms: Gauge,
     /// Errors, by kind (renew, store, …).
     pub errors: Family<Labels, Counter>,
 }
@@ -46,6 +52,9 @@ impl Metrics {
             store_reconnects: Counter::default(),
             store_relists: Counter::default(),
             lease_events: Family::default(),
+            reconciles: Counter::default(),
+            kernel_changes: Counter::default(),
+            reconcile_ms: Gauge::default(),
             errors: Family::default(),
         };
         registry.register(
@@ -66,6 +75,13 @@ impl Metrics {
             m.store_relists.clone(),
         );
         registry.register("weft_lease_events", "Peer lease events handled", m.lease_events.clone());
+        registry.register("weft_reconciles", "Passes comparing the kernel with the plan", m.reconciles.clone());
+        registry.register(
+            "weft_kernel_changes",
+            "Routes, neighbours, FDB entries and devices changed",
+            m.kernel_changes.clone(),
+        );
+        registry.register("weft_reconcile_milliseconds", "Duration of the last reconciliation", m.reconcile_ms.clone());
         registry.register("weft_errors", "Errors by kind", m.errors.clone());
         Metrics { registry, ..m }
     }

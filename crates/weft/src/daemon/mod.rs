@@ -9,17 +9,20 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use weft_core::cache::LeaseEvent;
 use weft_core::config::NetworkConfig;
+use weft_core::firewall::Family;
 use weft_core::iface::{self, IfaceError, Selection};
 use weft_core::lease::{Expiry, SubnetKey};
 use weft_core::subnet_env::SubnetEnv;
 
 use self::metrics::Metrics;
-use crate::backend::{self, BackendError};
+use crate::backend::{BackendError, DataPlane};
 use crate::cli::{DaemonOptions, StoreChoice};
+use crate::firewall::{FamilyRules, Firewall, FirewallSpec};
 use crate::host::{self, HostError};
+use crate::kernel::{Kernel, monitor};
 use crate::registry::acquire::{AcquireFailed, acquire};
 use crate::registry::etcd::EtcdRegistry;
 use crate::registry::local::LocalRegistry;
@@ -65,7 +68,21 @@ pub enum DaemonError {
     /// Netlink could not be opened.
     #[error("cannot open a netlink socket: {0}")]
     Netlink(std::io::Error),
+    /// A kernel change needed at startup failed.
+    #[error("cannot {what}: {source}")]
+    Kernel {
+        /// What was attempted.
+        what: &'static str,
+        /// The netlink error.
+        source: crate::kernel::KernelError,
+    },
+    /// Firewall rules could not be installed.
+    #[error("installing firewall rules failed: {0}")]
+    Firewall(#[from] crate::firewall::FirewallError),
 }
+
+/// How often the kernel is compared with the plan even when nothing was noticed.
+const RESYNC: Duration = Duration::from_secs(10);
 
 /// When to renew a lease that expires at `expiry`: `margin` before it, and never in the past.
 pub fn renew_deadline(expiry: SystemTime, margin: Duration, now: SystemTime) -> Duration {
@@ -170,7 +187,9 @@ async fn run_with<R: Registry>(
         },
     )?;
     tracing::info!(iface = %ext.name, public_ip = ?ext.public_ip, public_ipv6 = ?ext.public_ipv6, mtu = ext.mtu, "using interface");
-    let prepared = backend::prepare(&cfg.backend, &ext)?;
+    let kernel = Kernel::new(handle.clone());
+    let prepared = DataPlane::prepare(&cfg, &ext, kernel.clone()).await?;
+    let mut dataplane = prepared.dataplane;
 
     let previous = subnet_file::read_previous(&opts.subnet_file).and_then(|p| {
         let key = SubnetKey { v4: cfg.v4.and(p.previous_subnet()), v6: cfg.v6.and(p.previous_ipv6_subnet()) };
@@ -179,6 +198,35 @@ async fn run_with<R: Registry>(
     let acquired = acquire(&*reg, &cfg, &prepared.attrs, previous, LEASE_TTL).await?;
     let own = acquired.lease.key;
     tracing::info!(subnet = %own, how = ?acquired.choice, store = reg.name(), "acquired lease");
+    dataplane.set_own(&own).await.map_err(|source| DaemonError::Kernel { what: "address the vxlan device", source })?;
+
+    // Rules go in before subnet.env is written, as flanneld orders it.
+    let fw_spec = FirewallSpec {
+        masq: opts.ip_masq,
+        forward: opts.iptables_forward_rules,
+        fully_random_disable: opts.ip_masq_fully_random_disable,
+        families: cfg
+            .v4
+            .zip(own.v4)
+            .map(|(r, s)| FamilyRules { family: Family::V4, network: r.network.to_string(), subnet: s.to_string() })
+            .into_iter()
+            .chain(cfg.v6.zip(own.v6).map(|(r, s)| FamilyRules {
+                family: Family::V6,
+                network: r.network.to_string(),
+                subnet: s.to_string(),
+            }))
+            .collect(),
+    };
+    let firewall = if fw_spec.masq || fw_spec.forward || cfg.enable_nftables {
+        Some(Firewall::setup(cfg.enable_nftables, &fw_spec).await?)
+    } else {
+        None
+    };
+    if opts.ip_blackhole_route
+        && let Err(e) = kernel.ensure_blackholes(dataplane.own_subnets()).await
+    {
+        tracing::warn!("{e}");
+    }
 
     let env = SubnetEnv {
         network: cfg.v4.map(|r| r.network),
@@ -201,6 +249,19 @@ async fn run_with<R: Registry>(
     let margin = Duration::from_secs(opts.renew_margin_minutes * 60);
     let mut expiry = acquired.lease.expiry;
     let mut shutdown = shutdown;
+    // Kernel changes behind our back wake the reconciler; a periodic pass catches the rest.
+    let wake = Arc::new(Notify::new());
+    let _monitor = if dataplane.programs_kernel() {
+        Some(AbortOnDrop(monitor::spawn(wake.clone()).map_err(DaemonError::Netlink)?))
+    } else {
+        None
+    };
+    let mut resync = tokio::time::interval(RESYNC);
+    let mut fw_resync = tokio::time::interval(Duration::from_secs(opts.iptables_resync_secs));
+    // No pass before the first full list of peers: an empty view would tear down every
+    // route of a restarted daemon.
+    let mut synced = false;
+    let mut due: Option<tokio::time::Instant> = None;
     loop {
         let renew_in = match expiry {
             Expiry::At(t) => {
@@ -210,8 +271,41 @@ async fn run_with<R: Registry>(
             // A reservation never expires; nothing to renew.
             Expiry::Reservation | Expiry::Unknown => Duration::from_secs(365 * 24 * 3600),
         };
+        let reconcile_at = due.filter(|_| synced);
         tokio::select! {
             _ = shutdown.wait_for(|s| *s) => return Ok(()),
+            _ = async { tokio::time::sleep_until(reconcile_at.unwrap_or_else(tokio::time::Instant::now)).await }, if reconcile_at.is_some() => {
+                due = None;
+                let started = std::time::Instant::now();
+                let report = dataplane.reconcile().await;
+                metrics.reconciles.inc();
+                metrics.kernel_changes.inc_by(report.changes as u64);
+                metrics.reconcile_ms.set(started.elapsed().as_millis() as i64);
+                for e in &report.errors {
+                    metrics.error("netlink");
+                    tracing::warn!("kernel change failed (retrying on the next pass): {e}");
+                }
+                if !report.errors.is_empty() {
+                    due = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+                }
+            }
+            _ = wake.notified() => {
+                // Coalesce the burst of notifications our own changes cause.
+                due.get_or_insert_with(|| tokio::time::Instant::now() + Duration::from_millis(50));
+            }
+            _ = resync.tick() => { due.get_or_insert_with(tokio::time::Instant::now); }
+            _ = fw_resync.tick() => {
+                if let Some(fw) = &firewall {
+                    match fw.resync(&fw_spec).await {
+                        Ok(true) => tracing::info!("firewall rules were missing or changed; restored"),
+                        Ok(false) => {}
+                        Err(e) => { metrics.error("firewall"); tracing::warn!("firewall resync failed: {e}"); }
+                    }
+                }
+                if opts.ip_blackhole_route && let Err(e) = kernel.ensure_blackholes(dataplane.own_subnets()).await {
+                    tracing::warn!("{e}");
+                }
+            }
             _ = tokio::time::sleep(renew_in) => {
                 match reg.renew(&own, &prepared.attrs, Some(LEASE_TTL)).await {
                     Ok(()) => {
@@ -240,7 +334,13 @@ async fn run_with<R: Registry>(
                     return Ok(());
                 }
                 Some(WatchEvent::OwnWritten(_)) => {}
+                Some(WatchEvent::Synced) => {
+                    synced = true;
+                    due = Some(tokio::time::Instant::now());
+                }
                 Some(WatchEvent::Peers(events)) => {
+                    dataplane.update(&events);
+                    due = Some(tokio::time::Instant::now());
                     for e in &events {
                         let (kind, lease) = match e {
                             LeaseEvent::Added(l) => ("added", l),

@@ -21,6 +21,9 @@ pub enum WatchEvent {
     OwnWritten(Lease),
     /// Our own lease is gone from the store.
     OwnGone,
+    /// A full list was just applied: the peer set is complete (sent after every list, so
+    /// a data plane never acts on a partial view, e.g. right after a restart).
+    Synced,
 }
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -51,6 +54,9 @@ pub async fn run<R: Registry>(reg: Arc<R>, own: SubnetKey, tx: mpsc::Sender<Watc
             return;
         }
         metrics.peers.set(cache.len() as i64);
+        if tx.send(WatchEvent::Synced).await.is_err() {
+            return;
+        }
         if !own_present && tx.send(WatchEvent::OwnGone).await.is_err() {
             return;
         }

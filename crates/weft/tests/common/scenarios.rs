@@ -93,6 +93,7 @@ pub async fn collect(rx: &mut mpsc::Receiver<WatchEvent>, want: usize) -> (Vec<L
             Ok(Some(WatchEvent::Peers(e))) => peers.extend(e),
             Ok(Some(WatchEvent::OwnGone)) => own.push("gone".to_string()),
             Ok(Some(WatchEvent::OwnWritten(_))) => own.push("written".to_string()),
+            Ok(Some(WatchEvent::Synced)) => {}
             Ok(None) => panic!("watch ended"),
             Err(_) => panic!("timed out with {peers:?}, wanted {want} events"),
         }

@@ -1,0 +1,25 @@
+//! host-gw: a route to each peer subnet via the peer's public IP. Needs every host on one L2
+//! segment, so the public IP must be the interface's own address.
+
+use weft_core::iface::External;
+
+use super::BackendError;
+
+/// Refuses to start behind NAT, as flanneld does.
+pub fn check(ext: &External) -> Result<(), BackendError> {
+    if ext.public_ip.is_some() && ext.public_ip != ext.iface_addr {
+        return Err(BackendError::Address(format!(
+            "host-gw: the public IP {} is not the address of interface {} ({}); probably you're on a NAT, which host-gw does not support: drop --public-ip or use vxlan",
+            ext.public_ip.map(|a| a.to_string()).unwrap_or_default(),
+            ext.name,
+            ext.iface_addr.map(|a| a.to_string()).unwrap_or_else(|| "none".into())
+        )));
+    }
+    if ext.public_ipv6.is_some() && ext.public_ipv6 != ext.iface_addr_v6 {
+        return Err(BackendError::Address(format!(
+            "host-gw: the public IPv6 address is not the address of interface {}; host-gw does not support NAT: drop --public-ipv6 or use vxlan",
+            ext.name
+        )));
+    }
+    Ok(())
+}

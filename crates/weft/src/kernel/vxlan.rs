@@ -1,0 +1,172 @@
+//! The vxlan device (`flannel.<VNI>`): created like flanneld creates it, reused when it
+//! matches, and always with the same MAC so peers' entries stay valid.
+
+use std::net::IpAddr;
+
+use futures::TryStreamExt;
+use ipnet::IpNet;
+use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use rtnetlink::{Handle, LinkUnspec, LinkVxlan};
+use weft_core::backend::{Mac, derived_vtep_mac, mac_to_string};
+
+use super::KernelError;
+
+/// What the device must look like.
+#[derive(Debug, Clone)]
+pub struct VxlanParams {
+    /// `flannel.<VNI>` or `flannel-v6.<VNI>`.
+    pub name: String,
+    /// VNI.
+    pub vni: u32,
+    /// UDP port.
+    pub port: u16,
+    /// Group-based policy extension.
+    pub gbp: bool,
+    /// MAC learning.
+    pub learning: bool,
+    /// Local (source) address: the external interface's address.
+    pub local: IpAddr,
+    /// Index of the external interface.
+    pub underlay: u32,
+    /// Device MTU.
+    pub mtu: u32,
+}
+
+/// The device as it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VxlanDevice {
+    /// Kernel index.
+    pub index: u32,
+    /// Its MAC, advertised as VtepMAC.
+    pub mac: Mac,
+}
+
+fn fail(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> KernelError {
+    let op = op.into();
+    move |source| KernelError { op, source }
+}
+
+/// The link called `name`, if any.
+pub async fn link_by_name(h: &Handle, name: &str) -> Result<Option<LinkMessage>, KernelError> {
+    match h.link().get().match_name(name.to_string()).execute().try_next().await {
+        Ok(l) => Ok(l),
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+        Err(e) => Err(fail(format!("look up link {name}"))(e)),
+    }
+}
+
+fn mac_of(l: &LinkMessage) -> Option<Mac> {
+    l.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Address(m) if m.len() == 6 => Some([m[0], m[1], m[2], m[3], m[4], m[5]]),
+        _ => None,
+    })
+}
+
+fn vxlan_info(l: &LinkMessage) -> Option<&Vec<InfoVxlan>> {
+    let infos = l.attributes.iter().find_map(|a| if let LinkAttribute::LinkInfo(i) = a { Some(i) } else { None })?;
+    if !infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Vxlan))) {
+        return None;
+    }
+    infos.iter().find_map(|i| if let LinkInfo::Data(InfoData::Vxlan(d)) = i { Some(d) } else { None })
+}
+
+/// Whether an existing device can be kept: a vxlan with our VNI, local address, port,
+/// underlay, GBP and learning setting (what flanneld compares, plus learning).
+fn compatible(l: &LinkMessage, p: &VxlanParams) -> bool {
+    let Some(info) = vxlan_info(l) else { return false };
+    let has = |want: &InfoVxlan| info.contains(want);
+    let local_ok = match p.local {
+        IpAddr::V4(a) => has(&InfoVxlan::Local(a)),
+        IpAddr::V6(a) => has(&InfoVxlan::Local6(a)),
+    };
+    has(&InfoVxlan::Id(p.vni))
+        && local_ok
+        && has(&InfoVxlan::Port(p.port))
+        && has(&InfoVxlan::Link(p.underlay))
+        && has(&InfoVxlan::Learning(p.learning))
+        && (info.contains(&InfoVxlan::Gbp) == p.gbp)
+}
+
+/// Makes sure the device exists as `p` says, is up, and has a stable MAC: the existing
+/// device's MAC when there is one (also when it must be re-created), else `preferred` (the
+/// MAC we already advertise), else one derived from `mac_seed` (the public address), which a
+/// re-creation after a reboot derives again.
+pub async fn ensure(
+    h: &Handle,
+    p: &VxlanParams,
+    preferred: Option<Mac>,
+    mac_seed: &[u8],
+) -> Result<VxlanDevice, KernelError> {
+    let existing = link_by_name(h, &p.name).await?;
+    let mac = existing.as_ref().and_then(mac_of).or(preferred).unwrap_or_else(|| derived_vtep_mac(mac_seed, p.vni));
+    if let Some(l) = &existing {
+        if compatible(l, p) {
+            let idx = l.header.index;
+            if !l.header.flags.contains(LinkFlags::Up) {
+                h.link()
+                    .set(LinkUnspec::new_with_index(idx).up().build())
+                    .execute()
+                    .await
+                    .map_err(fail(format!("set {} up", p.name)))?;
+            }
+            return Ok(VxlanDevice { index: idx, mac });
+        }
+        tracing::warn!(device = %p.name, "existing device does not match the config; re-creating it with the same MAC");
+        h.link().del(l.header.index).execute().await.map_err(fail(format!("delete {}", p.name)))?;
+    }
+    let mut b = LinkVxlan::new(&p.name, p.vni).dev(p.underlay).port(p.port).learning(p.learning);
+    b = match p.local {
+        IpAddr::V4(a) => b.local(a),
+        IpAddr::V6(a) => b.local6(a),
+    };
+    if p.gbp {
+        b = b.gbp();
+    }
+    let msg = b.mtu(p.mtu).address(mac.to_vec()).up().build();
+    h.link().add(msg).execute().await.map_err(fail(format!("create vxlan device {}", p.name)))?;
+    let created = link_by_name(h, &p.name).await?.ok_or_else(|| KernelError {
+        op: format!("find {} after creating it", p.name),
+        source: rtnetlink::Error::RequestFailed,
+    })?;
+    let got = mac_of(&created);
+    if got != Some(mac) {
+        // Something (udev's MACAddressPolicy) changed it: put ours back.
+        h.link()
+            .set(LinkUnspec::new_with_index(created.header.index).address(mac.to_vec()).build())
+            .execute()
+            .await
+            .map_err(fail(format!("set the MAC of {} to {}", p.name, mac_to_string(&mac))))?;
+    }
+    if p.local.is_ipv6() {
+        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{}/accept_ra", p.name), "0");
+    }
+    Ok(VxlanDevice { index: created.header.index, mac })
+}
+
+/// Gives device `index` the address `addr` and removes its other addresses inside `network`.
+pub async fn ensure_address(h: &Handle, index: u32, addr: IpNet, network: IpNet) -> Result<(), KernelError> {
+    let current: Vec<_> =
+        h.address().get().set_link_index_filter(index).execute().try_collect().await.map_err(fail("dump addresses"))?;
+    let mut present = false;
+    for a in current {
+        let Some(ip) =
+            a.attributes.iter().find_map(|x| if let AddressAttribute::Address(ip) = x { Some(*ip) } else { None })
+        else {
+            continue;
+        };
+        if ip == addr.addr() && a.header.prefix_len == addr.prefix_len() {
+            present = true;
+        } else if network.contains(&ip) {
+            h.address().del(a).execute().await.map_err(fail(format!("remove stale address {ip}")))?;
+        }
+    }
+    if !present {
+        h.address()
+            .add(index, addr.addr(), addr.prefix_len())
+            .execute()
+            .await
+            .map_err(fail(format!("add address {addr}")))?;
+    }
+    Ok(())
+}
