@@ -110,35 +110,41 @@ fn main() {
     std::thread::sleep(Duration::from_millis(500));
     let idle = rss_kib(pid);
     let writer_ns = std::fs::File::open(format!("/run/netns/{}", lan.ns.name)).unwrap();
-    // Enter the LAN namespace on this thread only, before the runtime opens sockets.
-    nix::sched::setns(writer_ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let url = etcd.url();
     let write_start = Instant::now();
-    rt.block_on(async {
-        let reg = EtcdRegistry::connect(&EtcdOptions {
-            endpoints: vec![etcd.url()],
-            prefix: PREFIX.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        let mut pending = futures::stream::FuturesUnordered::new();
-        use futures::StreamExt;
-        for i in 0..leases {
-            let reg = reg.clone();
-            // Skip 10.64.0.0 (outside SubnetMin) and stay clear of the daemon's own lease.
-            let n = i + 1000;
-            let key = SubnetKey::v4(format!("10.{}.{}.0/24", 64 + n / 256, n % 256).parse().unwrap());
-            let ip = Ipv4Addr::from(0xC633_0000u32 + i);
-            pending.push(async move { reg.create(&key, &LeaseAttrs::new(ip), LEASE_TTL).await });
-            if pending.len() >= 64 {
-                pending.next().await.unwrap().unwrap();
+    // The writer enters the LAN namespace on a thread of its own: the process stays in the
+    // root namespace, so removing the LAN later does not kill it.
+    std::thread::spawn(move || {
+        nix::sched::setns(writer_ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let reg = EtcdRegistry::connect(&EtcdOptions {
+                endpoints: vec![etcd.url()],
+                prefix: PREFIX.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+            let mut pending = futures::stream::FuturesUnordered::new();
+            use futures::StreamExt;
+            for i in 0..leases {
+                let reg = reg.clone();
+                // Skip 10.64.0.0 (outside SubnetMin) and stay clear of the daemon's own lease.
+                let n = i + 1000;
+                let key = SubnetKey::v4(format!("10.{}.{}.0/24", 64 + n / 256, n % 256).parse().unwrap());
+                let ip = Ipv4Addr::from(0xC633_0000u32 + i);
+                pending.push(async move { reg.create(&key, &LeaseAttrs::new(ip), LEASE_TTL).await });
+                if pending.len() >= 64 {
+                    pending.next().await.unwrap().unwrap();
+                }
             }
-        }
-        while let Some(r) = pending.next().await {
-            r.unwrap();
-        }
-    });
+            while let Some(r) = pending.next().await {
+                r.unwrap();
+            }
+        });
+    })
+    .join()
+    .unwrap();
     let written = write_start.elapsed();
     let seen_start = Instant::now();
     while metric(&host, "weft_peers ") != Some(i64::from(leases)) {
@@ -174,7 +180,4 @@ fn main() {
         watching as f64 / 1024.0,
         listed_rss as f64 / 1024.0
     );
-    drop(etcd);
-    drop(host);
-    drop(lan);
 }

@@ -3,111 +3,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
+use common::cluster::{Daemon, PREFIX};
 use common::{wait_for, weft_bin};
-use weft::lab::etcd::Etcd;
 use weft::lab::netns::{Lan, Netns};
-
-const PREFIX: &str = "/coreos.com/network";
 const CONFIG: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"alloc"}}"#;
-
-/// A daemon process in a host namespace, killed on drop.
-struct Daemon {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn start(host: &Netns, dir: &Path, args: &[&str]) -> Daemon {
-        let log = dir.join(format!("{}.log", host.name));
-        let err = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
-        let child = host
-            .command(weft_bin())
-            .arg("daemon")
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(err)
-            .spawn()
-            .unwrap();
-        Daemon { child, log }
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on our own child's pid; no memory is involved.
-        unsafe { libc::kill(self.child.id() as i32, sig) };
-    }
-
-    fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
-        wait_for(limit, "the daemon to exit", || self.child.try_wait().unwrap())
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A LAN with etcd on its bridge address and `n` hosts.
-struct Cluster {
-    _dir: tempfile::TempDir,
-    dir: PathBuf,
-    etcd: Etcd,
-    hosts: Vec<Netns>,
-    lan: Lan,
-}
-
-fn cluster(tag: &str, n: u8) -> Cluster {
-    let prefix = common::prefix(tag);
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().to_path_buf();
-    let lan = Lan::new(&prefix, "192.0.2").unwrap();
-    let hosts = (1..=n).map(|i| lan.add_host(i).unwrap()).collect();
-    let etcd = Etcd::start(Some(&lan.ns), &lan.gateway(), 2379, 2380, &dir.join("etcd"), None).unwrap();
-    etcd.etcdctl(&["put", &format!("{PREFIX}/config"), CONFIG]).unwrap();
-    Cluster { _dir: tmp, dir, etcd, hosts, lan }
-}
-
-impl Cluster {
-    fn env_file(&self, i: usize) -> PathBuf {
-        self.dir.join(format!("h{}.env", i + 1))
-    }
-
-    fn daemon(&self, i: usize, extra: &[&str]) -> Daemon {
-        let endpoints = format!("--etcd-endpoints={}", self.etcd.url());
-        let subnet_file = format!("--subnet-file={}", self.env_file(i).display());
-        let mut args = vec![endpoints.as_str(), subnet_file.as_str(), "-healthz-port", "8081"];
-        args.extend_from_slice(extra);
-        Daemon::start(&self.hosts[i], &self.dir, &args)
-    }
-
-    fn wait_env(&self, i: usize) -> String {
-        let p = self.env_file(i);
-        wait_for(Duration::from_secs(20), "the subnet file", || std::fs::read_to_string(&p).ok())
-    }
-
-    fn http(&self, i: usize, path: &str) -> (String, String) {
-        let out = self.hosts[i]
-            .exec("curl", &["-s", "-m", "2", "-w", "\n%{http_code}", &format!("http://127.0.0.1:8081{path}")])
-            .unwrap_or_default();
-        let (body, code) = out.rsplit_once('\n').unwrap_or(("", ""));
-        (code.to_string(), body.to_string())
-    }
-
-    fn metric(&self, i: usize, name: &str) -> Option<i64> {
-        let (_, body) = self.http(i, "/metrics");
-        body.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
-    }
-}
 
 fn subnet_line(env: &str) -> String {
     env.lines().find(|l| l.starts_with("FLANNEL_SUBNET=")).unwrap().to_string()
@@ -115,7 +17,7 @@ fn subnet_line(env: &str) -> String {
 
 #[test]
 fn two_daemons_get_distinct_subnets_written_as_flannel_writes_them() {
-    let c = cluster("dtw", 2);
+    let c = common::cluster::cluster("dtw", 2, CONFIG);
     let _d1 = c.daemon(0, &[]);
     let _d2 = c.daemon(1, &["-iface", "eth0", "-ip-masq"]);
     let (e1, e2) = (c.wait_env(0), c.wait_env(1));
@@ -185,7 +87,7 @@ fn two_daemons_get_distinct_subnets_written_as_flannel_writes_them() {
 
 #[test]
 fn a_restarted_daemon_keeps_its_subnet() {
-    let c = cluster("drs", 1);
+    let c = common::cluster::cluster("drs", 1, CONFIG);
     let mut d = c.daemon(0, &[]);
     let first = subnet_line(&c.wait_env(0));
     d.signal(libc::SIGTERM);
@@ -205,7 +107,7 @@ fn a_restarted_daemon_keeps_its_subnet() {
 
 #[test]
 fn deleting_our_lease_makes_the_daemon_exit_zero() {
-    let c = cluster("ddl", 1);
+    let c = common::cluster::cluster("ddl", 1, CONFIG);
     let mut d = c.daemon(0, &[]);
     let env = c.wait_env(0);
     let third = subnet_line(&env).trim_start_matches("FLANNEL_SUBNET=10.5.").trim_end_matches(".1/24").to_string();
@@ -217,7 +119,7 @@ fn deleting_our_lease_makes_the_daemon_exit_zero() {
 
 #[test]
 fn a_bad_config_is_explained_and_picked_up_once_fixed() {
-    let c = cluster("dbc", 1);
+    let c = common::cluster::cluster("dbc", 1, CONFIG);
     c.etcd.etcdctl(&["put", &format!("{PREFIX}/config"), r#"{"Network":"10.5.0.0/30"}"#]).unwrap();
     let d = c.daemon(0, &[]);
     wait_for(Duration::from_secs(10), "the config error in the log", || {
@@ -232,7 +134,7 @@ fn a_bad_config_is_explained_and_picked_up_once_fixed() {
 
 #[test]
 fn an_unreachable_store_is_retried_until_it_answers() {
-    let mut c = cluster("dur", 1);
+    let mut c = common::cluster::cluster("dur", 1, CONFIG);
     c.etcd.kill();
     let d = c.daemon(0, &[]);
     wait_for(Duration::from_secs(20), "the store error in the log", || {
@@ -247,7 +149,7 @@ fn an_unreachable_store_is_retried_until_it_answers() {
 
 #[test]
 fn an_unwritable_subnet_file_is_a_clear_error() {
-    let c = cluster("duw", 1);
+    let c = common::cluster::cluster("duw", 1, CONFIG);
     // The parent of the subnet file is a regular file: no directory can be made there.
     std::fs::write(c.dir.join("blocker"), "").unwrap();
     let endpoints = format!("--etcd-endpoints={}", c.etcd.url());

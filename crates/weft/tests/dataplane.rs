@@ -1,0 +1,389 @@
+//! The kernel data plane, end to end: three hosts on a LAN bridge, a real etcd, one daemon
+//! per host; kernel state read back with `ip -j`, `bridge -j`, `iptables -S` and `nft list`;
+//! traffic with `ping` between addresses of different hosts' subnets.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::cluster::{Cluster, Daemon, PREFIX, cluster};
+use common::wait_for;
+use serde_json::Value;
+
+const VXLAN: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#;
+const VXLAN_DR: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan","DirectRouting":true}}"#;
+const HOST_GW: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}"#;
+const VXLAN_NFT: &str = r#"{"Network":"10.5.0.0/16","EnableNFTables":true,"Backend":{"Type":"vxlan"}}"#;
+
+/// A host's lease as the test sees it.
+#[derive(Debug, Clone)]
+struct Host {
+    /// `10.5.X.0/24`.
+    subnet: String,
+    /// `10.5.X.0`: the vxlan gateway address of the host.
+    base: String,
+    /// `10.5.X.1`: the address the test puts on the host's `cni0` bridge.
+    pod_ip: String,
+    /// `192.0.2.1N`.
+    public_ip: String,
+}
+
+fn json(ns: &weft::lab::netns::Netns, program: &str, args: &[&str]) -> Value {
+    serde_json::from_str(&ns.exec(program, args).unwrap()).unwrap()
+}
+
+/// Starts daemons on all hosts, waits for their subnet files and gives each a `cni0` bridge
+/// holding the first address of its subnet (what the CNI bridge plugin does).
+fn start_all(c: &Cluster, extra: &[&str]) -> (Vec<Daemon>, Vec<Host>) {
+    let daemons: Vec<Daemon> = (0..c.hosts.len()).map(|i| c.daemon(i, extra)).collect();
+    let hosts = (0..c.hosts.len()).map(|i| host_info(c, i)).collect();
+    (daemons, hosts)
+}
+
+fn host_info(c: &Cluster, i: usize) -> Host {
+    let env = c.wait_env(i);
+    let sub = env.lines().find_map(|l| l.strip_prefix("FLANNEL_SUBNET=")).unwrap().to_string();
+    let pod_ip = sub.split('/').next().unwrap().to_string();
+    let base = pod_ip.trim_end_matches(".1").to_string() + ".0";
+    let ns = &c.hosts[i];
+    if ns.ip(&["link", "show", "cni0"]).is_err() {
+        ns.ip(&["link", "add", "cni0", "type", "bridge"]).unwrap();
+        ns.ip(&["link", "set", "cni0", "up"]).unwrap();
+    }
+    // A host that came back with a new lease gets its bridge re-addressed.
+    ns.ip(&["addr", "flush", "dev", "cni0"]).unwrap();
+    ns.ip(&["addr", "add", &sub, "dev", "cni0"]).unwrap();
+    Host { subnet: format!("{base}/24"), base, pod_ip, public_ip: c.lan.host_ip(i as u8 + 1) }
+}
+
+fn ping(c: &Cluster, from: usize, src: &str, dst: &str) -> bool {
+    c.hosts[from].exec("ping", &["-c", "1", "-W", "1", "-I", src, dst]).is_ok()
+}
+
+fn assert_full_mesh(c: &Cluster, hosts: &[Host]) {
+    for (i, a) in hosts.iter().enumerate() {
+        for b in hosts.iter().filter(|b| b.pod_ip != a.pod_ip) {
+            // The first packet may wait for the peer's route to be programmed.
+            wait_for(Duration::from_secs(5), &format!("ping {} -> {}", a.pod_ip, b.pod_ip), || {
+                ping(c, i, &a.pod_ip, &b.pod_ip).then_some(())
+            });
+        }
+    }
+}
+
+fn routes(c: &Cluster, i: usize) -> Vec<Value> {
+    json(&c.hosts[i], "ip", &["-j", "route", "show", "table", "main"]).as_array().unwrap().clone()
+}
+
+fn route_to<'a>(routes: &'a [Value], dst: &str) -> Option<&'a Value> {
+    routes.iter().find(|r| r["dst"] == dst)
+}
+
+fn vtep_mac(c: &Cluster, i: usize) -> String {
+    let link = json(&c.hosts[i], "ip", &["-j", "-d", "link", "show", "flannel.1"]);
+    link[0]["address"].as_str().unwrap().to_string()
+}
+
+/// Checks the vxlan state of host `i` for its peers exactly as flannel programs it.
+fn assert_vxlan_state(c: &Cluster, i: usize, me: &Host, peers: &[(&Host, String)]) {
+    let ns = &c.hosts[i];
+    let link = json(ns, "ip", &["-j", "-d", "link", "show", "flannel.1"]);
+    let info = &link[0]["linkinfo"];
+    assert_eq!(info["info_kind"], "vxlan");
+    assert_eq!(info["info_data"]["id"], 1);
+    assert_eq!(info["info_data"]["local"], me.public_ip.as_str(), "local is the interface address");
+    assert_eq!(info["info_data"]["port"], 8472);
+    assert_eq!(info["info_data"]["learning"], false);
+    assert_eq!(link[0]["mtu"], 1450);
+    let addrs = json(ns, "ip", &["-j", "addr", "show", "flannel.1"]);
+    let inet: Vec<String> = addrs[0]["addr_info"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["family"] == "inet")
+        .map(|a| format!("{}/{}", a["local"].as_str().unwrap(), a["prefixlen"]))
+        .collect();
+    assert_eq!(inet, [format!("{}/32", me.base)]);
+    let neigh = json(ns, "ip", &["-j", "neigh", "show", "dev", "flannel.1"]);
+    let fdb = json(ns, "bridge", &["-j", "fdb", "show", "dev", "flannel.1"]);
+    let rts = routes(c, i);
+    assert_eq!(neigh.as_array().unwrap().len(), peers.len(), "{neigh}");
+    for (p, mac) in peers {
+        let n = neigh
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["dst"] == p.base.as_str())
+            .unwrap_or_else(|| panic!("no neighbour for {}: {neigh}", p.base));
+        assert_eq!(n["lladdr"], mac.as_str());
+        assert_eq!(n["state"], serde_json::json!(["PERMANENT"]));
+        let f = fdb
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["mac"] == mac.as_str())
+            .unwrap_or_else(|| panic!("no fdb for {mac}: {fdb}"));
+        assert_eq!(f["dst"], p.public_ip.as_str());
+        assert_eq!(f["state"], "permanent");
+        assert!(f["flags"].as_array().unwrap().contains(&Value::from("self")), "{f}");
+        let r = route_to(&rts, &p.subnet).unwrap_or_else(|| panic!("no route to {}", p.subnet));
+        assert_eq!(r["gateway"], p.base.as_str());
+        assert_eq!(r["dev"], "flannel.1");
+        assert!(r["flags"].as_array().unwrap().contains(&Value::from("onlink")), "{r}");
+    }
+}
+
+/// Whether host `i` has `peers` neighbours, FDB entries and routes on flannel.1.
+fn converged(c: &Cluster, i: usize, peers: usize) -> bool {
+    let count = |v: Value| v.as_array().map_or(0, Vec::len);
+    count(json(&c.hosts[i], "ip", &["-j", "neigh", "show", "dev", "flannel.1"])) == peers
+        && count(json(&c.hosts[i], "bridge", &["-j", "fdb", "show", "dev", "flannel.1"])) == peers
+        && count(json(&c.hosts[i], "ip", &["-j", "route", "show", "dev", "flannel.1"])) == peers
+}
+
+fn lease_key(h: &Host) -> String {
+    format!("{PREFIX}/subnets/{}", h.subnet.replace('/', "-"))
+}
+
+#[test]
+fn vxlan_programs_the_kernel_as_flannel_and_keeps_it_right() {
+    let c = cluster("vxl", 3, VXLAN);
+    let (mut daemons, hosts) = start_all(&c, &["--ip-masq", "--iptables-resync=1"]);
+    let macs: Vec<String> = (0..3).map(|i| vtep_mac(&c, i)).collect();
+    // The lease advertises the device's MAC, byte for byte as flannel writes it.
+    let value = c.etcd.etcdctl(&["get", "--print-value-only", &lease_key(&hosts[0])]).unwrap();
+    assert_eq!(
+        value.trim(),
+        format!(
+            r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{}"}}}}"#,
+            hosts[0].public_ip, macs[0]
+        )
+    );
+    assert!(c.wait_env(0).contains("FLANNEL_MTU=1450\n"));
+    assert_full_mesh(&c, &hosts);
+    for i in 0..3 {
+        let peers: Vec<(&Host, String)> = (0..3).filter(|j| *j != i).map(|j| (&hosts[j], macs[j].clone())).collect();
+        wait_for(Duration::from_secs(5), "a converged kernel", || {
+            (json(&c.hosts[i], "ip", &["-j", "neigh", "show", "dev", "flannel.1"]).as_array().unwrap().len() == 2)
+                .then_some(())
+        });
+        assert_vxlan_state(&c, i, &hosts[i], &peers);
+    }
+
+    // Masquerade and forward rules: flannel's golden text.
+    let nat = c.hosts[0].exec("iptables", &["-t", "nat", "-S", "FLANNEL-POSTRTG"]).unwrap();
+    let (net, pod) = ("10.5.0.0/16", hosts[0].subnet.as_str());
+    let golden_nat = format!(
+        "-N FLANNEL-POSTRTG\n\
+         -A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 -m comment --comment \"flanneld masq\" -j RETURN\n\
+         -A FLANNEL-POSTRTG -s {pod} -d {net} -m comment --comment \"flanneld masq\" -j RETURN\n\
+         -A FLANNEL-POSTRTG -s {net} -d {pod} -m comment --comment \"flanneld masq\" -j RETURN\n\
+         -A FLANNEL-POSTRTG ! -s {net} -d {pod} -m comment --comment \"flanneld masq\" -j RETURN\n\
+         -A FLANNEL-POSTRTG -s {net} ! -d 224.0.0.0/4 -m comment --comment \"flanneld masq\" -j MASQUERADE --random-fully\n\
+         -A FLANNEL-POSTRTG ! -s {net} -d {net} -m comment --comment \"flanneld masq\" -j MASQUERADE --random-fully\n"
+    );
+    assert_eq!(nat, golden_nat);
+    let post = c.hosts[0].exec("iptables", &["-t", "nat", "-S", "POSTROUTING"]).unwrap();
+    assert_eq!(
+        post,
+        "-P POSTROUTING ACCEPT\n-A POSTROUTING -m comment --comment \"flanneld masq\" -j FLANNEL-POSTRTG\n"
+    );
+    let fwd = c.hosts[0].exec("iptables", &["-S", "FLANNEL-FWD"]).unwrap();
+    assert_eq!(
+        fwd,
+        format!(
+            "-N FLANNEL-FWD\n-A FLANNEL-FWD -s {net} -m comment --comment \"flanneld forward\" -j ACCEPT\n-A FLANNEL-FWD -d {net} -m comment --comment \"flanneld forward\" -j ACCEPT\n"
+        )
+    );
+    assert!(
+        c.hosts[0]
+            .exec("iptables", &["-S", "FORWARD"])
+            .unwrap()
+            .contains("-A FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD")
+    );
+    // A flushed chain and a deleted jump rule come back on the next resync.
+    c.hosts[0].exec("iptables", &["-t", "nat", "-F", "FLANNEL-POSTRTG"]).unwrap();
+    c.hosts[0]
+        .exec("iptables", &["-D", "FORWARD", "-m", "comment", "--comment", "flanneld forward", "-j", "FLANNEL-FWD"])
+        .unwrap();
+    wait_for(Duration::from_secs(5), "restored masquerade rules", || {
+        (c.hosts[0].exec("iptables", &["-t", "nat", "-S", "FLANNEL-POSTRTG"]).unwrap() == golden_nat).then_some(())
+    });
+    wait_for(Duration::from_secs(5), "restored forward jump", || {
+        c.hosts[0].exec("iptables", &["-S", "FORWARD"]).unwrap().contains("-j FLANNEL-FWD").then_some(())
+    });
+
+    // Entries deleted by hand are restored.
+    let h1 = &c.hosts[0];
+    h1.ip(&["route", "del", &hosts[1].subnet]).unwrap();
+    h1.ip(&["neigh", "del", &hosts[2].base, "dev", "flannel.1"]).unwrap();
+    h1.exec("bridge", &["fdb", "del", &macs[1], "dev", "flannel.1", "dst", &hosts[1].public_ip, "self"]).unwrap();
+    wait_for(Duration::from_secs(2), "restored entries", || {
+        let n = json(h1, "ip", &["-j", "neigh", "show", "dev", "flannel.1"]).as_array().unwrap().len();
+        let f = json(h1, "bridge", &["-j", "fdb", "show", "dev", "flannel.1"]).as_array().unwrap().len();
+        (route_to(&routes(&c, 0), &hosts[1].subnet).is_some() && n == 2 && f == 2).then_some(())
+    });
+    // The device deleted: re-created with the same MAC, everything re-programmed.
+    h1.ip(&["link", "del", "flannel.1"]).unwrap();
+    wait_for(Duration::from_secs(3), "a re-created device", || {
+        (h1.ip(&["link", "show", "flannel.1"]).is_ok() && route_to(&routes(&c, 0), &hosts[2].subnet).is_some())
+            .then_some(())
+    });
+    assert_eq!(vtep_mac(&c, 0), macs[0], "same MAC after re-creation");
+    let peers: Vec<(&Host, String)> = vec![(&hosts[1], macs[1].clone()), (&hosts[2], macs[2].clone())];
+    wait_for(Duration::from_secs(3), "re-programmed device", || converged(&c, 0, 2).then_some(()));
+    assert_vxlan_state(&c, 0, &hosts[0], &peers);
+    assert!(ping(&c, 0, &hosts[0].pod_ip, &hosts[2].pod_ip));
+
+    // A peer whose lease goes away: its entries are gone from the others within a second.
+    let removed_at = Instant::now();
+    c.etcd.etcdctl(&["del", &lease_key(&hosts[2])]).unwrap();
+    wait_for(Duration::from_secs(1), "the removed peer's entries to go", || {
+        let gone_route = route_to(&routes(&c, 0), &hosts[2].subnet).is_none();
+        let neigh = json(h1, "ip", &["-j", "neigh", "show", "dev", "flannel.1"]);
+        let fdb = json(h1, "bridge", &["-j", "fdb", "show", "dev", "flannel.1"]);
+        let gone_neigh = !neigh.as_array().unwrap().iter().any(|n| n["dst"] == hosts[2].base.as_str());
+        let gone_fdb = !fdb.as_array().unwrap().iter().any(|f| f["mac"] == macs[2].as_str());
+        (gone_route && gone_neigh && gone_fdb).then_some(())
+    });
+    assert!(removed_at.elapsed() < Duration::from_secs(1));
+    assert!(daemons[2].wait_exit(Duration::from_secs(5)).success(), "the host whose lease was deleted stops cleanly");
+    // It comes back (a new lease): reachable from the others within a second of its lease.
+    std::fs::remove_file(c.env_file(2)).unwrap();
+    daemons[2] = c.daemon(2, &[]);
+    let back = host_info(&c, 2);
+    // Its subnet file is written right after its lease: from then on, a second at most
+    // until the others have programmed it.
+    let seen_at = Instant::now();
+    wait_for(Duration::from_secs(1), "the returning peer to be programmed", || {
+        let neigh = json(h1, "ip", &["-j", "neigh", "show", "dev", "flannel.1"]);
+        (route_to(&routes(&c, 0), &back.subnet).is_some()
+            && neigh.as_array().unwrap().iter().any(|n| n["dst"] == back.base.as_str()))
+        .then_some(())
+    });
+    assert!(seen_at.elapsed() < Duration::from_secs(1));
+    wait_for(Duration::from_secs(5), "the returning peer to answer", || {
+        ping(&c, 0, &hosts[0].pod_ip, &back.pod_ip).then_some(())
+    });
+}
+
+#[test]
+fn vxlan_direct_routing_routes_lan_peers_directly() {
+    let c = cluster("vdr", 2, VXLAN_DR);
+    let (_daemons, hosts) = start_all(&c, &[]);
+    assert_full_mesh(&c, &hosts);
+    let r =
+        wait_for(Duration::from_secs(5), "the direct route", || route_to(&routes(&c, 0), &hosts[1].subnet).cloned());
+    assert_eq!(r["gateway"], hosts[1].public_ip.as_str());
+    assert_eq!(r["dev"], "eth0");
+    assert!(
+        json(&c.hosts[0], "ip", &["-j", "neigh", "show", "dev", "flannel.1"]).as_array().unwrap().is_empty(),
+        "no vxlan entries for a LAN peer"
+    );
+}
+
+#[test]
+fn host_gw_routes_via_peer_public_ips() {
+    let c = cluster("hgw", 3, HOST_GW);
+    let (_daemons, hosts) = start_all(&c, &[]);
+    assert!(c.wait_env(0).contains("FLANNEL_MTU=1500\n"));
+    let value = c.etcd.etcdctl(&["get", "--print-value-only", &lease_key(&hosts[1])]).unwrap();
+    assert_eq!(
+        value.trim(),
+        format!(r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"host-gw"}}"#, hosts[1].public_ip)
+    );
+    assert_full_mesh(&c, &hosts);
+    for i in 0..3 {
+        let rts = routes(&c, i);
+        for (j, p) in hosts.iter().enumerate().filter(|(j, _)| *j != i) {
+            let r = route_to(&rts, &p.subnet).unwrap_or_else(|| panic!("host {i} has no route to host {j}"));
+            assert_eq!((r["gateway"].as_str(), r["dev"].as_str()), (Some(p.public_ip.as_str()), Some("eth0")));
+        }
+    }
+    c.hosts[0].ip(&["route", "del", &hosts[2].subnet]).unwrap();
+    wait_for(Duration::from_secs(2), "the restored route", || route_to(&routes(&c, 0), &hosts[2].subnet).map(|_| ()));
+    // Behind a NAT (public IP not on the interface) host-gw refuses to start, and says why.
+    let endpoints = format!("--etcd-endpoints={}", c.etcd.url());
+    let mut nat = Daemon::start(
+        &c.hosts[0],
+        &c.dir,
+        &[&endpoints, "--iface=eth0", "--public-ip=203.0.113.9", "--subnet-file=/dev/null/x"],
+    );
+    assert_eq!(nat.wait_exit(Duration::from_secs(10)).code(), Some(1));
+    assert!(nat.log().contains("NAT"), "{}", nat.log());
+}
+
+#[test]
+fn a_daemon_restart_keeps_traffic_flowing_and_cleans_up_vanished_peers() {
+    let c = cluster("rst", 3, VXLAN);
+    let (mut daemons, hosts) = start_all(&c, &[]);
+    assert_full_mesh(&c, &hosts);
+    let mac = vtep_mac(&c, 1);
+    let subnet = c.wait_env(1);
+    // A ping stream from host 1 to host 2's pod address while host 2's daemon is killed
+    // and started again.
+    let pinger = c.hosts[0]
+        .command("ping")
+        .args(["-i", "0.05", "-c", "80", "-W", "1", "-I", &hosts[0].pod_ip, &hosts[1].pod_ip])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    daemons[1].signal(libc::SIGKILL);
+    daemons[1].wait_exit(Duration::from_secs(5));
+    std::fs::remove_file(c.env_file(1)).unwrap();
+    daemons[1] = c.daemon(1, &[]);
+    assert_eq!(c.wait_env(1), subnet, "same subnet after the restart");
+    let out = pinger.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("80 packets transmitted, 80 received"), "no ping lost across the restart:\n{text}");
+    assert_eq!(vtep_mac(&c, 1), mac, "same VTEP MAC after the restart");
+
+    // Host 1's daemon is down while host 3 leaves the cluster: at restart, host 3's entries
+    // are removed and host 2's stay.
+    daemons[0].signal(libc::SIGKILL);
+    daemons[0].wait_exit(Duration::from_secs(5));
+    c.etcd.etcdctl(&["del", &lease_key(&hosts[2])]).unwrap();
+    assert!(route_to(&routes(&c, 0), &hosts[2].subnet).is_some(), "nobody cleaned up while the daemon was down");
+    daemons[0] = c.daemon(0, &[]);
+    wait_for(Duration::from_secs(5), "the vanished peer's entries to go", || {
+        let neigh = json(&c.hosts[0], "ip", &["-j", "neigh", "show", "dev", "flannel.1"]);
+        (route_to(&routes(&c, 0), &hosts[2].subnet).is_none() && neigh.as_array().unwrap().len() == 1).then_some(())
+    });
+    assert!(route_to(&routes(&c, 0), &hosts[1].subnet).is_some());
+    assert!(ping(&c, 0, &hosts[0].pod_ip, &hosts[1].pod_ip));
+}
+
+#[test]
+fn nftables_mode_installs_flannels_tables_and_keeps_them() {
+    let c = cluster("nft", 2, VXLAN_NFT);
+    let (mut daemons, hosts) = start_all(&c, &["--ip-masq", "--iptables-resync=1"]);
+    assert_full_mesh(&c, &hosts);
+    let (net, pod) = ("10.5.0.0/16", hosts[0].subnet.as_str());
+    let golden = format!(
+        "table ip flannel-ipv4 {{\n\tchain postrtg {{\n\t\tcomment \"chain to manage traffic masquerading by flannel\"\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\t\tmeta mark 0x00004000 return\n\t\tip saddr {pod} ip daddr {net} return\n\t\tip saddr {net} ip daddr {pod} return\n\t\tip saddr != {pod} ip daddr {net} return\n\t\tip saddr {net} ip daddr != 224.0.0.0/4 masquerade fully-random\n\t\tip saddr != {net} ip daddr {net} masquerade fully-random\n\t}}\n}}\n"
+    );
+    let chain = || c.hosts[0].exec("nft", &["list", "chain", "ip", "flannel-ipv4", "postrtg"]).unwrap();
+    assert_eq!(chain(), golden);
+    let fwd = c.hosts[0].exec("nft", &["list", "chain", "ip", "flannel-ipv4", "forward"]).unwrap();
+    assert!(fwd.contains(&format!("\t\tip saddr {net} accept\n\t\tip daddr {net} accept\n")), "{fwd}");
+    assert!(
+        c.hosts[0].exec("nft", &["list", "table", "ip6", "flannel-ipv6"]).is_ok(),
+        "both tables exist, as in flannel"
+    );
+    assert!(
+        c.hosts[0].exec("iptables", &["-t", "nat", "-S", "FLANNEL-POSTRTG"]).is_err(),
+        "no iptables chain in nftables mode"
+    );
+    c.hosts[0].exec("nft", &["flush", "chain", "ip", "flannel-ipv4", "postrtg"]).unwrap();
+    wait_for(Duration::from_secs(5), "the flushed chain to be refilled", || (chain() == golden).then_some(()));
+    // Back to iptables mode: the nftables tables are removed, the iptables rules appear.
+    c.etcd.etcdctl(&["put", &format!("{PREFIX}/config"), VXLAN]).unwrap();
+    daemons[0].signal(libc::SIGTERM);
+    daemons[0].wait_exit(Duration::from_secs(5));
+    daemons[0] = c.daemon(0, &["--ip-masq"]);
+    wait_for(Duration::from_secs(10), "iptables rules", || {
+        c.hosts[0].exec("iptables", &["-t", "nat", "-S", "FLANNEL-POSTRTG"]).ok()
+    });
+    assert!(c.hosts[0].exec("nft", &["list", "table", "ip", "flannel-ipv4"]).is_err(), "nftables leftovers removed");
+}
