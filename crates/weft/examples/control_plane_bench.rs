@@ -119,7 +119,7 @@ fn main() {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
             let reg = EtcdRegistry::connect(&EtcdOptions {
-                endpoints: vec![etcd.url()],
+                endpoints: vec![url],
                 prefix: PREFIX.into(),
                 ..Default::default()
             })
