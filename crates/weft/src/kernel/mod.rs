@@ -245,9 +245,11 @@ impl Kernel {
         };
         macro_rules! phase {
             ($items:expr, |$it:ident| $fut:expr) => {{
+                let t = std::time::Instant::now();
                 let results: Vec<Result<(), KernelError>> =
                     stream::iter($items.iter().map(|$it| $fut)).buffer_unordered(PARALLEL).collect().await;
                 errors.extend(results.into_iter().filter_map(Result::err));
+                tracing::debug!(items = $items.len(), took_us = t.elapsed().as_micros() as u64, "netlink phase");
             }};
         }
         phase!(ops.neighbors_set, |n| async move {

@@ -1,0 +1,257 @@
+//! Scale figures of the daemon, measured in network namespaces this program creates (a LAN
+//! with etcd on its bridge, one host running `weft daemon`):
+//!
+//! - control plane (backend alloc): start to subnet.env, and memory while watching N leases;
+//! - data plane (backend vxlan): time until the kernel holds the routes, neighbours and FDB
+//!   entries for N peers once their leases are known, and memory at N peers.
+//!
+//! `sudo cargo run --release --example scale_bench [-- N...]` (default: 1000 5000).
+//! Peer leases use addresses of 198.18.0.0/15 (benchmarking range); no packet is sent to them.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::value::RawValue;
+use weft::lab::etcd::Etcd;
+use weft::lab::netns::{Lan, Netns};
+use weft::registry::etcd::{EtcdOptions, EtcdRegistry};
+use weft::registry::{LEASE_TTL, Registry};
+use weft_core::backend::vxlan_backend_data;
+use weft_core::lease::{LeaseAttrs, SubnetKey};
+
+const PREFIX: &str = "/coreos.com/network";
+
+struct Bench {
+    _dir: tempfile::TempDir,
+    env_file: PathBuf,
+    etcd: Etcd,
+    host: Netns,
+    lan: Lan,
+}
+
+fn weft_bin() -> String {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().join("weft").display().to_string()
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    kib as f64 / 1024.0
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+impl Bench {
+    fn new(tag: &str, config: &str) -> Bench {
+        let dir = tempfile::tempdir().unwrap();
+        let prefix = format!("wtbench{tag}-");
+        weft::lab::netns::remove_prefixed(&prefix);
+        let lan = Lan::new(&prefix, "192.0.2").unwrap();
+        let host = lan.add_host(1).unwrap();
+        let etcd = Etcd::start(Some(&lan.ns), &lan.gateway(), 2379, 2380, &dir.path().join("etcd"), None).unwrap();
+        etcd.etcdctl(&["put", &format!("{PREFIX}/config"), config]).unwrap();
+        Bench { env_file: dir.path().join("subnet.env"), _dir: dir, etcd, host, lan }
+    }
+
+    fn daemon(&self) -> Child {
+        self.host
+            .command(&weft_bin())
+            .args([
+                "daemon",
+                &format!("--etcd-endpoints={}", self.etcd.url()),
+                &format!("--subnet-file={}", self.env_file.display()),
+            ])
+            .arg("--healthz-port=8081")
+            // WEFT_LOG=debug shows the daemon's own log (per-phase netlink timings).
+            .stderr(if std::env::var_os("WEFT_LOG").is_some() { Stdio::inherit() } else { Stdio::null() })
+            .spawn()
+            .unwrap()
+    }
+
+    fn metric(&self, name: &str) -> Option<i64> {
+        let body = self.host.exec("curl", &["-s", "-m", "2", "http://127.0.0.1:8081/metrics"]).ok()?;
+        body.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+    }
+
+    fn wait(&self, what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
+        let start = Instant::now();
+        while !f() {
+            assert!(start.elapsed() < limit, "timed out waiting for {what}");
+            // Polling with `ip -j` costs CPU the daemon needs on a 2-core machine: not too often.
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        start.elapsed()
+    }
+
+    /// Writes `n` peer leases (vxlan attributes when `vxlan`) from a thread that enters the
+    /// LAN namespace, 64 requests in flight.
+    fn write_peers(&self, n: u32, vxlan: bool) -> Duration {
+        let ns = std::fs::File::open(format!("/run/netns/{}", self.lan.ns.name)).unwrap();
+        let url = self.etcd.url();
+        let start = Instant::now();
+        std::thread::spawn(move || {
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                use futures::StreamExt;
+                let opts = EtcdOptions { endpoints: vec![url], prefix: PREFIX.into(), ..Default::default() };
+                let reg = EtcdRegistry::connect(&opts).await.unwrap();
+                let mut pending = futures::stream::FuturesUnordered::new();
+                for i in 0..n {
+                    let reg = reg.clone();
+                    // Subnets from 10.67.232.0 up stay clear of the daemon's own (random among the first 100).
+                    let s = i + 1000;
+                    let key = SubnetKey::v4(format!("10.{}.{}.0/24", 64 + s / 256, s % 256).parse().unwrap());
+                    let mut attrs = LeaseAttrs::new(Ipv4Addr::from(0xC612_0000u32 + i + 1));
+                    if vxlan {
+                        let mac = [0x0e, 0x77, (i >> 16) as u8, (i >> 8) as u8, i as u8, 1];
+                        attrs.backend_type = "vxlan".into();
+                        attrs.backend_data = RawValue::from_string(vxlan_backend_data(1, &mac)).ok();
+                    }
+                    pending.push(async move { reg.create(&key, &attrs, LEASE_TTL).await });
+                    if pending.len() >= 64 {
+                        pending.next().await.unwrap().unwrap();
+                    }
+                }
+                while let Some(r) = pending.next().await {
+                    r.unwrap();
+                }
+            });
+        })
+        .join()
+        .unwrap();
+        start.elapsed()
+    }
+
+    fn count(&self, args: &[&str], program: &str) -> usize {
+        let v: serde_json::Value =
+            serde_json::from_str(&self.host.exec(program, args).unwrap_or_else(|_| "[]".into())).unwrap_or_default();
+        v.as_array().map_or(0, Vec::len)
+    }
+
+    fn kernel_entries(&self) -> (usize, usize, usize) {
+        (
+            self.count(&["-j", "route", "show", "dev", "flannel.1"], "ip"),
+            self.count(&["-j", "neigh", "show", "dev", "flannel.1"], "ip"),
+            self.count(&["-j", "fdb", "show", "dev", "flannel.1"], "bridge"),
+        )
+    }
+}
+
+fn stop(mut c: Child) {
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
+fn control_plane(n: u32) {
+    let b = Bench::new("c", r#"{"Network":"10.64.0.0/10","Backend":{"Type":"alloc"}}"#);
+    let mut fresh = Vec::new();
+    let mut again = Vec::new();
+    for round in 0..20 {
+        if round < 10 {
+            b.etcd.etcdctl(&["del", "--prefix", &format!("{PREFIX}/subnets/")]).unwrap();
+        }
+        let _ = std::fs::remove_file(&b.env_file);
+        let start = Instant::now();
+        let d = b.daemon();
+        b.wait("subnet.env", Duration::from_secs(10), || b.env_file.exists());
+        if round < 10 {
+            fresh.push(start.elapsed())
+        } else {
+            again.push(start.elapsed())
+        }
+        stop(d);
+    }
+    fresh.sort();
+    again.sort();
+    println!(
+        "control plane: start -> subnet.env, fresh lease:    median {:.1} ms (min {:.1}, max {:.1}, n=10)",
+        ms(fresh[5]),
+        ms(fresh[0]),
+        ms(fresh[9])
+    );
+    println!(
+        "control plane: start -> subnet.env, existing lease: median {:.1} ms (min {:.1}, max {:.1}, n=10)",
+        ms(again[5]),
+        ms(again[0]),
+        ms(again[9])
+    );
+    let d = b.daemon();
+    b.wait("readiness", Duration::from_secs(10), || b.metric("weft_ready ") == Some(1));
+    std::thread::sleep(Duration::from_millis(300));
+    let idle = rss_mib(d.id());
+    let wrote = b.write_peers(n, false);
+    let caught_up = b.wait("all peers", Duration::from_secs(120), || b.metric("weft_peers ") == Some(i64::from(n)));
+    std::thread::sleep(Duration::from_millis(300));
+    let watching = rss_mib(d.id());
+    stop(d);
+    let start = Instant::now();
+    let d = b.daemon();
+    b.wait("all peers after a restart", Duration::from_secs(60), || b.metric("weft_peers ") == Some(i64::from(n)));
+    let listed = start.elapsed();
+    std::thread::sleep(Duration::from_millis(300));
+    let listed_rss = rss_mib(d.id());
+    stop(d);
+    println!(
+        "control plane: {n} leases written in {:.2} s; the watch had them all {:.0} ms after the last write",
+        wrote.as_secs_f64(),
+        ms(caught_up)
+    );
+    println!("control plane: start with {n} leases in the store -> all peers known: {:.0} ms", ms(listed));
+    println!(
+        "control plane: RSS {idle:.1} MiB idle, {watching:.1} MiB after watching {n} arrive, {listed_rss:.1} MiB after listing {n} at start"
+    );
+}
+
+fn data_plane(n: u32) {
+    let b = Bench::new("d", r#"{"Network":"10.64.0.0/10","Backend":{"Type":"vxlan"}}"#);
+    let n = n as usize;
+    // Leases known before the daemon starts: the first pass programs all of them.
+    b.write_peers(n as u32, true);
+    let start = Instant::now();
+    let d = b.daemon();
+    b.wait("readiness", Duration::from_secs(30), || b.metric("weft_ready ") == Some(1));
+    let ready = start.elapsed();
+    let known = b.wait("peers known", Duration::from_secs(60), || b.metric("weft_peers ") == Some(n as i64));
+    let converged = b.wait("a converged kernel", Duration::from_secs(120), || b.kernel_entries() == (n, n, n));
+    std::thread::sleep(Duration::from_millis(500));
+    let rss = rss_mib(d.id());
+    // A resync pass over a converged kernel: read, diff, nothing to do.
+    let passes = b.metric("weft_reconciles_total ").unwrap_or(0);
+    b.wait("a periodic pass", Duration::from_secs(15), || b.metric("weft_reconciles_total ").unwrap_or(0) > passes);
+    let idle_pass = b.metric("weft_reconcile_milliseconds ");
+    stop(d);
+    println!(
+        "data plane (vxlan), {n} peers: ready {:.0} ms after start, peers known +{:.0} ms, kernel converged +{:.0} ms (routes, neighbours and FDB entries: {} each; verified with ip/bridge -j)",
+        ms(ready),
+        ms(known),
+        ms(converged),
+        n
+    );
+    println!(
+        "data plane (vxlan), {n} peers: a no-op resync pass (dump, diff, nothing to do) takes {:?} ms; RSS {rss:.1} MiB (run with WEFT_LOG=weft=debug for per-phase netlink timings)",
+        idle_pass
+    );
+}
+
+fn main() {
+    let data_only = std::env::args().any(|a| a == "--data-plane-only");
+    let sizes: Vec<u32> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let sizes = if sizes.is_empty() { vec![1000, 5000] } else { sizes };
+    let largest = *sizes.iter().max().unwrap();
+    if !data_only {
+        control_plane(largest);
+    }
+    for n in sizes {
+        data_plane(n);
+    }
+}
