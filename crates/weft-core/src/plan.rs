@@ -285,6 +285,21 @@ mod tests {
     }
 
     #[test]
+    fn dual_stack_peers_get_v6_entries_on_the_v6_device() {
+        let mut p6 = peer("10.5.2.0-24&fd00:5:0:2::-64", [192, 0, 2, 12], "vxlan", Some(MAC));
+        p6.attrs.public_ipv6 = Some("2001:db8::12".parse().unwrap());
+        let mac6: Mac = [0x0e, 6, 6, 6, 6, 6];
+        p6.attrs.backend_v6_data = Some(RawValue::from_string(vxlan_backend_data(1, &mac6)).unwrap());
+        let p = plan(&vxlan(false), &[p6], &HostFacts { connected: vec![], vxlan6: true });
+        let gw6: IpAddr = "fd00:5:0:2::".parse().unwrap();
+        assert_eq!(p.state.neighbors.get(&(LinkRef::Vxlan6, gw6)), Some(&mac6));
+        assert_eq!(p.state.fdb.get(&(LinkRef::Vxlan6, mac6)), Some(&"2001:db8::12".parse().unwrap()));
+        let r = p.state.routes[&"fd00:5:0:2::/64".parse().unwrap()];
+        assert_eq!((r.link, r.via, r.onlink), (LinkRef::Vxlan6, gw6, true));
+        assert_eq!(p.state.routes.len(), 2, "v4 and v6 routes");
+    }
+
+    #[test]
     fn malformed_peers_are_skipped_not_fatal() {
         let mut bad = peer("10.5.2.0-24", [192, 0, 2, 12], "vxlan", None);
         bad.attrs.backend_data = Some(RawValue::from_string(r#"{"VtepMAC":"nonsense"}"#.into()).unwrap());

@@ -387,3 +387,28 @@ fn nftables_mode_installs_flannels_tables_and_keeps_them() {
     });
     assert!(c.hosts[0].exec("nft", &["list", "table", "ip", "flannel-ipv4"]).is_err(), "nftables leftovers removed");
 }
+
+#[test]
+fn masquerade_options_and_the_blackhole_route() {
+    let c = cluster("opt", 1, VXLAN);
+    let _d = c.daemon(
+        0,
+        &["--ip-masq", "--ip-masq-fully-random-disable", "--ip-blackhole-route", "--iptables-forward-rules=false"],
+    );
+    let env = c.wait_env(0);
+    assert!(env.contains("FLANNEL_IPMASQ=true\n"));
+    let sub = env.lines().find_map(|l| l.strip_prefix("FLANNEL_SUBNET=")).unwrap().replace(".1/24", ".0/24");
+    let nat = c.hosts[0].exec("iptables", &["-t", "nat", "-S", "FLANNEL-POSTRTG"]).unwrap();
+    assert!(nat.contains("-j MASQUERADE\n") && !nat.contains("--random-fully"), "{nat}");
+    assert!(c.hosts[0].exec("iptables", &["-S", "FLANNEL-FWD"]).is_err(), "no forward rules when disabled");
+    let blackholes = json(&c.hosts[0], "ip", &["-j", "route", "show", "type", "blackhole"]);
+    assert_eq!(blackholes[0]["dst"], sub.as_str(), "{blackholes}");
+    // Deleted by hand, it is back after the next resync (every --iptables-resync seconds).
+    c.hosts[0].ip(&["route", "del", "blackhole", &sub]).unwrap();
+    wait_for(Duration::from_secs(8), "the blackhole route to return", || {
+        json(&c.hosts[0], "ip", &["-j", "route", "show", "type", "blackhole"])
+            .as_array()
+            .is_some_and(|a| !a.is_empty())
+            .then_some(())
+    });
+}
