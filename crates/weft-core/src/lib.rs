@@ -6,6 +6,7 @@
 pub mod acquire;
 pub mod backend;
 pub mod cache;
+pub mod cni;
 pub mod config;
 pub mod firewall;
 pub mod flags;

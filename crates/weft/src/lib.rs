@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod cli;
+pub mod cni;
 pub mod daemon;
 pub mod firewall;
 pub mod host;

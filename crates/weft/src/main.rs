@@ -92,7 +92,19 @@ fn leases(args: &[String]) -> ExitCode {
     }
 }
 
+/// The CNI plugin: runtimes run us with `CNI_COMMAND` set, whatever our name.
+fn cni_plugin() -> ExitCode {
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(false).with_max_level(tracing::Level::WARN).init();
+    let env = weft::cni::CniEnv::from_env(&env);
+    let out = weft::cni::run(&env, &mut std::io::stdin());
+    print!("{}", out.stdout);
+    if out.success { ExitCode::SUCCESS } else { ExitCode::from(1) }
+}
+
 fn main() -> ExitCode {
+    if std::env::var_os("CNI_COMMAND").is_some() {
+        return cni_plugin();
+    }
     let args: Vec<String> = std::env::args().collect();
     let invoked_as = args
         .first()
