@@ -1,6 +1,7 @@
 //! A real etcd server for the lab and the tests, started from Debian's `etcd` binary.
 
 use std::io;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -85,6 +86,7 @@ impl Etcd {
             .args(["--initial-cluster", &format!("lab={peer}")])
             .args(["--log-level", "error", "--logger", "zap"])
             .stdin(Stdio::null())
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         if let Some(t) = &self.tls {
@@ -124,6 +126,11 @@ impl Etcd {
             std::thread::sleep(Duration::from_millis(100));
         }
         Err(io::Error::other("etcd did not become healthy in time"))
+    }
+
+    /// Leaves the server running after this value is gone; returns its pid.
+    pub fn detach(mut self) -> Option<u32> {
+        self.child.take().map(|c| c.id())
     }
 
     /// Kills the server (SIGKILL), keeping its data.

@@ -1,6 +1,195 @@
-//! Building blocks of `weft lab` and of the integration tests: network namespaces joined by
-//! a LAN bridge, and a real etcd server. Everything happens inside namespaces created here;
-//! the machine's own network namespace is never changed.
+//! `weft lab`: a whole multi-host cluster in network namespaces on one machine, and the
+//! building blocks the integration tests share. Everything happens inside namespaces
+//! created here; the machine's own network namespace is never changed.
 
+pub mod bench;
+pub mod check;
 pub mod etcd;
 pub mod netns;
+pub mod state;
+pub mod topology;
+
+use weft_core::flags::{self, Kind, Parsed, Spec};
+
+use self::topology::{LabError, UpOptions};
+
+const fn spec(name: &'static str, kind: Kind, default: &'static str, help: &'static str) -> Spec {
+    Spec { name, kind, default, help }
+}
+
+const NAME: Spec = spec("name", Kind::Str, "weft", "lab name: prefix of its namespaces, lower-case letters and digits");
+const JSON: Spec = spec("json", Kind::Bool, "false", "print JSON");
+
+/// Usage of `weft lab`.
+pub fn usage() -> String {
+    "Usage: weft lab <command> [flags]\n\n\
+     Commands:\n  \
+     up          build a cluster: LAN, outside host, store, one daemon per host, pods via CNI\n              \
+     [--hosts 3] [--pods-per-host 2] [--backend vxlan|host-gw|udp] [--store local|etcd] [--name weft]\n  \
+     status      hosts, subnets, daemons and pods [--json]\n  \
+     check       ping every pod from every pod, and the outside host (masqueraded) [--json]\n  \
+     bench       iperf3 and ping between pods on two hosts [--all] [--seconds 5] [--json]\n  \
+     restart N   kill host N's daemon (as a crash) and start it again\n  \
+     add-host    add a host with its pods\n  \
+     remove-host N  take host N out of the cluster (its lease is deleted)\n  \
+     down        remove every namespace, process and file of the lab\n\n\
+     Every command takes --name (default weft). Run as root.\n"
+        .into()
+}
+
+fn parse(specs: &[Spec], args: &[String]) -> Result<Option<flags::Values>, LabError> {
+    match flags::parse(specs, args, &|_| None) {
+        Ok(Parsed::Values(v)) => Ok(Some(v)),
+        Ok(_) => Ok(None),
+        Err(e) => Err(LabError::Usage(e.0)),
+    }
+}
+
+fn host_number(args: &[String]) -> Result<(u8, Vec<String>), LabError> {
+    let (n, rest): (Vec<&String>, Vec<&String>) = args.iter().partition(|a| a.parse::<u8>().is_ok());
+    match n.as_slice() {
+        [one] => Ok((one.parse().unwrap_or(0), rest.into_iter().cloned().collect())),
+        _ => Err(LabError::Usage("name one host by its number, e.g. `weft lab restart 2`".into())),
+    }
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+/// Runs `weft lab <args>`; returns the exit status.
+pub fn run(args: &[String]) -> u8 {
+    match dispatch(args) {
+        Ok(code) => code,
+        Err(LabError::Usage(m)) => {
+            eprintln!("weft lab: {m}\n\n{}", usage());
+            2
+        }
+        Err(e) => {
+            eprintln!("weft lab: {e}");
+            1
+        }
+    }
+}
+
+fn dispatch(args: &[String]) -> Result<u8, LabError> {
+    let Some((cmd, rest)) = args.split_first() else {
+        return Err(LabError::Usage("which command?".into()));
+    };
+    let rest = rest.to_vec();
+    match cmd.as_str() {
+        "up" => {
+            let specs = [
+                NAME,
+                spec("hosts", Kind::Uint, "3", "number of hosts"),
+                spec("pods-per-host", Kind::Uint, "2", "pods per host"),
+                spec("backend", Kind::Str, "vxlan", "vxlan, host-gw or udp"),
+                spec("store", Kind::Str, "local", "local (embedded) or etcd (a real etcd server)"),
+            ];
+            let Some(v) = parse(&specs, &rest)? else {
+                print!("{}", usage());
+                return Ok(0);
+            };
+            let small = |n: &str| u8::try_from(v.uint(n)).map_err(|_| LabError::Usage(format!("--{n} is too large")));
+            let o = UpOptions {
+                name: v.str("name").into(),
+                hosts: small("hosts")?,
+                pods_per_host: small("pods-per-host")?,
+                backend: v.str("backend").into(),
+                store: v.str("store").into(),
+            };
+            let lab = topology::up(&o)?;
+            print!("{}", check::status_table(&lab));
+            println!(
+                "\nNext: weft lab check --name {0}    weft lab status --name {0}    weft lab down --name {0}",
+                lab.name
+            );
+            Ok(0)
+        }
+        "status" => {
+            let Some(v) = parse(&[NAME, JSON], &rest)? else { return Ok(0) };
+            let lab = topology::load(v.str("name"))?;
+            if v.bool("json") {
+                print_json(&check::status_json(&lab));
+            } else {
+                print!("{}", check::status_table(&lab));
+            }
+            Ok(0)
+        }
+        "check" => {
+            let Some(v) = parse(&[NAME, JSON], &rest)? else { return Ok(0) };
+            let lab = topology::load(v.str("name"))?;
+            let probes = check::check(&lab);
+            let failed = probes.iter().filter(|p| !p.ok).count();
+            if v.bool("json") {
+                print_json(&serde_json::json!({
+                    "ok": failed == 0,
+                    "probes": probes.iter().map(|p| serde_json::json!({"from": p.from, "to": p.to, "ip": p.ip, "ok": p.ok})).collect::<Vec<_>>(),
+                }));
+            } else {
+                print!("{}", check::matrix(&lab, &probes));
+                println!(
+                    "\n{} of {} pings answered{}",
+                    probes.len() - failed,
+                    probes.len(),
+                    if failed == 0 { " (outside: masqueraded, it has no route to the pod network)" } else { "" }
+                );
+            }
+            Ok(if failed == 0 { 0 } else { 1 })
+        }
+        "bench" => {
+            let specs = [
+                NAME,
+                JSON,
+                spec("all", Kind::Bool, "false", "measure every backend in one run"),
+                spec("seconds", Kind::Uint, "5", "iperf3 duration"),
+            ];
+            let Some(v) = parse(&specs, &rest)? else { return Ok(0) };
+            let seconds = v.uint("seconds").clamp(1, 60) as u32;
+            let results = if v.bool("all") {
+                bench::all(v.str("name"), seconds)
+            } else {
+                vec![bench::measure(&topology::load(v.str("name"))?, seconds)?]
+            };
+            if v.bool("json") {
+                print_json(&bench::to_json(&results));
+            } else {
+                print!("{}", bench::render(&results));
+            }
+            Ok(0)
+        }
+        "restart" | "remove-host" => {
+            let (n, rest) = host_number(&rest)?;
+            let Some(v) = parse(&[NAME], &rest)? else { return Ok(0) };
+            let lab = if cmd == "restart" {
+                topology::restart(v.str("name"), n)?
+            } else {
+                topology::remove_host(v.str("name"), n)?
+            };
+            print!("{}", check::status_table(&lab));
+            Ok(0)
+        }
+        "add-host" => {
+            let Some(v) = parse(&[NAME], &rest)? else { return Ok(0) };
+            let lab = topology::add_host(v.str("name"))?;
+            print!("{}", check::status_table(&lab));
+            Ok(0)
+        }
+        "down" => {
+            let Some(v) = parse(&[NAME], &rest)? else { return Ok(0) };
+            topology::check_name(v.str("name"))?;
+            let (processes, namespaces) = topology::down(v.str("name"));
+            println!(
+                "lab {}: stopped {processes} processes, removed {namespaces} namespaces and {}",
+                v.str("name"),
+                state::dir(v.str("name")).display()
+            );
+            Ok(0)
+        }
+        "help" | "-h" | "--help" => {
+            print!("{}", usage());
+            Ok(0)
+        }
+        other => Err(LabError::Usage(format!("unknown lab command {other:?}"))),
+    }
+}

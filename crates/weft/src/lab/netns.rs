@@ -39,6 +39,20 @@ impl Netns {
         Ok(ns)
     }
 
+    /// Refers to a namespace that already exists (it is still removed on drop unless
+    /// [`Netns::persist`] is called).
+    pub fn existing(name: &str) -> Netns {
+        Netns { name: name.to_string() }
+    }
+
+    /// Keeps the namespace after this value is gone (the lab outlives the command that
+    /// built it); returns its name.
+    pub fn persist(self) -> String {
+        let name = self.name.clone();
+        std::mem::forget(self);
+        name
+    }
+
     /// Runs `ip -n <ns> args`.
     pub fn ip(&self, args: &[&str]) -> io::Result<String> {
         let mut full = vec!["-n", &self.name];
@@ -57,6 +71,37 @@ impl Netns {
     pub fn exec(&self, program: &str, args: &[&str]) -> io::Result<String> {
         run(self.command(program).args(args))
     }
+}
+
+/// Runs `f` on a thread that has entered namespace `name` (namespace membership is per
+/// thread), and returns its result.
+pub fn in_netns<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> io::Result<T> {
+    let file = std::fs::File::open(format!("/run/netns/{name}"))?;
+    std::thread::spawn(move || {
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::other)?;
+        Ok(f())
+    })
+    .join()
+    .map_err(|_| io::Error::other("thread in namespace panicked"))?
+}
+
+/// A plain HTTP GET to `127.0.0.1:port` inside namespace `ns`: status code and body.
+pub fn http_get(ns: &str, port: u16, path: &str) -> Option<(u16, String)> {
+    let path = path.to_string();
+    in_netns(ns, move || -> Option<(u16, String)> {
+        use std::io::{Read, Write};
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(1)).ok()?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(2))).ok()?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+        let mut buf = String::new();
+        s.read_to_string(&mut buf).ok()?;
+        let code = buf.split_whitespace().nth(1)?.parse().ok()?;
+        let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        Some((code, body))
+    })
+    .ok()
+    .flatten()
 }
 
 impl Drop for Netns {
@@ -85,6 +130,21 @@ pub fn remove_prefixed(prefix: &str) {
             }
         }
     }
+}
+
+/// Plugs host namespace `host` into the bridge of namespace `lan` through a veth pair
+/// (`eth0` in the host, `port` on the bridge), with address `ip/24` and a default route via
+/// `gateway`, MTU 1500.
+pub fn plug(lan: &Netns, host: &Netns, port: &str, ip: &str, gateway: Option<&str>) -> io::Result<()> {
+    // Both ends are created inside namespaces: nothing appears in the root namespace.
+    host.ip(&["link", "add", "eth0", "mtu", "1500", "type", "veth", "peer", "name", port, "netns", &lan.name])?;
+    lan.ip(&["link", "set", port, "master", "br0", "up"])?;
+    host.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+    host.ip(&["link", "set", "eth0", "up"])?;
+    if let Some(gw) = gateway {
+        host.ip(&["route", "add", "default", "via", gw])?;
+    }
+    Ok(())
 }
 
 /// A LAN: one namespace holding a bridge (`br0`, `<net>.1/24`) that hosts plug into.

@@ -1,0 +1,91 @@
+//! What a running lab consists of, saved as JSON in its state directory so every `weft lab`
+//! command (and `down` after a crash) can find it.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Where labs keep their state.
+pub const STATE_ROOT: &str = "/run/weft-lab";
+
+/// A pod: a network namespace given an address by the CNI plugin.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Pod {
+    /// Namespace name.
+    pub ns: String,
+    /// CNI container ID.
+    pub container_id: String,
+    /// Address (without prefix length).
+    pub ip: String,
+}
+
+/// A host: a namespace on the LAN running `weft daemon`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Host {
+    /// Host number (1-based).
+    pub index: u8,
+    /// Namespace name.
+    pub ns: String,
+    /// Address on the LAN.
+    pub ip: String,
+    /// Daemon process.
+    pub pid: u32,
+    /// Lease subnet (from its subnet.env).
+    pub subnet: String,
+    /// Its pods.
+    pub pods: Vec<Pod>,
+}
+
+/// A lab.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Lab {
+    /// Name; every namespace of the lab starts with `<name>-`.
+    pub name: String,
+    /// Backend type.
+    pub backend: String,
+    /// "local" or "etcd".
+    pub store: String,
+    /// Pods created per host.
+    pub pods_per_host: u8,
+    /// The etcd process, with `--store etcd`.
+    pub etcd_pid: Option<u32>,
+    /// Hosts.
+    pub hosts: Vec<Host>,
+}
+
+/// A lab's state directory.
+pub fn dir(name: &str) -> PathBuf {
+    Path::new(STATE_ROOT).join(name)
+}
+
+impl Lab {
+    /// Reads a lab's state, if it exists.
+    pub fn load(name: &str) -> Option<Lab> {
+        let text = std::fs::read_to_string(dir(name).join("state.json")).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// Saves the state (atomically).
+    pub fn save(&self) -> std::io::Result<()> {
+        let d = dir(&self.name);
+        std::fs::create_dir_all(&d)?;
+        let tmp = d.join("state.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?)?;
+        std::fs::rename(tmp, d.join("state.json"))
+    }
+
+    /// The lab's state directory.
+    pub fn dir(&self) -> PathBuf {
+        dir(&self.name)
+    }
+
+    /// Namespace of the LAN bridge (and of etcd).
+    pub fn lan_ns(&self) -> String {
+        format!("{}-lan", self.name)
+    }
+
+    /// Namespace of the outside host.
+    pub fn outside_ns(&self) -> String {
+        format!("{}-out", self.name)
+    }
+}

@@ -1,0 +1,470 @@
+//! Building and tearing down a lab: the LAN, the outside host, the store, one daemon per
+//! host, and pods created through the CNI plugin with the real `bridge` and `host-local`.
+
+use std::io::{self, Write};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use super::etcd::Etcd;
+use super::netns::{self, Netns, http_get, plug};
+use super::state::{self, Host, Lab, Pod};
+
+/// The LAN's /24 (TEST-NET-1: documentation addresses, used only inside the lab).
+pub const LAN: &str = "192.0.2";
+/// The outside host's address on the LAN.
+pub const OUTSIDE_IP: &str = "192.0.2.254";
+/// The pod network.
+pub const NETWORK: &str = "10.244.0.0/16";
+/// Where the standard CNI plugins live (Debian's containernetworking-plugins).
+pub const CNI_BIN: &str = "/usr/lib/cni";
+const HEALTH_PORT: u16 = 8081;
+
+/// A lab operation that failed, with what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    /// The name is taken.
+    #[error("a lab named {0:?} already exists; remove it with `weft lab down --name {0}` or choose another --name")]
+    Exists(String),
+    /// No such lab.
+    #[error("no lab named {0:?} is running; start one with `weft lab up --name {0}`")]
+    Missing(String),
+    /// Bad arguments.
+    #[error("{0}")]
+    Usage(String),
+    /// A step failed.
+    #[error("{0}")]
+    Step(String),
+}
+
+fn step<T>(what: &str, r: io::Result<T>) -> Result<T, LabError> {
+    r.map_err(|e| LabError::Step(format!("{what}: {e}")))
+}
+
+/// Lab names become namespace prefixes: keep them short and unambiguous.
+pub fn check_name(name: &str) -> Result<(), LabError> {
+    if name.is_empty() || name.len() > 16 || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()) {
+        return Err(LabError::Usage(format!("invalid lab name {name:?}: use 1 to 16 lower-case letters and digits")));
+    }
+    Ok(())
+}
+
+fn exists(name: &str) -> bool {
+    state::dir(name).exists()
+        || netns::ip(&["netns", "list"]).unwrap_or_default().lines().any(|l| l.starts_with(&format!("{name}-")))
+}
+
+fn alive(pid: u32) -> bool {
+    if pid == 0 {
+        return false;
+    }
+    let mut status = 0;
+    // SAFETY: waitpid(2) with WNOHANG on a pid; `status` is a valid out-pointer. Reaps the
+    // daemon if it is our exited child, so it does not linger as a zombie that looks alive.
+    if unsafe { libc::waitpid(pid as i32, &mut status, libc::WNOHANG) } == pid as i32 {
+        return false;
+    }
+    // Another parent's exited child is a zombie until reaped: that is not running either.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()) != Some("Z"),
+        Err(_) => false,
+    }
+}
+
+fn kill(pid: u32, sig: i32) {
+    if pid > 0 {
+        // SAFETY: kill(2) on a pid the lab started; no memory is involved.
+        unsafe { libc::kill(pid as i32, sig) };
+    }
+}
+
+/// Options of `weft lab up`.
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    /// Lab name.
+    pub name: String,
+    /// Hosts.
+    pub hosts: u8,
+    /// Pods per host.
+    pub pods_per_host: u8,
+    /// Backend type.
+    pub backend: String,
+    /// "local" or "etcd".
+    pub store: String,
+}
+
+fn progress(msg: &str) {
+    print!("{msg}");
+    let _ = io::stdout().flush();
+}
+
+fn daemon_args(lab: &Lab, index: u8) -> Vec<String> {
+    let d = lab.dir();
+    let mut args = vec![
+        "daemon".into(),
+        "--ip-masq".into(),
+        "--iface=eth0".into(),
+        format!("--subnet-file={}", d.join(format!("h{index}/subnet.env")).display()),
+        format!("--healthz-port={HEALTH_PORT}"),
+    ];
+    if lab.store == "etcd" {
+        args.push(format!("--etcd-endpoints=http://{LAN}.1:2379"));
+    } else {
+        args.push("--store=local".into());
+        args.push(format!("--local-store={}", d.join("leases.db").display()));
+        args.push(format!("--net-config-path={}", d.join("net-conf.json").display()));
+    }
+    args
+}
+
+/// Starts host `index`'s daemon in its namespace, detached; logs go to `h<N>/daemon.log`.
+fn spawn_daemon(lab: &Lab, index: u8) -> io::Result<u32> {
+    let dir = lab.dir().join(format!("h{index}"));
+    std::fs::create_dir_all(&dir)?;
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("daemon.log"))?;
+    let exe = std::env::current_exe()?;
+    let child = Command::new("ip")
+        .args(["netns", "exec", &format!("{}-h{index}", lab.name)])
+        .arg(exe)
+        .args(daemon_args(lab, index))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        // Its own process group: a Ctrl-C meant for `weft lab` does not reach the daemons.
+        .process_group(0)
+        .spawn()?;
+    Ok(child.id())
+}
+
+fn log_tail(lab: &Lab, index: u8) -> String {
+    let text = std::fs::read_to_string(lab.dir().join(format!("h{index}/daemon.log"))).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(5)..].join("\n")
+}
+
+/// Waits until host `index`'s daemon answers /readyz with 200; returns its subnet.
+fn wait_ready(lab: &Lab, index: u8, pid: u32, limit: Duration) -> Result<String, LabError> {
+    let start = Instant::now();
+    let ns = format!("{}-h{index}", lab.name);
+    loop {
+        if !alive(pid) {
+            return Err(LabError::Step(format!(
+                "the daemon of h{index} exited; its log ends with:\n{}",
+                log_tail(lab, index)
+            )));
+        }
+        if http_get(&ns, HEALTH_PORT, "/readyz").is_some_and(|(code, _)| code == 200) {
+            let env = std::fs::read_to_string(lab.dir().join(format!("h{index}/subnet.env"))).unwrap_or_default();
+            let parsed = weft_core::subnet_env::parse(&env);
+            return Ok(parsed.previous_subnet().map(|s| s.to_string()).unwrap_or_default());
+        }
+        if start.elapsed() > limit {
+            return Err(LabError::Step(format!(
+                "the daemon of h{index} was not ready after {limit:?}; its log ends with:\n{}",
+                log_tail(lab, index)
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The network config the CNI plugin gets in the lab.
+fn cni_conf(lab: &Lab, index: u8) -> Value {
+    let d = lab.dir().join(format!("h{index}"));
+    json!({
+        "cniVersion": "1.0.0",
+        "name": "weft-lab",
+        "type": "flannel",
+        "subnetFile": d.join("subnet.env"),
+        "dataDir": d.join("cni"),
+        "delegate": {"hairpinMode": true, "isDefaultGateway": true},
+        "ipam": {"dataDir": d.join("ipam")},
+    })
+}
+
+/// Runs the CNI plugin (this binary) inside host `index`'s namespace.
+fn cni(lab: &Lab, index: u8, command: &str, pod_ns: &str) -> Result<Value, LabError> {
+    let exe = step("locating the weft binary", std::env::current_exe())?;
+    let mut child = step(
+        "running the CNI plugin",
+        Command::new("ip")
+            .args(["netns", "exec", &format!("{}-h{index}", lab.name)])
+            .arg(exe)
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", pod_ns)
+            .env("CNI_NETNS", format!("/run/netns/{pod_ns}"))
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", CNI_BIN)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn(),
+    )?;
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(cni_conf(lab, index).to_string().as_bytes());
+    }
+    let out = step("running the CNI plugin", child.wait_with_output())?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(LabError::Step(format!("CNI {command} for {pod_ns} failed: {text}")));
+    }
+    Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+fn add_pods(lab: &mut Lab, index: u8) -> Result<(), LabError> {
+    let count = lab.pods_per_host;
+    for j in 1..=count {
+        let pod_ns = format!("{}-h{index}-p{j}", lab.name);
+        step("creating a pod namespace", Netns::add(&pod_ns))?.persist();
+        let result = cni(lab, index, "ADD", &pod_ns)?;
+        let ip = result["ips"][0]["address"].as_str().and_then(|a| a.split('/').next()).unwrap_or_default().to_string();
+        if ip.is_empty() {
+            return Err(LabError::Step(format!("the CNI result for {pod_ns} has no address: {result}")));
+        }
+        let host = lab.hosts.iter_mut().find(|h| h.index == index).expect("host exists");
+        host.pods.push(Pod { ns: pod_ns.clone(), container_id: pod_ns, ip });
+    }
+    Ok(())
+}
+
+fn start_host(lab: &mut Lab, index: u8) -> Result<(), LabError> {
+    // The LAN belongs to the lab: never removed here, even when this step fails.
+    let lan = std::mem::ManuallyDrop::new(Netns::existing(&lab.lan_ns()));
+    let host = step("creating a host namespace", Netns::add(&format!("{}-h{index}", lab.name)))?;
+    let ip = format!("{LAN}.{}", 10 + u16::from(index));
+    step("plugging the host into the LAN", plug(&lan, &host, &format!("h{index}"), &ip, Some(&format!("{LAN}.1"))))?;
+    // Routers forward: the bridge plugin turns this on too, but the host must forward
+    // before any pod exists (traffic to remote pods arrives here first).
+    step("enabling forwarding", host.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]))?;
+    let ns = host.persist();
+    let pid = step("starting the daemon", spawn_daemon(lab, index))?;
+    lab.hosts.push(Host { index, ns, ip, pid, subnet: String::new(), pods: Vec::new() });
+    let _ = lab.save();
+    Ok(())
+}
+
+/// `weft lab up`.
+pub fn up(o: &UpOptions) -> Result<Lab, LabError> {
+    check_name(&o.name)?;
+    if !(1..=50).contains(&o.hosts) || o.pods_per_host > 50 {
+        return Err(LabError::Usage("use 1 to 50 --hosts and 0 to 50 --pods-per-host".into()));
+    }
+    if !["vxlan", "host-gw", "udp", "alloc"].contains(&o.backend.as_str()) {
+        return Err(LabError::Usage(format!("unknown --backend {:?}: use vxlan, host-gw or udp", o.backend)));
+    }
+    if !["local", "etcd"].contains(&o.store.as_str()) {
+        return Err(LabError::Usage(format!("unknown --store {:?}: use local or etcd", o.store)));
+    }
+    if exists(&o.name) {
+        return Err(LabError::Exists(o.name.clone()));
+    }
+    let mut lab = Lab {
+        name: o.name.clone(),
+        backend: o.backend.clone(),
+        store: o.store.clone(),
+        pods_per_host: o.pods_per_host,
+        etcd_pid: None,
+        hosts: Vec::new(),
+    };
+    let result = build(&mut lab, o);
+    if let Err(e) = result {
+        // Leave nothing half-built behind.
+        down(&o.name);
+        return Err(e);
+    }
+    Ok(lab)
+}
+
+fn build(lab: &mut Lab, o: &UpOptions) -> Result<(), LabError> {
+    let started = Instant::now();
+    println!(
+        "weft lab {}: {} hosts x {} pods, backend {}, store {}",
+        o.name, o.hosts, o.pods_per_host, o.backend, o.store
+    );
+    step("creating the state directory", std::fs::create_dir_all(lab.dir()))?;
+    step("saving the lab state", lab.save())?;
+    progress(&format!("  network: LAN {LAN}.0/24 on a bridge, outside host {OUTSIDE_IP} ... "));
+    let lan = step("creating the LAN", netns::Lan::new(&format!("{}-", o.name), LAN))?;
+    let outside = step("creating the outside host", Netns::add(&lab.outside_ns()))?;
+    step("plugging in the outside host", plug(&lan.ns, &outside, "out", OUTSIDE_IP, None))?;
+    let lan_ns = lan.ns;
+    println!("ok");
+    let config = json!({"Network": NETWORK, "Backend": {"Type": o.backend}}).to_string();
+    if o.store == "etcd" {
+        progress(&format!("  store: etcd on {LAN}.1:2379 ... "));
+        let etcd = step(
+            "starting etcd",
+            Etcd::start(Some(&lan_ns), &format!("{LAN}.1"), 2379, 2380, &lab.dir().join("etcd"), None),
+        )?;
+        step("writing the network config", etcd.etcdctl(&["put", "/coreos.com/network/config", &config]))?;
+        lab.etcd_pid = etcd.detach();
+    } else {
+        progress(&format!("  store: local file {} ... ", lab.dir().join("leases.db").display()));
+        step("writing the network config", std::fs::write(lab.dir().join("net-conf.json"), &config))?;
+    }
+    println!("ok");
+    lan_ns.persist();
+    outside.persist();
+    progress("  daemons:");
+    for i in 1..=o.hosts {
+        start_host(lab, i)?;
+        progress(&format!(" h{i}"));
+    }
+    progress(" started, waiting for readiness ... ");
+    for i in 0..lab.hosts.len() {
+        let (index, pid) = (lab.hosts[i].index, lab.hosts[i].pid);
+        lab.hosts[i].subnet = wait_ready(lab, index, pid, Duration::from_secs(30))?;
+    }
+    println!("ok");
+    if o.pods_per_host > 0 {
+        progress(&format!(
+            "  pods: {} through the CNI plugin (flannel -> bridge + host-local) ... ",
+            usize::from(o.hosts) * usize::from(o.pods_per_host)
+        ));
+        for i in 1..=o.hosts {
+            add_pods(lab, i)?;
+        }
+        println!("ok");
+    }
+    step("saving the lab state", lab.save())?;
+    println!("ready in {:.1} s\n", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// `weft lab down`: stops every process, removes every namespace and file of the lab; works
+/// without a state file too (after a crashed `up`). Returns what it removed.
+pub fn down(name: &str) -> (usize, usize) {
+    let mut processes = 0;
+    if let Some(lab) = Lab::load(name) {
+        for pid in lab.hosts.iter().map(|h| h.pid).chain(lab.etcd_pid) {
+            if alive(pid) {
+                kill(pid, libc::SIGTERM);
+                processes += 1;
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        for pid in lab.hosts.iter().map(|h| h.pid).chain(lab.etcd_pid) {
+            while alive(pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            kill(pid, libc::SIGKILL);
+        }
+    }
+    let list = netns::ip(&["netns", "list"]).unwrap_or_default();
+    let names: Vec<String> = list
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(&format!("{name}-")))
+        .map(String::from)
+        .collect();
+    for n in &names {
+        netns::remove(n);
+    }
+    let _ = std::fs::remove_dir_all(state::dir(name));
+    (processes, names.len())
+}
+
+/// Loads a running lab.
+pub fn load(name: &str) -> Result<Lab, LabError> {
+    check_name(name)?;
+    Lab::load(name).ok_or_else(|| LabError::Missing(name.to_string()))
+}
+
+/// `weft lab restart N`: kills host N's daemon (SIGKILL, as a crash) and starts it again.
+pub fn restart(name: &str, index: u8) -> Result<Lab, LabError> {
+    let mut lab = load(name)?;
+    let pos = lab
+        .hosts
+        .iter()
+        .position(|h| h.index == index)
+        .ok_or_else(|| LabError::Usage(format!("lab {name} has no host h{index}")))?;
+    let old = lab.hosts[pos].pid;
+    kill(old, libc::SIGKILL);
+    while alive(old) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let pid = step("starting the daemon", spawn_daemon(&lab, index))?;
+    lab.hosts[pos].pid = pid;
+    step("saving the lab state", lab.save())?;
+    lab.hosts[pos].subnet = wait_ready(&lab, index, pid, Duration::from_secs(30))?;
+    step("saving the lab state", lab.save())?;
+    Ok(lab)
+}
+
+/// `weft lab add-host`: one more host with its pods.
+pub fn add_host(name: &str) -> Result<Lab, LabError> {
+    let mut lab = load(name)?;
+    let index = lab.hosts.iter().map(|h| h.index).max().unwrap_or(0) + 1;
+    start_host(&mut lab, index)?;
+    let pid = lab.hosts.last().map(|h| h.pid).unwrap_or(0);
+    let subnet = wait_ready(&lab, index, pid, Duration::from_secs(30))?;
+    lab.hosts.last_mut().expect("just added").subnet = subnet;
+    add_pods(&mut lab, index)?;
+    step("saving the lab state", lab.save())?;
+    Ok(lab)
+}
+
+/// `weft lab remove-host N`: the host leaves the cluster: daemon stopped, its lease deleted
+/// (so the others remove their routes to it), its namespaces removed.
+pub fn remove_host(name: &str, index: u8) -> Result<Lab, LabError> {
+    let mut lab = load(name)?;
+    let pos = lab
+        .hosts
+        .iter()
+        .position(|h| h.index == index)
+        .ok_or_else(|| LabError::Usage(format!("lab {name} has no host h{index}")))?;
+    let host = lab.hosts.remove(pos);
+    kill(host.pid, libc::SIGTERM);
+    let key = host.subnet.replace('/', "-");
+    if !key.is_empty() {
+        delete_lease(&lab, &key)?;
+    }
+    for p in &host.pods {
+        netns::remove(&p.ns);
+    }
+    netns::remove(&host.ns);
+    let _ = std::fs::remove_dir_all(lab.dir().join(format!("h{index}")));
+    step("saving the lab state", lab.save())?;
+    Ok(lab)
+}
+
+fn delete_lease(lab: &Lab, key: &str) -> Result<(), LabError> {
+    if lab.store == "etcd" {
+        let lan = std::mem::ManuallyDrop::new(Netns::existing(&lab.lan_ns()));
+        let r = lan.exec(
+            "etcdctl",
+            &[&format!("--endpoints=http://{LAN}.1:2379"), "del", &format!("/coreos.com/network/subnets/{key}")],
+        );
+        step("deleting the host's lease", r.map(|_| ()))
+    } else {
+        let reg = crate::registry::local::LocalRegistry::open(
+            &lab.dir().join("leases.db"),
+            "/coreos.com/network",
+            Path::new("/dev/null"),
+        )
+        .map_err(|e| LabError::Step(e.to_string()))?;
+        let key: weft_core::lease::SubnetKey =
+            key.parse().map_err(|e: weft_core::lease::LeaseFormatError| LabError::Step(e.to_string()))?;
+        let rt = step("starting a runtime", tokio::runtime::Builder::new_current_thread().enable_all().build())?;
+        rt.block_on(async {
+            use crate::registry::Registry;
+            reg.delete(&key).await
+        })
+        .map_err(|e| LabError::Step(e.to_string()))
+    }
+}
+
+/// Whether the daemon of `h` is running and ready.
+pub fn health(h: &Host) -> &'static str {
+    if !alive(h.pid) {
+        return "down";
+    }
+    match http_get(&h.ns, HEALTH_PORT, "/readyz") {
+        Some((200, _)) => "ready",
+        Some(_) => "not ready",
+        None => "no answer",
+    }
+}

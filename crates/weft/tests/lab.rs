@@ -1,0 +1,136 @@
+//! `weft lab` end to end, as a user runs it: up, check, a daemon crash and restart, a host
+//! added and one removed, down; for vxlan and host-gw.
+
+mod common;
+
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use common::{wait_for, weft_bin};
+use serde_json::Value;
+
+fn lab(args: &[&str]) -> Output {
+    Command::new(weft_bin()).arg("lab").args(args).output().unwrap()
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = lab(args);
+    assert!(
+        o.status.success(),
+        "weft lab {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn status(name: &str) -> Value {
+    serde_json::from_str(&ok(&["status", "--name", name, "--json"])).unwrap()
+}
+
+fn pod_ips(s: &Value) -> Vec<String> {
+    s["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|h| h["pods"].as_array().unwrap().iter().map(|p| p["ip"].as_str().unwrap().to_string()))
+        .collect()
+}
+
+fn check_passes(name: &str) {
+    let out = ok(&["check", "--name", name, "--json"]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["ok"], true, "{out}");
+}
+
+fn routes(ns: &str) -> Vec<String> {
+    let out = Command::new("ip").args(["-n", ns, "-j", "route"]).output().unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v.as_array().map(|a| a.iter().filter_map(|r| r["dst"].as_str().map(String::from)).collect()).unwrap_or_default()
+}
+
+fn lifecycle(backend: &str, tag: &str) {
+    common::require_root();
+    // Lab names are letters and digits; leftovers of an earlier run of this test go first.
+    weft::lab::netns::remove_prefixed(&format!("wtl{tag}"));
+    for entry in std::fs::read_dir(weft::lab::state::STATE_ROOT).into_iter().flatten().flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&format!("wtl{tag}")) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    let name = format!("wtl{tag}{}", std::process::id() % 100_000);
+    let up = ok(&["up", "--name", &name, "--backend", backend, "--hosts", "3", "--pods-per-host", "2"]);
+    assert!(up.contains("ready in"), "{up}");
+    let again = lab(&["up", "--name", &name]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains(&format!("weft lab down --name {name}")),
+        "a name in use says how to free it"
+    );
+    check_passes(&name);
+
+    // A daemon crashes and comes back: pods keep their addresses and traffic still flows.
+    let before = status(&name);
+    let old_pid = before["hosts"][1]["pid"].as_u64().unwrap();
+    ok(&["restart", "2", "--name", &name]);
+    let after = status(&name);
+    assert_ne!(after["hosts"][1]["pid"].as_u64().unwrap(), old_pid);
+    assert_eq!(pod_ips(&after), pod_ips(&before));
+    assert_eq!(after["hosts"][1]["subnet"], before["hosts"][1]["subnet"]);
+    check_passes(&name);
+
+    // A host joins, another leaves: the others drop their routes to the one that left.
+    ok(&["add-host", "--name", &name]);
+    let grown = status(&name);
+    assert_eq!(grown["hosts"].as_array().unwrap().len(), 4);
+    let gone_subnet = grown["hosts"][0]["subnet"].as_str().unwrap().to_string();
+    assert!(routes(&format!("{name}-h2")).contains(&gone_subnet));
+    ok(&["remove-host", "1", "--name", &name]);
+    for h in ["h2", "h3", "h4"] {
+        wait_for(Duration::from_secs(2), "the removed host's route to go", || {
+            (!routes(&format!("{name}-{h}")).contains(&gone_subnet)).then_some(())
+        });
+    }
+    check_passes(&name);
+
+    // Down leaves no namespace, process or file.
+    let pids: Vec<u64> =
+        status(&name)["hosts"].as_array().unwrap().iter().map(|h| h["pid"].as_u64().unwrap()).collect();
+    ok(&["down", "--name", &name]);
+    let namespaces = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&namespaces.stdout).contains(&format!("{name}-")));
+    for pid in pids {
+        // An exited process may linger as a zombie until init reaps it: that is not running.
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().next()).unwrap_or("gone");
+        assert!(state == "gone" || state == "Z", "daemon {pid} still runs (state {state})");
+    }
+    assert!(!weft::lab::state::dir(&name).exists());
+    assert_eq!(lab(&["status", "--name", &name]).status.code(), Some(1));
+}
+
+#[test]
+fn lab_lifecycle_with_vxlan() {
+    lifecycle("vxlan", "vx");
+}
+
+#[test]
+fn lab_lifecycle_with_host_gw() {
+    lifecycle("host-gw", "hg");
+}
+
+#[test]
+fn lab_down_cleans_up_after_an_interrupted_up() {
+    common::require_root();
+    let name = format!("wtlint{}", std::process::id() % 100_000);
+    // What a crashed `up` leaves: namespaces and a state directory, no state file.
+    let ns = weft::lab::netns::Netns::add(&format!("{name}-lan")).unwrap().persist();
+    std::fs::create_dir_all(weft::lab::state::dir(&name)).unwrap();
+    let out = ok(&["down", "--name", &name]);
+    assert!(out.contains("removed 1 namespaces"), "{out}");
+    assert!(Command::new("ip").args(["netns", "pids", &ns]).output().unwrap().status.code() != Some(0));
+    assert!(!weft::lab::state::dir(&name).exists());
+    let bad = lab(&["up", "--name", "Bad-Name"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("invalid lab name"));
+}
