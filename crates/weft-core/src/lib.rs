@@ -13,5 +13,6 @@ pub mod flags;
 pub mod iface;
 pub mod ipam;
 pub mod lease;
+pub mod packet;
 pub mod plan;
 pub mod subnet_env;
