@@ -13,3 +13,4 @@ pub mod kernel;
 pub mod lab;
 pub mod leases;
 pub mod registry;
+pub mod udp;

@@ -2,9 +2,11 @@
 //! the reconciler that keeps the kernel equal to the plan for the current peers.
 
 pub mod host_gw;
+pub mod udp;
 pub mod vxlan;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 use ipnet::IpNet;
@@ -15,6 +17,7 @@ use weft_core::iface::External;
 use weft_core::lease::{Lease, LeaseAttrs, SubnetKey};
 use weft_core::plan::{self, HostFacts};
 
+use crate::daemon::metrics::Metrics;
 use crate::kernel::{Kernel, KernelError, Links};
 
 /// A backend that cannot start.
@@ -23,9 +26,6 @@ pub enum BackendError {
     /// Invalid settings.
     #[error(transparent)]
     Config(#[from] weft_core::backend::BackendError),
-    /// The backend is known but not in this build yet.
-    #[error("backend {0:?} is not available in this version of weft yet; use vxlan, host-gw or alloc")]
-    NotYetAvailable(&'static str),
     /// The host lacks an address the backend needs.
     #[error("{0}")]
     Address(String),
@@ -57,6 +57,9 @@ pub struct DataPlane {
     own: Vec<IpNet>,
     facts: HostFacts,
     vxlan: Option<vxlan::Vxlan>,
+    udp: Option<udp::UdpBackend>,
+    subnet_len: u8,
+    metrics: Arc<Metrics>,
     peers: BTreeMap<SubnetKey, Lease>,
     warned: BTreeMap<SubnetKey, String>,
 }
@@ -74,13 +77,19 @@ pub struct Prepared {
 impl DataPlane {
     /// Validates the backend and sets up what must exist before the lease (the vxlan
     /// device, whose MAC goes into the lease).
-    pub async fn prepare(cfg: &NetworkConfig, ext: &External, kernel: Kernel) -> Result<Prepared, BackendError> {
+    pub async fn prepare(
+        cfg: &NetworkConfig,
+        ext: &External,
+        kernel: Kernel,
+        metrics: Arc<Metrics>,
+    ) -> Result<Prepared, BackendError> {
         let spec = BackendSpec::from_config(&cfg.backend)?;
         let mut attrs = LeaseAttrs::new(ext.public_ip.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED));
         attrs.public_ipv6 = ext.public_ipv6;
         attrs.backend_type = spec.lease_type().to_string();
         let mut links = Links { external: ext.index, ..Links::default() };
         let mut vx = None;
+        let mut udp_backend = None;
         match spec {
             BackendSpec::Alloc => {}
             BackendSpec::HostGw => host_gw::check(ext)?,
@@ -91,7 +100,9 @@ impl DataPlane {
                 links.vxlan6 = v.v6.map(|d| d.index);
                 vx = Some(v);
             }
-            BackendSpec::Udp(_) => return Err(BackendError::NotYetAvailable("udp")),
+            BackendSpec::Udp(settings) => {
+                udp_backend = Some(udp::UdpBackend::open(ext, settings, spec.mtu(ext.mtu), cfg.v4.map(|r| r.network))?);
+            }
         }
         let networks: Vec<IpNet> =
             cfg.v4.map(|r| IpNet::V4(r.network)).into_iter().chain(cfg.v6.map(|r| IpNet::V6(r.network))).collect();
@@ -115,6 +126,9 @@ impl DataPlane {
                 own: Vec::new(),
                 facts,
                 vxlan: vx,
+                udp: udp_backend,
+                subnet_len: cfg.v4.map(|r| r.subnet_len).unwrap_or(24),
+                metrics,
                 peers: BTreeMap::new(),
                 warned: BTreeMap::new(),
             },
@@ -131,6 +145,9 @@ impl DataPlane {
         self.own = own.v4.map(IpNet::V4).into_iter().chain(own.v6.map(IpNet::V6)).collect();
         if let Some(v) = &self.vxlan {
             v.address(&self.kernel, own).await?;
+        }
+        if let (Some(u), Some(v4)) = (&mut self.udp, own.v4) {
+            u.start(&self.kernel, v4, &self.metrics).await?;
         }
         Ok(())
     }
@@ -153,6 +170,9 @@ impl DataPlane {
                 }
             }
         }
+        if let Some(u) = &self.udp {
+            u.set_peers(self.subnet_len, self.peers.values());
+        }
     }
 
     /// The MAC(s) we advertise, if vxlan.
@@ -168,6 +188,13 @@ impl DataPlane {
     pub async fn reconcile(&mut self) -> Report {
         let mut report = Report::default();
         if !self.programs_kernel() {
+            return report;
+        }
+        if let Some(u) = &self.udp {
+            // The engine forwards by its peer table; the kernel only needs flannel0 in place.
+            if let Err(e) = u.ensure(&self.kernel).await {
+                report.errors.push(e);
+            }
             return report;
         }
         if let Some(v) = &mut self.vxlan {

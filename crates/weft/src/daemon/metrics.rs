@@ -30,6 +30,12 @@ pub struct Metrics {
     pub kernel_changes: Counter,
     /// Duration of the last reconciliation, in milliseconds.
     pub reconcile_ms: Gauge,
+    /// udp backend packets, by direction (tx, rx, icmp_unreachable).
+    pub udp_packets: Family<Labels, Counter>,
+    /// udp backend drops, by reason.
+    pub udp_drops: Family<Labels, Counter>,
+    /// udp backend offload paths in use (1) or not (0), by feature.
+    pub udp_offload: Family<Labels, Gauge>,
     /// Errors, by kind (renew, store, …).
     pub errors: Family<Labels, Counter>,
 }
@@ -55,6 +61,9 @@ impl Metrics {
             reconciles: Counter::default(),
             kernel_changes: Counter::default(),
             reconcile_ms: Gauge::default(),
+            udp_packets: Family::default(),
+            udp_drops: Family::default(),
+            udp_offload: Family::default(),
             errors: Family::default(),
         };
         registry.register(
@@ -82,6 +91,9 @@ impl Metrics {
             m.kernel_changes.clone(),
         );
         registry.register("weft_reconcile_milliseconds", "Duration of the last reconciliation", m.reconcile_ms.clone());
+        registry.register("weft_udp_packets", "udp backend packets forwarded", m.udp_packets.clone());
+        registry.register("weft_udp_drops", "udp backend packets dropped, by reason", m.udp_drops.clone());
+        registry.register("weft_udp_offload", "udp backend offload paths in use", m.udp_offload.clone());
         registry.register("weft_errors", "Errors by kind", m.errors.clone());
         Metrics { registry, ..m }
     }

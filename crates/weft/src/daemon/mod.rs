@@ -188,7 +188,7 @@ async fn run_with<R: Registry>(
     )?;
     tracing::info!(iface = %ext.name, public_ip = ?ext.public_ip, public_ipv6 = ?ext.public_ipv6, mtu = ext.mtu, "using interface");
     let kernel = Kernel::new(handle.clone());
-    let prepared = DataPlane::prepare(&cfg, &ext, kernel.clone()).await?;
+    let prepared = DataPlane::prepare(&cfg, &ext, kernel.clone(), metrics.clone()).await?;
     let mut dataplane = prepared.dataplane;
 
     let previous = subnet_file::read_previous(&opts.subnet_file).and_then(|p| {

@@ -1,0 +1,346 @@
+//! The udp backend's forwarding engine: TUN `flannel0` ⇄ UDP port 8285, one raw inner IPv4
+//! packet per datagram (flannel's wire format), with batched system calls and offloads:
+//! TSO super-packets from the TUN device are split in userspace and sent with UDP GSO;
+//! datagrams received with UDP GRO are coalesced into TCP super-packets for the TUN device.
+//! Each offload falls back to a plain batched path when the kernel lacks it.
+
+pub mod socket;
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use ipnet::Ipv4Net;
+use prometheus_client::metrics::counter::Counter;
+use tun_rs::{DeviceBuilder, GROTable, IDEAL_BATCH_SIZE, SyncDevice, VIRTIO_NET_HDR_LEN};
+use weft_core::packet::{DropReason, Outbound, PeerTable, icmp_net_unreachable, inbound, outbound};
+
+use self::socket::{MAX_GSO_SEGMENTS, Socket};
+use crate::daemon::metrics::Metrics;
+
+/// The TUN device's name, as flannel's (`flannel%d` → `flannel0`).
+pub const DEVICE: &str = "flannel0";
+/// Room for one receive: the largest TUN read or GRO-coalesced datagram batch.
+const BIG: usize = 65_536 + VIRTIO_NET_HDR_LEN;
+/// Largest inner packet handled (the device MTU is far below).
+const PACKET: usize = 16 * 1024;
+/// ICMP "net unreachable" messages per second, at most.
+const ICMP_PER_SECOND: u32 = 10;
+
+/// Counters the engine updates without locks (handles created once).
+struct Stats {
+    tx: Counter,
+    rx: Counter,
+    icmp: Counter,
+    drops: Vec<(DropReason, Counter)>,
+}
+
+impl Stats {
+    fn new(m: &Metrics) -> Stats {
+        // One statement per handle: `get_or_create` returns a lock guard, and a second call
+        // while it is alive would wait for it forever.
+        let counter = |family: &prometheus_client::metrics::family::Family<crate::daemon::metrics::Labels, Counter>,
+                       label| {
+            let c = family.get_or_create(&label).clone();
+            c
+        };
+        let tx = counter(&m.udp_packets, vec![("direction", "tx")]);
+        let rx = counter(&m.udp_packets, vec![("direction", "rx")]);
+        let icmp = counter(&m.udp_packets, vec![("direction", "icmp_unreachable")]);
+        let mut drops = Vec::with_capacity(DropReason::ALL.len());
+        for r in DropReason::ALL {
+            drops.push((r, counter(&m.udp_drops, vec![("reason", r.label())])));
+        }
+        Stats { tx, rx, icmp, drops }
+    }
+
+    fn drop(&self, r: DropReason) {
+        if let Some((_, c)) = self.drops.iter().find(|(x, _)| *x == r) {
+            c.inc();
+        }
+    }
+}
+
+/// The shared peer table: swapped whole on lease events; readers take a snapshot per batch,
+/// so traffic never waits for an update.
+#[derive(Clone, Default)]
+pub struct Peers(Arc<RwLock<Arc<PeerTable>>>);
+
+impl Peers {
+    fn snapshot(&self) -> Arc<PeerTable> {
+        self.0.read().map(|t| t.clone()).unwrap_or_default()
+    }
+
+    /// Replaces the table.
+    pub fn set(&self, t: PeerTable) {
+        if let Ok(mut w) = self.0.write() {
+            *w = Arc::new(t);
+        }
+    }
+}
+
+/// The device and socket, created before the lease is taken.
+pub struct Udp {
+    dev: Arc<SyncDevice>,
+    sock: Socket,
+    /// TUN offloads (IFF_VNET_HDR with TSO) are on.
+    pub tun_offload: bool,
+    port: u16,
+    /// The peer table.
+    pub peers: Peers,
+}
+
+impl Udp {
+    /// Opens `flannel0` (IFF_TUN|IFF_NO_PI, with offloads when the kernel allows) and binds
+    /// the UDP socket on the interface address and `port`.
+    pub fn open(bind: Ipv4Addr, port: u16) -> io::Result<Udp> {
+        let open = |offload: bool| DeviceBuilder::new().name(DEVICE).offload(offload).build_sync();
+        let (dev, tun_offload) = match open(true) {
+            Ok(d) if d.tcp_gso() => (d, true),
+            Ok(d) => (d, false),
+            Err(e) => {
+                tracing::warn!("TUN offloads unavailable ({e}); using plain reads and writes");
+                (open(false)?, false)
+            }
+        };
+        let sock = Socket::bind(SocketAddrV4::new(bind, port), true)?;
+        Ok(Udp { dev: Arc::new(dev), sock, tun_offload, port, peers: Peers::default() })
+    }
+
+    /// Which paths run, for the log and `/metrics`.
+    pub fn paths(&self) -> [(&'static str, bool); 3] {
+        [("tun_tso", self.tun_offload), ("udp_gso", self.sock.gso), ("udp_gro", self.sock.gro)]
+    }
+
+    /// Starts the two forwarding threads for our subnet `own`, TUN address `tun_ip`.
+    pub fn start(&self, own: Ipv4Net, tun_ip: Ipv4Addr, metrics: &Metrics) -> io::Result<()> {
+        for (feature, on) in self.paths() {
+            metrics.udp_offload.get_or_create(&vec![("feature", feature)]).set(i64::from(on));
+        }
+        tracing::info!(
+            tun_tso = self.tun_offload,
+            udp_gso = self.sock.gso,
+            udp_gro = self.sock.gro,
+            "udp engine paths"
+        );
+        let out = TunToNet {
+            dev: self.dev.clone(),
+            sock: self.sock.try_clone()?,
+            peers: self.peers.clone(),
+            stats: Stats::new(metrics),
+            offload: self.tun_offload,
+            port: self.port,
+            tun_ip,
+        };
+        let inb = NetToTun {
+            dev: self.dev.clone(),
+            sock: self.sock.try_clone()?,
+            peers: self.peers.clone(),
+            stats: Stats::new(metrics),
+            offload: self.tun_offload,
+            own,
+        };
+        std::thread::Builder::new().name("udp-tun-to-net".into()).spawn(move || out.run())?;
+        std::thread::Builder::new().name("udp-net-to-tun".into()).spawn(move || inb.run())?;
+        Ok(())
+    }
+}
+
+/// TUN → UDP.
+struct TunToNet {
+    dev: Arc<SyncDevice>,
+    sock: Socket,
+    peers: Peers,
+    stats: Stats,
+    offload: bool,
+    port: u16,
+    tun_ip: Ipv4Addr,
+}
+
+/// Consecutive packets for one peer, of one size (the last may be shorter): one GSO send.
+struct Group {
+    buf: Vec<u8>,
+    peer: Option<Ipv4Addr>,
+    seg: usize,
+    count: usize,
+    closed: bool,
+}
+
+impl TunToNet {
+    fn run(self) {
+        let mut orig = vec![0u8; BIG];
+        let mut bufs: Vec<Vec<u8>> = (0..IDEAL_BATCH_SIZE).map(|_| vec![0u8; PACKET]).collect();
+        let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
+        let mut group = Group { buf: Vec::with_capacity(BIG), peer: None, seg: 0, count: 0, closed: false };
+        let mut plain: Vec<(usize, Ipv4Addr)> = Vec::with_capacity(IDEAL_BATCH_SIZE);
+        let mut icmp_budget = (Instant::now(), ICMP_PER_SECOND);
+        loop {
+            let n = if self.offload {
+                match self.dev.recv_multiple(&mut orig, &mut bufs, &mut sizes, 0) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        tracing::debug!("TUN read: {e}");
+                        continue;
+                    }
+                }
+            } else {
+                match self.dev.recv(&mut bufs[0]) {
+                    Ok(len) => {
+                        sizes[0] = len;
+                        1
+                    }
+                    Err(e) => {
+                        tracing::debug!("TUN read: {e}");
+                        continue;
+                    }
+                }
+            };
+            let table = self.peers.snapshot();
+            plain.clear();
+            for i in 0..n {
+                let pkt = &mut bufs[i][..sizes[i]];
+                match outbound(pkt, &table) {
+                    Outbound::Send(peer) => {
+                        self.stats.tx.inc();
+                        if self.sock.gso {
+                            self.add(&mut group, pkt, peer);
+                        } else {
+                            plain.push((i, peer));
+                        }
+                    }
+                    Outbound::NoRoute(h) => {
+                        if icmp_budget.0.elapsed() >= Duration::from_secs(1) {
+                            icmp_budget = (Instant::now(), ICMP_PER_SECOND);
+                        }
+                        if icmp_budget.1 > 0 {
+                            icmp_budget.1 -= 1;
+                            self.send_icmp(pkt, &h);
+                        }
+                    }
+                    Outbound::Drop(r) => self.stats.drop(r),
+                }
+            }
+            self.flush(&mut group);
+            if !plain.is_empty() {
+                let batch: Vec<(&[u8], SocketAddrV4)> =
+                    plain.iter().map(|(i, p)| (&bufs[*i][..sizes[*i]], SocketAddrV4::new(*p, self.port))).collect();
+                if let Err(e) = self.sock.send_each(&batch) {
+                    tracing::debug!("udp send: {e}");
+                }
+            }
+        }
+    }
+
+    fn add(&self, g: &mut Group, pkt: &[u8], peer: Ipv4Addr) {
+        let fits = g.peer == Some(peer)
+            && !g.closed
+            && pkt.len() <= g.seg
+            && g.count < MAX_GSO_SEGMENTS
+            && g.buf.len() + pkt.len() <= 65_000;
+        if !fits {
+            self.flush(g);
+            g.peer = Some(peer);
+            g.seg = pkt.len();
+        }
+        g.buf.extend_from_slice(pkt);
+        g.count += 1;
+        // A shorter packet can only be the last of a GSO batch.
+        if pkt.len() < g.seg {
+            g.closed = true;
+        }
+    }
+
+    fn flush(&self, g: &mut Group) {
+        if let Some(peer) = g.peer.take() {
+            let to = SocketAddrV4::new(peer, self.port);
+            let r = if g.count == 1 {
+                self.sock.send_each(&[(&g.buf[..], to)])
+            } else {
+                self.sock.send_gso(&g.buf, g.seg, to)
+            };
+            if let Err(e) = r {
+                tracing::debug!("udp send: {e}");
+            }
+        }
+        g.buf.clear();
+        g.count = 0;
+        g.seg = 0;
+        g.closed = false;
+    }
+
+    fn send_icmp(&self, pkt: &[u8], h: &weft_core::packet::Ipv4Header) {
+        let mut out = [0u8; 128];
+        let off = if self.offload { VIRTIO_NET_HDR_LEN } else { 0 };
+        if let Some(len) = icmp_net_unreachable(pkt, h, self.tun_ip, &mut out[off..]) {
+            // With IFF_VNET_HDR every write starts with a header; all zero means "no offload".
+            if self.dev.send(&out[..off + len]).is_ok() {
+                self.stats.icmp.inc();
+            }
+        }
+    }
+}
+
+/// UDP → TUN.
+struct NetToTun {
+    dev: Arc<SyncDevice>,
+    sock: Socket,
+    peers: Peers,
+    stats: Stats,
+    offload: bool,
+    own: Ipv4Net,
+}
+
+impl NetToTun {
+    fn run(self) {
+        let off = if self.offload { VIRTIO_NET_HDR_LEN } else { 0 };
+        let mut recv = vec![0u8; BIG];
+        let mut bufs: Vec<BytesMut> = (0..IDEAL_BATCH_SIZE).map(|_| BytesMut::with_capacity(BIG)).collect();
+        let mut gro = GROTable::default();
+        let _ = self.sock.set_read_timeout(Duration::from_secs(1));
+        loop {
+            let mut staged = 0;
+            let mut wait = true;
+            // One blocking receive, then whatever else is queued, until the batch is full.
+            while staged + MAX_GSO_SEGMENTS <= IDEAL_BATCH_SIZE {
+                let (n, seg, from) = match self.sock.recv(&mut recv, wait) {
+                    Ok(r) => r,
+                    Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => break,
+                    Err(e) => {
+                        tracing::debug!("udp receive: {e}");
+                        break;
+                    }
+                };
+                wait = false;
+                let table = self.peers.snapshot();
+                let seg = if seg == 0 { n } else { seg };
+                for chunk in recv[..n].chunks(seg.max(1)) {
+                    let b = &mut bufs[staged];
+                    b.clear();
+                    b.resize(off, 0);
+                    b.extend_from_slice(chunk);
+                    match inbound(&mut b[off..], from, &table, self.own) {
+                        Ok(len) => {
+                            b.truncate(off + len);
+                            staged += 1;
+                            self.stats.rx.inc();
+                        }
+                        Err(r) => self.stats.drop(r),
+                    }
+                }
+            }
+            if staged == 0 {
+                continue;
+            }
+            let r = if self.offload {
+                self.dev.send_multiple(&mut gro, &mut bufs[..staged], off).map(|_| ())
+            } else {
+                bufs[..staged].iter().try_for_each(|b| self.dev.send(b).map(|_| ()))
+            };
+            if let Err(e) = r {
+                tracing::debug!("TUN write: {e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! The udp backend's socket: batched sends and receives with UDP GSO (many equal-sized
+//! datagrams in one `sendmsg`) and GRO (many datagrams coalesced into one `recvmsg`), with
+//! a plain `sendmmsg`/`recvmsg` path when the kernel lacks them. On the wire every datagram
+//! is still exactly one inner IPv4 packet, as flannel's peers expect.
+
+use std::io;
+use std::mem::{size_of, zeroed};
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::os::fd::AsRawFd;
+
+const SOL_UDP: libc::c_int = 17;
+const UDP_SEGMENT: libc::c_int = 103;
+const UDP_GRO: libc::c_int = 104;
+
+/// Most segments one GSO send may carry (the kernel's UDP_MAX_SEGMENTS).
+pub const MAX_GSO_SEGMENTS: usize = 64;
+
+/// A bound UDP socket and what it can do.
+pub struct Socket {
+    sock: UdpSocket,
+    /// UDP GSO works on this socket.
+    pub gso: bool,
+    /// UDP GRO is on.
+    pub gro: bool,
+}
+
+fn setsockopt_int(fd: i32, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    // SAFETY: `value` is a live c_int and its size is passed; the kernel only reads it.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
+    // SAFETY: sockaddr_in is plain old data; all-zero is a valid value.
+    let mut s: libc::sockaddr_in = unsafe { zeroed() };
+    s.sin_family = libc::AF_INET as libc::sa_family_t;
+    s.sin_port = a.port().to_be();
+    s.sin_addr.s_addr = u32::from(*a.ip()).to_be();
+    s
+}
+
+impl Socket {
+    /// Binds `addr` and probes GSO and GRO.
+    pub fn bind(addr: SocketAddrV4, use_offload: bool) -> io::Result<Socket> {
+        let sock = UdpSocket::bind(addr)?;
+        let fd = sock.as_raw_fd();
+        // Bursts of 64 KiB super-packets need room; failures only cost throughput.
+        let _ = setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, 4 << 20);
+        let _ = setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, 4 << 20);
+        let gro = use_offload && setsockopt_int(fd, SOL_UDP, UDP_GRO, 1).is_ok();
+        // GSO is per send (a cmsg); setting a default segment size of 0 tells whether the
+        // kernel knows the option at all.
+        let gso = use_offload && setsockopt_int(fd, SOL_UDP, UDP_SEGMENT, 0).is_ok();
+        Ok(Socket { sock, gso, gro })
+    }
+
+    /// A second handle on the same socket (one thread sends, the other receives).
+    pub fn try_clone(&self) -> io::Result<Socket> {
+        Ok(Socket { sock: self.sock.try_clone()?, gso: self.gso, gro: self.gro })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
+        self.sock.local_addr()
+    }
+
+    /// Sends `buf` to `to` as datagrams of `seg` bytes each (the last may be shorter), in
+    /// one system call with GSO.
+    pub fn send_gso(&self, buf: &[u8], seg: usize, to: SocketAddrV4) -> io::Result<()> {
+        let addr = sockaddr(to);
+        let mut iov = libc::iovec { iov_base: buf.as_ptr() as *mut libc::c_void, iov_len: buf.len() };
+        // Room for one cmsg carrying a u16.
+        let mut control = [0u64; 4];
+        // SAFETY: msghdr is plain old data; every pointer set below refers to a local that
+        // outlives the sendmsg call, and the lengths are those of those locals.
+        unsafe {
+            let mut msg: libc::msghdr = zeroed();
+            msg.msg_name = (&addr as *const libc::sockaddr_in as *mut libc::sockaddr_in).cast();
+            msg.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = libc::CMSG_SPACE(size_of::<u16>() as u32) as usize;
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = SOL_UDP;
+            (*cmsg).cmsg_type = UDP_SEGMENT;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as usize;
+            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<u16>(), seg as u16);
+            if libc::sendmsg(self.sock.as_raw_fd(), &msg, 0) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends each of `packets` as its own datagram, up to 64 per `sendmmsg`.
+    pub fn send_each(&self, packets: &[(&[u8], SocketAddrV4)]) -> io::Result<()> {
+        for chunk in packets.chunks(64) {
+            let addrs: Vec<libc::sockaddr_in> = chunk.iter().map(|(_, a)| sockaddr(*a)).collect();
+            let mut iovs: Vec<libc::iovec> = chunk
+                .iter()
+                .map(|(p, _)| libc::iovec { iov_base: p.as_ptr() as *mut libc::c_void, iov_len: p.len() })
+                .collect();
+            // SAFETY: mmsghdr is plain old data; zeroed is valid and the fields are set below.
+            let mut msgs: Vec<libc::mmsghdr> = (0..chunk.len()).map(|_| unsafe { zeroed() }).collect();
+            for (i, m) in msgs.iter_mut().enumerate() {
+                m.msg_hdr.msg_name = (&addrs[i] as *const libc::sockaddr_in as *mut libc::sockaddr_in).cast();
+                m.msg_hdr.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+                m.msg_hdr.msg_iov = &mut iovs[i];
+                m.msg_hdr.msg_iovlen = 1;
+            }
+            let mut sent = 0;
+            while sent < msgs.len() {
+                // SAFETY: `msgs[sent..]` points into live vectors (addresses, iovecs, packet
+                // slices) that outlive the call; the count matches the slice.
+                let r = unsafe {
+                    libc::sendmmsg(self.sock.as_raw_fd(), msgs[sent..].as_mut_ptr(), (msgs.len() - sent) as u32, 0)
+                };
+                if r < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                sent += r as usize;
+            }
+        }
+        Ok(())
+    }
+
+    /// Receives into `buf`: the bytes, the segment size when GRO coalesced several
+    /// datagrams (0 for one), and the sender. `wait = false` returns `WouldBlock` at once
+    /// when nothing is queued.
+    pub fn recv(&self, buf: &mut [u8], wait: bool) -> io::Result<(usize, usize, Ipv4Addr)> {
+        // SAFETY: sockaddr_in is plain old data.
+        let mut from: libc::sockaddr_in = unsafe { zeroed() };
+        let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+        let mut control = [0u64; 8];
+        // SAFETY: msghdr is plain old data; its pointers refer to locals (`from`, `iov`,
+        // `control`) and `buf`, all of which outlive the recvmsg call.
+        let (n, seg) = unsafe {
+            let mut msg: libc::msghdr = zeroed();
+            msg.msg_name = (&mut from as *mut libc::sockaddr_in).cast();
+            msg.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = size_of::<[u64; 8]>();
+            let flags = if wait { 0 } else { libc::MSG_DONTWAIT };
+            let n = libc::recvmsg(self.sock.as_raw_fd(), &mut msg, flags);
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let mut seg = 0usize;
+            let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+            while !cmsg.is_null() {
+                if (*cmsg).cmsg_level == SOL_UDP && (*cmsg).cmsg_type == UDP_GRO {
+                    seg = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>()).max(0) as usize;
+                }
+                cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+            }
+            (n as usize, seg)
+        };
+        Ok((n, if seg >= n { 0 } else { seg }, Ipv4Addr::from(u32::from_be(from.sin_addr.s_addr))))
+    }
+
+    /// Sets how long a waiting receive blocks.
+    pub fn set_read_timeout(&self, d: std::time::Duration) -> io::Result<()> {
+        self.sock.set_read_timeout(Some(d))
+    }
+}
