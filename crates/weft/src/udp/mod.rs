@@ -42,10 +42,7 @@ impl Stats {
         // One statement per handle: `get_or_create` returns a lock guard, and a second call
         // while it is alive would wait for it forever.
         let counter = |family: &prometheus_client::metrics::family::Family<crate::daemon::metrics::Labels, Counter>,
-                       label| {
-            let c = family.get_or_create(&label).clone();
-            c
-        };
+                       label| { family.get_or_create(&label).clone() };
         let tx = counter(&m.udp_packets, vec![("direction", "tx")]);
         let rx = counter(&m.udp_packets, vec![("direction", "rx")]);
         let icmp = counter(&m.udp_packets, vec![("direction", "icmp_unreachable")]);
