@@ -67,9 +67,13 @@ fn alive(pid: u32) -> bool {
     if unsafe { libc::waitpid(pid as i32, &mut status, libc::WNOHANG) } == pid as i32 {
         return false;
     }
-    // Another parent's exited child is a zombie until reaped: that is not running either.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()) != Some("Z"),
+    // Another parent's exited child is a zombie until reaped: not running, once all its
+    // threads are gone too (a zombie leader can still have threads closing its sockets).
+    match std::fs::read_to_string(format!("/proc/{pid}/status")) {
+        Ok(status) => {
+            let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or("");
+            !field("State:").starts_with('Z') || field("Threads:").parse::<u32>().unwrap_or(0) > 1
+        }
         Err(_) => false,
     }
 }

@@ -310,6 +310,10 @@ impl NetToTun {
                     }
                 };
                 wait = false;
+                if n == 0 {
+                    self.stats.drop(DropReason::Truncated);
+                    continue;
+                }
                 let table = self.peers.snapshot();
                 let seg = if seg == 0 { n } else { seg };
                 for chunk in recv[..n].chunks(seg.max(1)) {

@@ -1,0 +1,155 @@
+//! The udp backend on the wire, with bytes this test builds and parses itself: a
+//! hand-made datagram from a peer reaches a pod, the engine's answer is exactly one IPv4
+//! packet per datagram with the TTL decremented, and datagrams from strangers, with spoofed
+//! sources or garbage are dropped and counted.
+
+mod common;
+
+use std::net::{Ipv4Addr, UdpSocket};
+use std::time::Duration;
+
+use common::cluster::{PREFIX, cluster};
+use common::wait_for;
+use weft::lab::netns::in_netns;
+
+const UDP: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"udp"}}"#;
+
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An IPv4 ICMP echo request with 16 bytes of payload.
+fn echo_request(src: Ipv4Addr, dst: Ipv4Addr, ttl: u8, id: u16) -> Vec<u8> {
+    let mut p = vec![0u8; 20 + 8 + 16];
+    p[0] = 0x45;
+    let len = p.len() as u16;
+    p[2..4].copy_from_slice(&len.to_be_bytes());
+    p[8] = ttl;
+    p[9] = 1;
+    p[12..16].copy_from_slice(&src.octets());
+    p[16..20].copy_from_slice(&dst.octets());
+    let c = checksum(&p[..20]);
+    p[10..12].copy_from_slice(&c.to_be_bytes());
+    p[20] = 8;
+    p[24..26].copy_from_slice(&id.to_be_bytes());
+    p[28..].copy_from_slice(b"weft-udp-interop");
+    let c = checksum(&p[20..]);
+    p[22..24].copy_from_slice(&c.to_be_bytes());
+    p
+}
+
+fn drops(c: &common::cluster::Cluster, reason: &str) -> i64 {
+    c.metric(0, &format!("weft_udp_drops_total{{reason=\"{reason}\"}} ")).unwrap_or(0)
+}
+
+#[test]
+fn flannel_wire_format_both_ways_and_untrusted_datagrams_are_dropped() {
+    let c = cluster("udp", 3, UDP);
+    let _d = c.daemon(0, &[]);
+    let env = c.wait_env(0);
+    assert!(env.contains("FLANNEL_MTU=1472\n"), "{env}");
+    let sub = env.lines().find_map(|l| l.strip_prefix("FLANNEL_SUBNET=")).unwrap().to_string();
+    let third: u8 = sub.split('.').nth(2).unwrap().parse().unwrap();
+    // The lease as flannel's udp backend writes it: no BackendType.
+    let key = format!("{PREFIX}/subnets/10.5.{third}.0-24");
+    assert_eq!(
+        c.etcd.etcdctl(&["get", "--print-value-only", &key]).unwrap().trim(),
+        r#"{"PublicIP":"192.0.2.11","PublicIPv6":null}"#
+    );
+    // flannel0 as flannel makes it.
+    let link: serde_json::Value =
+        serde_json::from_str(&c.hosts[0].exec("ip", &["-j", "-d", "link", "show", "flannel0"]).unwrap()).unwrap();
+    assert_eq!(link[0]["mtu"], 1472);
+    assert_eq!(link[0]["linkinfo"]["info_kind"], "tun");
+    let routes = c.hosts[0].exec("ip", &["route", "show", "dev", "flannel0"]).unwrap();
+    assert!(routes.contains("10.5.0.0/16 scope link"), "{routes}");
+
+    // A pod on host 1: a namespace on host 1's cni0 bridge.
+    let h1 = &c.hosts[0];
+    h1.ip(&["link", "add", "cni0", "type", "bridge"]).unwrap();
+    h1.ip(&["addr", "add", &sub, "dev", "cni0"]).unwrap();
+    h1.ip(&["link", "set", "cni0", "up"]).unwrap();
+    h1.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]).unwrap();
+    let pod = weft::lab::netns::Netns::add(&format!("{}pod", c.hosts[0].name.trim_end_matches("h1"))).unwrap();
+    pod.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "vpod", "netns", &h1.name]).unwrap();
+    h1.ip(&["link", "set", "vpod", "master", "cni0", "up"]).unwrap();
+    let pod_ip = Ipv4Addr::new(10, 5, third, 5);
+    pod.ip(&["addr", "add", &format!("{pod_ip}/24"), "dev", "eth0"]).unwrap();
+    pod.ip(&["link", "set", "eth0", "up"]).unwrap();
+    pod.ip(&["route", "add", "default", "via", &format!("10.5.{third}.1")]).unwrap();
+
+    // Host 2 is a flannel peer made by hand: a lease, and a plain UDP socket on port 8285.
+    let peer_third = if third == 200 { 201 } else { 200 };
+    c.etcd
+        .etcdctl(&[
+            "put",
+            &format!("{PREFIX}/subnets/10.5.{peer_third}.0-24"),
+            r#"{"PublicIP":"192.0.2.12","PublicIPv6":null}"#,
+        ])
+        .unwrap();
+    wait_for(Duration::from_secs(5), "the peer to be known", || (c.metric(0, "weft_peers ") == Some(1)).then_some(()));
+    let peer_src = Ipv4Addr::new(10, 5, peer_third, 7);
+    let request = echo_request(peer_src, pod_ip, 64, 0x77);
+    let reply = in_netns(&c.hosts[1].name, move || {
+        let s = UdpSocket::bind("192.0.2.12:8285").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        s.send_to(&request, "192.0.2.11:8285").unwrap();
+        let mut buf = [0u8; 2048];
+        let (n, from) = s.recv_from(&mut buf).expect("the pod's reply comes back as a datagram");
+        (buf[..n].to_vec(), from)
+    })
+    .unwrap();
+    let (dgram, from) = reply;
+    assert_eq!(from.to_string(), "192.0.2.11:8285");
+    // Exactly one raw IPv4 packet, no header of ours around it.
+    assert_eq!(dgram[0] >> 4, 4);
+    assert_eq!(usize::from(u16::from_be_bytes([dgram[2], dgram[3]])), dgram.len(), "one packet fills the datagram");
+    assert_eq!(dgram[9], 1, "ICMP");
+    assert_eq!(dgram[20], 0, "echo reply");
+    assert_eq!(&dgram[12..16], &pod_ip.octets());
+    assert_eq!(&dgram[16..20], &peer_src.octets());
+    assert_eq!(dgram[8], 62, "the pod sent TTL 64, host 1 routed it (63), the engine decremented it once more");
+    assert_eq!(checksum(&dgram[..20]), 0, "header checksum still valid after the TTL change");
+    assert_eq!(&dgram[28..], b"weft-udp-interop");
+
+    // Strangers, spoofed sources and garbage are dropped and counted; the engine keeps going.
+    let stranger = echo_request(Ipv4Addr::new(10, 5, peer_third, 8), pod_ip, 64, 1);
+    in_netns(&c.hosts[2].name, move || {
+        let s = UdpSocket::bind("192.0.2.13:8285").unwrap();
+        s.send_to(&stranger, "192.0.2.11:8285").unwrap();
+    })
+    .unwrap();
+    wait_for(Duration::from_secs(3), "an unknown_peer drop", || (drops(&c, "unknown_peer") == 1).then_some(()));
+    let spoofed = echo_request(Ipv4Addr::new(10, 5, 99, 1), pod_ip, 64, 2);
+    let elsewhere = echo_request(peer_src, Ipv4Addr::new(10, 5, 98, 1), 64, 3);
+    in_netns(&c.hosts[1].name, move || {
+        let s = UdpSocket::bind("192.0.2.12:8285").unwrap();
+        for d in [&spoofed[..], &elsewhere[..], &[0x45, 0, 0][..], &[0x60; 40][..], &[][..]] {
+            s.send_to(d, "192.0.2.11:8285").unwrap();
+        }
+    })
+    .unwrap();
+    wait_for(Duration::from_secs(3), "the drops to be counted", || {
+        (drops(&c, "spoofed_source") == 1
+            && drops(&c, "not_for_us") == 1
+            && drops(&c, "truncated") >= 2
+            && drops(&c, "malformed") >= 1)
+            .then_some(())
+    });
+    assert_eq!(c.metric(0, "weft_udp_offload{feature=\"udp_gso\"} "), Some(1), "the path in use is in /metrics");
+    // Still forwarding after all that.
+    let again = echo_request(peer_src, pod_ip, 64, 9);
+    let ok = in_netns(&c.hosts[1].name, move || {
+        let s = UdpSocket::bind("192.0.2.12:8285").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        s.send_to(&again, "192.0.2.11:8285").unwrap();
+        let mut buf = [0u8; 2048];
+        s.recv_from(&mut buf).is_ok()
+    })
+    .unwrap();
+    assert!(ok);
+}
