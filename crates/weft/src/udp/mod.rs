@@ -93,16 +93,24 @@ impl Udp {
     /// Opens `flannel0` (IFF_TUN|IFF_NO_PI, with offloads when the kernel allows) and binds
     /// the UDP socket on the interface address and `port`.
     pub fn open(bind: Ipv4Addr, port: u16) -> io::Result<Udp> {
+        // WEFT_UDP_DISABLE=tun_tso,udp_gso,udp_gro turns offloads off, to measure the plain
+        // paths or to work around a kernel that misbehaves with one of them.
+        let disabled = std::env::var("WEFT_UDP_DISABLE").unwrap_or_default();
+        let off = |f: &str| disabled.split(',').any(|d| d.trim() == f);
         let open = |offload: bool| DeviceBuilder::new().name(DEVICE).offload(offload).build_sync();
-        let (dev, tun_offload) = match open(true) {
-            Ok(d) if d.tcp_gso() => (d, true),
+        let (dev, tun_offload) = match open(!off("tun_tso")) {
+            Ok(d) if d.tcp_gso() && !off("tun_tso") => (d, true),
             Ok(d) => (d, false),
             Err(e) => {
                 tracing::warn!("TUN offloads unavailable ({e}); using plain reads and writes");
                 (open(false)?, false)
             }
         };
-        let sock = Socket::bind(SocketAddrV4::new(bind, port), true)?;
+        let mut sock = Socket::bind(SocketAddrV4::new(bind, port), true)?;
+        sock.gso &= !off("udp_gso");
+        if off("udp_gro") {
+            sock.disable_gro()?;
+        }
         Ok(Udp { dev: Arc::new(dev), sock, tun_offload, port, peers: Peers::default() })
     }
 

@@ -62,6 +62,15 @@ impl Socket {
         Ok(Socket { sock, gso, gro })
     }
 
+    /// Turns UDP GRO off again.
+    pub fn disable_gro(&mut self) -> io::Result<()> {
+        if self.gro {
+            setsockopt_int(self.sock.as_raw_fd(), SOL_UDP, UDP_GRO, 0)?;
+            self.gro = false;
+        }
+        Ok(())
+    }
+
     /// A second handle on the same socket (one thread sends, the other receives).
     pub fn try_clone(&self) -> io::Result<Socket> {
         Ok(Socket { sock: self.sock.try_clone()?, gso: self.gso, gro: self.gro })
