@@ -122,6 +122,14 @@ async fn the_watch_sees_every_change_across_an_etcd_restart_and_a_compaction() {
     assert_eq!(metrics.peers.get(), 1);
 }
 
+/// The error a client with `opts` gets: at connect, or at its first request.
+async fn refusal(opts: &EtcdOptions) -> String {
+    match EtcdRegistry::connect(opts).await {
+        Ok(r) => r.list().await.unwrap_err().to_string(),
+        Err(e) => e.to_string(),
+    }
+}
+
 fn openssl(dir: &Path, args: &[&str]) {
     let st = Command::new("openssl").current_dir(dir).args(args).output().unwrap();
     assert!(st.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&st.stderr));
@@ -221,10 +229,7 @@ async fn tls_with_client_certificates() {
         prefix: PREFIX.into(),
         ..Default::default()
     };
-    let err = match EtcdRegistry::connect(&plain).await {
-        Ok(r) => r.list().await.unwrap_err().to_string(),
-        Err(e) => e.to_string(),
-    };
+    let err = refusal(&plain).await;
     assert!(err.contains("etcd"), "{err}");
     let missing = EtcdOptions { certfile: "/nonexistent.pem".into(), keyfile: "/nonexistent.key".into(), ..secure };
     let err = EtcdRegistry::connect(&missing).await.err().expect("missing certificate files are an error").to_string();
@@ -259,9 +264,6 @@ async fn basic_auth_with_username_and_password() {
         .unwrap();
     assert!(!format!("{good:?}").contains("s3cret"), "the password never reaches a log");
     let bad = EtcdOptions { password: "wrong".into(), ..good };
-    let err = match EtcdRegistry::connect(&bad).await {
-        Ok(r) => r.list().await.unwrap_err().to_string(),
-        Err(e) => e.to_string(),
-    };
+    let err = refusal(&bad).await;
     assert!(err.contains("authentication failed") || err.contains("invalid"), "{err}");
 }

@@ -377,14 +377,17 @@ pub fn load(name: &str) -> Result<Lab, LabError> {
     Lab::load(name).ok_or_else(|| LabError::Missing(name.to_string()))
 }
 
+fn host_position(lab: &Lab, index: u8) -> Result<usize, LabError> {
+    lab.hosts
+        .iter()
+        .position(|h| h.index == index)
+        .ok_or_else(|| LabError::Usage(format!("lab {} has no host h{index}", lab.name)))
+}
+
 /// `weft lab restart N`: kills host N's daemon (SIGKILL, as a crash) and starts it again.
 pub fn restart(name: &str, index: u8) -> Result<Lab, LabError> {
     let mut lab = load(name)?;
-    let pos = lab
-        .hosts
-        .iter()
-        .position(|h| h.index == index)
-        .ok_or_else(|| LabError::Usage(format!("lab {name} has no host h{index}")))?;
+    let pos = host_position(&lab, index)?;
     let old = lab.hosts[pos].pid;
     kill(old, libc::SIGKILL);
     while alive(old) {
@@ -415,11 +418,7 @@ pub fn add_host(name: &str) -> Result<Lab, LabError> {
 /// (so the others remove their routes to it), its namespaces removed.
 pub fn remove_host(name: &str, index: u8) -> Result<Lab, LabError> {
     let mut lab = load(name)?;
-    let pos = lab
-        .hosts
-        .iter()
-        .position(|h| h.index == index)
-        .ok_or_else(|| LabError::Usage(format!("lab {name} has no host h{index}")))?;
+    let pos = host_position(&lab, index)?;
     let host = lab.hosts.remove(pos);
     kill(host.pid, libc::SIGTERM);
     let key = host.subnet.replace('/', "-");

@@ -61,6 +61,17 @@ fn record(tx: &rusqlite::Transaction<'_>, key: &str, value: Option<&str>) -> rus
     Ok(rev)
 }
 
+/// Writes `key` (recording the change) with an expiry, or none for a reservation.
+fn upsert(tx: &rusqlite::Transaction<'_>, key: &str, value: &str, expires_ms: Option<i64>) -> rusqlite::Result<()> {
+    let rev = record(tx, key, Some(value))?;
+    tx.execute(
+        "INSERT INTO leases (key, value, expires_ms, mod_revision) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT(key) DO UPDATE SET value = ?2, expires_ms = ?3, mod_revision = ?4",
+        params![key, value, expires_ms, rev],
+    )?;
+    Ok(())
+}
+
 /// Deletes expired leases, recording each deletion like etcd does when a lease runs out.
 fn expire(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
     let now = now_ms();
@@ -144,16 +155,7 @@ impl LocalRegistry {
     /// `etcdctl put` in etcd mode.
     pub async fn reserve(&self, key: &SubnetKey, attrs: &LeaseAttrs) -> Result<(), RegistryError> {
         let (k, v) = (self.key(key), attrs.to_json());
-        self.write(move |tx| {
-            let rev = record(tx, &k, Some(&v))?;
-            tx.execute(
-                "INSERT INTO leases (key, value, expires_ms, mod_revision) VALUES (?1, ?2, NULL, ?3)
-                 ON CONFLICT(key) DO UPDATE SET value = ?2, expires_ms = NULL, mod_revision = ?3",
-                params![k, v, rev],
-            )?;
-            Ok(())
-        })
-        .await
+        self.write(move |tx| upsert(tx, &k, &v, None)).await
     }
 
     /// Writes an arbitrary value under `<prefix>/subnets/<suffix>` with a 24 h expiry, as any
@@ -161,16 +163,7 @@ impl LocalRegistry {
     pub async fn put_raw(&self, suffix: &str, value: &str) -> Result<(), RegistryError> {
         let (k, v) = (format!("{}{suffix}", self.subnets_prefix()), value.to_string());
         let expires = now_ms() + super::LEASE_TTL.as_millis() as i64;
-        self.write(move |tx| {
-            let rev = record(tx, &k, Some(&v))?;
-            tx.execute(
-                "INSERT INTO leases (key, value, expires_ms, mod_revision) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT(key) DO UPDATE SET value = ?2, expires_ms = ?3, mod_revision = ?4",
-                params![k, v, expires, rev],
-            )?;
-            Ok(())
-        })
-        .await
+        self.write(move |tx| upsert(tx, &k, &v, Some(expires))).await
     }
 
     /// Drops the change history up to and including `revision`, like `etcdctl compact`:
@@ -285,12 +278,7 @@ impl Registry for LocalRegistry {
                 {
                     return Ok(false);
                 }
-                let rev = record(tx, &k, Some(&v))?;
-                tx.execute(
-                    "INSERT INTO leases (key, value, expires_ms, mod_revision) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT(key) DO UPDATE SET value = ?2, expires_ms = ?3, mod_revision = ?4",
-                    params![k, v, expires, rev],
-                )?;
+                upsert(tx, &k, &v, expires)?;
                 Ok(true)
             })
             .await?;
