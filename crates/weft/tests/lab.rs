@@ -60,7 +60,7 @@ fn lifecycle(backend: &str, tag: &str) {
     }
     let name = format!("wtl{tag}{}", std::process::id() % 100_000);
     let up = ok(&["up", "--name", &name, "--backend", backend, "--hosts", "3", "--pods-per-host", "2"]);
-    assert!(up.contains("ready in"), "{up}");
+    assert!(up.contains("HOST") && up.contains(&format!("{name}-h3-p2")), "up ends with the lab's summary: {up}");
     let again = lab(&["up", "--name", &name]);
     assert_eq!(again.status.code(), Some(1));
     assert!(
@@ -149,4 +149,19 @@ fn lab_down_cleans_up_after_an_interrupted_up() {
     let bad = lab(&["up", "--name", "Bad-Name"]);
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("invalid lab name"));
+}
+
+#[test]
+fn bench_measures_a_backend_in_a_lab_of_its_own() {
+    common::require_root();
+    let name = format!("wtlbn{}", std::process::id() % 100_000);
+    let out = ok(&["bench", "--name", &name, "--backend", "host-gw", "--seconds", "1", "--json"]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let row = &v.as_array().unwrap()[0];
+    assert_eq!(row["backend"], "host-gw");
+    assert!(row["gbit_per_s"].as_f64().unwrap() > 0.0, "{out}");
+    assert!(row["ping_avg_ms"].as_f64().unwrap() > 0.0, "{out}");
+    let namespaces = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&namespaces.stdout).contains(&name), "the temporary lab is gone");
+    assert_eq!(lab(&["bench", "--name", &name, "--backend", "wireguard"]).status.code(), Some(2));
 }

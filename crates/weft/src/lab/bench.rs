@@ -86,11 +86,14 @@ pub fn measure(lab: &Lab, seconds: u32) -> Result<Figures, LabError> {
     Ok(Figures { backend: lab.backend.clone(), gbits: Some(gbits), ping_ms: Some(ping), note: None })
 }
 
-/// Brings up a two-host lab per backend, measures it, takes it down; plus the LAN between
-/// two hosts without any overlay, as the ceiling.
-pub fn all(name: &str, seconds: u32) -> Vec<Figures> {
+/// Every backend, with the suffix its temporary lab's name gets.
+pub const BACKENDS: [(&str, &str); 3] = [("vxlan", "vx"), ("host-gw", "hg"), ("udp", "ud")];
+
+/// Brings up a two-host lab per backend in `backends`, measures it, takes it down; with
+/// vxlan also the LAN between the two hosts without any overlay, as the ceiling.
+pub fn fresh(name: &str, backends: &[(&str, &str)], seconds: u32) -> Vec<Figures> {
     let mut results = Vec::new();
-    for (backend, suffix) in [("vxlan", "vx"), ("host-gw", "hg"), ("udp", "ud")] {
+    for &(backend, suffix) in backends {
         let lab_name = format!("{name}{suffix}");
         let o = UpOptions {
             name: lab_name.clone(),

@@ -28,7 +28,8 @@ pub fn usage() -> String {
      [--hosts 3] [--pods-per-host 2] [--backend vxlan|host-gw|udp] [--store local|etcd] [--name weft]\n  \
      status      hosts, subnets, daemons and pods [--json]\n  \
      check       ping every pod from every pod, and the outside host (masqueraded) [--json]\n  \
-     bench       iperf3 and ping between pods on two hosts [--all] [--seconds 5] [--json]\n  \
+     bench       iperf3 and ping between pods on two hosts: of the running lab, or of fresh\n              \
+     labs with [--backend B | --all] [--seconds 5] [--json]\n  \
      restart N   kill host N's daemon (as a crash) and start it again\n  \
      add-host    add a host with its pods\n  \
      remove-host N  take host N out of the cluster (its lease is deleted)\n  \
@@ -142,12 +143,21 @@ fn dispatch(args: &[String]) -> Result<u8, LabError> {
                 NAME,
                 JSON,
                 spec("all", Kind::Bool, "false", "measure every backend in one run"),
+                spec("backend", Kind::Str, "", "measure this backend in a lab of its own (default: the running lab)"),
                 spec("seconds", Kind::Uint, "5", "iperf3 duration"),
             ];
             let Some(v) = parse(&specs, &rest)? else { return Ok(0) };
             let seconds = v.uint("seconds").clamp(1, 60) as u32;
             let results = if v.bool("all") {
-                bench::all(v.str("name"), seconds)
+                bench::fresh(v.str("name"), &bench::BACKENDS, seconds)
+            } else if !v.str("backend").is_empty() {
+                let Some(one) = bench::BACKENDS.iter().find(|(b, _)| *b == v.str("backend")) else {
+                    return Err(LabError::Usage(format!(
+                        "unknown --backend {:?}: use vxlan, host-gw or udp",
+                        v.str("backend")
+                    )));
+                };
+                bench::fresh(v.str("name"), std::slice::from_ref(one), seconds)
             } else {
                 vec![bench::measure(&topology::load(v.str("name"))?, seconds)?]
             };

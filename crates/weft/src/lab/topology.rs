@@ -100,9 +100,10 @@ pub struct UpOptions {
     pub store: String,
 }
 
+/// Progress goes to stderr: stdout carries only results (tables, JSON).
 fn progress(msg: &str) {
-    print!("{msg}");
-    let _ = io::stdout().flush();
+    eprint!("{msg}");
+    let _ = io::stderr().flush();
 }
 
 fn daemon_args(lab: &Lab, index: u8) -> Vec<String> {
@@ -284,7 +285,7 @@ pub fn up(o: &UpOptions) -> Result<Lab, LabError> {
 
 fn build(lab: &mut Lab, o: &UpOptions) -> Result<(), LabError> {
     let started = Instant::now();
-    println!(
+    eprintln!(
         "weft lab {}: {} hosts x {} pods, backend {}, store {}",
         o.name, o.hosts, o.pods_per_host, o.backend, o.store
     );
@@ -295,7 +296,7 @@ fn build(lab: &mut Lab, o: &UpOptions) -> Result<(), LabError> {
     let outside = step("creating the outside host", Netns::add(&lab.outside_ns()))?;
     step("plugging in the outside host", plug(&lan.ns, &outside, "out", OUTSIDE_IP, None))?;
     let lan_ns = lan.ns;
-    println!("ok");
+    eprintln!("ok");
     let config = json!({"Network": NETWORK, "Backend": {"Type": o.backend}}).to_string();
     if o.store == "etcd" {
         progress(&format!("  store: etcd on {LAN}.1:2379 ... "));
@@ -309,7 +310,7 @@ fn build(lab: &mut Lab, o: &UpOptions) -> Result<(), LabError> {
         progress(&format!("  store: local file {} ... ", lab.dir().join("leases.db").display()));
         step("writing the network config", std::fs::write(lab.dir().join("net-conf.json"), &config))?;
     }
-    println!("ok");
+    eprintln!("ok");
     lan_ns.persist();
     outside.persist();
     progress("  daemons:");
@@ -322,7 +323,7 @@ fn build(lab: &mut Lab, o: &UpOptions) -> Result<(), LabError> {
         let (index, pid) = (lab.hosts[i].index, lab.hosts[i].pid);
         lab.hosts[i].subnet = wait_ready(lab, index, pid, Duration::from_secs(30))?;
     }
-    println!("ok");
+    eprintln!("ok");
     if o.pods_per_host > 0 {
         progress(&format!(
             "  pods: {} through the CNI plugin (flannel -> bridge + host-local) ... ",
@@ -331,10 +332,10 @@ fn build(lab: &mut Lab, o: &UpOptions) -> Result<(), LabError> {
         for i in 1..=o.hosts {
             add_pods(lab, i)?;
         }
-        println!("ok");
+        eprintln!("ok");
     }
     step("saving the lab state", lab.save())?;
-    println!("ready in {:.1} s\n", started.elapsed().as_secs_f64());
+    eprintln!("ready in {:.1} s\n", started.elapsed().as_secs_f64());
     Ok(())
 }
 
