@@ -159,6 +159,26 @@ async fn network_config<R: Registry>(reg: &R, shutdown: &watch::Receiver<bool>) 
     }
 }
 
+/// The masquerade and forward rules for our lease.
+fn firewall_spec(opts: &DaemonOptions, cfg: &NetworkConfig, own: &SubnetKey) -> FirewallSpec {
+    let v4 = cfg.v4.zip(own.v4).map(|(r, s)| FamilyRules {
+        family: Family::V4,
+        network: r.network.to_string(),
+        subnet: s.to_string(),
+    });
+    let v6 = cfg.v6.zip(own.v6).map(|(r, s)| FamilyRules {
+        family: Family::V6,
+        network: r.network.to_string(),
+        subnet: s.to_string(),
+    });
+    FirewallSpec {
+        masq: opts.ip_masq,
+        forward: opts.iptables_forward_rules,
+        fully_random_disable: opts.ip_masq_fully_random_disable,
+        families: v4.into_iter().chain(v6).collect(),
+    }
+}
+
 async fn run_with<R: Registry>(
     reg: Arc<R>,
     opts: &DaemonOptions,
@@ -198,25 +218,13 @@ async fn run_with<R: Registry>(
     let acquired = acquire(&*reg, &cfg, &prepared.attrs, previous, LEASE_TTL).await?;
     let own = acquired.lease.key;
     tracing::info!(subnet = %own, how = ?acquired.choice, store = reg.name(), "acquired lease");
-    dataplane.set_own(&own).await.map_err(|source| DaemonError::Kernel { what: "address the vxlan device", source })?;
+    dataplane
+        .set_own(&own)
+        .await
+        .map_err(|source| DaemonError::Kernel { what: "set up the backend's device for our lease", source })?;
 
     // Rules go in before subnet.env is written, as flanneld orders it.
-    let fw_spec = FirewallSpec {
-        masq: opts.ip_masq,
-        forward: opts.iptables_forward_rules,
-        fully_random_disable: opts.ip_masq_fully_random_disable,
-        families: cfg
-            .v4
-            .zip(own.v4)
-            .map(|(r, s)| FamilyRules { family: Family::V4, network: r.network.to_string(), subnet: s.to_string() })
-            .into_iter()
-            .chain(cfg.v6.zip(own.v6).map(|(r, s)| FamilyRules {
-                family: Family::V6,
-                network: r.network.to_string(),
-                subnet: s.to_string(),
-            }))
-            .collect(),
-    };
+    let fw_spec = firewall_spec(opts, &cfg, &own);
     let firewall = if fw_spec.masq || fw_spec.forward || cfg.enable_nftables {
         Some(Firewall::setup(cfg.enable_nftables, &fw_spec).await?)
     } else {
