@@ -412,3 +412,51 @@ fn masquerade_options_and_the_blackhole_route() {
             .then_some(())
     });
 }
+
+#[test]
+fn dual_stack_vxlan_programs_both_families() {
+    let cfg = r#"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:5::/56","Backend":{"Type":"vxlan"}}"#;
+    let c = cluster("dst", 2, cfg);
+    c.lan.ns.ip(&["addr", "add", "fd00:192::1/64", "dev", "br0", "nodad"]).unwrap();
+    for (i, h) in c.hosts.iter().enumerate() {
+        h.ip(&["addr", "add", &format!("fd00:192::1{}/64", i + 1), "dev", "eth0", "nodad"]).unwrap();
+        h.ip(&["-6", "route", "add", "default", "via", "fd00:192::1"]).unwrap();
+    }
+    let _d: Vec<Daemon> = (0..2).map(|i| c.daemon(i, &["--ip-masq"])).collect();
+    let envs: Vec<String> = (0..2).map(|i| c.wait_env(i)).collect();
+    let v6_subnet = |env: &str| env.lines().find_map(|l| l.strip_prefix("FLANNEL_IPV6_SUBNET=")).unwrap().to_string();
+    for env in &envs {
+        assert!(env.contains("FLANNEL_IPV6_NETWORK=fd00:5::/56\n"), "{env}");
+        assert!(v6_subnet(env).ends_with("::1/64"), "{env}");
+    }
+    // The lease key carries both subnets; the value both public addresses and MACs.
+    let keys = c.etcd.etcdctl(&["get", "--prefix", "--keys-only", &format!("{PREFIX}/subnets/")]).unwrap();
+    assert!(keys.lines().filter(|l| !l.is_empty()).all(|k| k.contains("&fd00:5:0:") && k.ends_with("-64")), "{keys}");
+    let value = c.etcd.etcdctl(&["get", "--prefix", "--print-value-only", &format!("{PREFIX}/subnets/")]).unwrap();
+    assert!(value.contains(r#""PublicIPv6":"fd00:192::11""#) && value.contains("BackendV6Data"), "{value}");
+    // Both devices, and v6 entries on the v6 device.
+    let link = json(&c.hosts[0], "ip", &["-j", "-d", "link", "show", "flannel-v6.1"]);
+    assert_eq!(link[0]["linkinfo"]["info_data"]["local6"], "fd00:192::11");
+    for i in 0..2 {
+        let sub = v6_subnet(&envs[i]);
+        c.hosts[i].ip(&["link", "add", "cni0", "type", "bridge"]).unwrap();
+        c.hosts[i].ip(&["link", "set", "cni0", "up"]).unwrap();
+        c.hosts[i].ip(&["addr", "add", &sub, "dev", "cni0", "nodad"]).unwrap();
+    }
+    let peer = v6_subnet(&envs[1]).replace("::1/64", "::/64");
+    wait_for(Duration::from_secs(5), "the v6 route", || {
+        let r = json(&c.hosts[0], "ip", &["-j", "-6", "route", "show", "dev", "flannel-v6.1"]);
+        r.as_array().unwrap().iter().any(|r| r["dst"] == peer.as_str()).then_some(())
+    });
+    let neigh = json(&c.hosts[0], "ip", &["-j", "-6", "neigh", "show", "dev", "flannel-v6.1"]);
+    assert_eq!(neigh.as_array().unwrap().len(), 1, "{neigh}");
+    let fdb = json(&c.hosts[0], "bridge", &["-j", "fdb", "show", "dev", "flannel-v6.1"]);
+    assert_eq!(fdb[0]["dst"], "fd00:192::12", "{fdb}");
+    let (src, dst) = (v6_subnet(&envs[0]).replace("/64", ""), v6_subnet(&envs[1]).replace("/64", ""));
+    wait_for(Duration::from_secs(5), "ping over IPv6", || {
+        c.hosts[0].exec("ping", &["-6", "-c", "1", "-W", "1", "-I", &src, &dst]).ok().map(|_| ())
+    });
+    // ip6tables got flannel's v6 rules.
+    let nat6 = c.hosts[0].exec("ip6tables", &["-t", "nat", "-S", "FLANNEL-POSTRTG"]).unwrap();
+    assert!(nat6.contains("! -d ff00::/8"), "{nat6}");
+}
