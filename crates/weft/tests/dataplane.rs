@@ -437,11 +437,10 @@ fn dual_stack_vxlan_programs_both_families() {
     // Both devices, and v6 entries on the v6 device.
     let link = json(&c.hosts[0], "ip", &["-j", "-d", "link", "show", "flannel-v6.1"]);
     assert_eq!(link[0]["linkinfo"]["info_data"]["local6"], "fd00:192::11");
-    for i in 0..2 {
-        let sub = v6_subnet(&envs[i]);
-        c.hosts[i].ip(&["link", "add", "cni0", "type", "bridge"]).unwrap();
-        c.hosts[i].ip(&["link", "set", "cni0", "up"]).unwrap();
-        c.hosts[i].ip(&["addr", "add", &sub, "dev", "cni0", "nodad"]).unwrap();
+    for (host, env) in c.hosts.iter().zip(&envs) {
+        host.ip(&["link", "add", "cni0", "type", "bridge"]).unwrap();
+        host.ip(&["link", "set", "cni0", "up"]).unwrap();
+        host.ip(&["addr", "add", &v6_subnet(env), "dev", "cni0", "nodad"]).unwrap();
     }
     let peer = v6_subnet(&envs[1]).replace("::1/64", "::/64");
     wait_for(Duration::from_secs(5), "the v6 route", || {
