@@ -14,7 +14,7 @@ use weft_core::packet::PeerTable;
 use super::BackendError;
 use crate::daemon::metrics::Metrics;
 use crate::kernel::vxlan::{ensure_address, link_by_name};
-use crate::kernel::{Kernel, KernelError};
+use crate::kernel::{Kernel, KernelError, err};
 use crate::udp::{DEVICE, Udp};
 
 /// The udp backend.
@@ -23,10 +23,6 @@ pub struct UdpBackend {
     mtu: u32,
     network: Ipv4Net,
     own: Option<Ipv4Net>,
-}
-
-fn fail(op: &str) -> impl FnOnce(rtnetlink::Error) -> KernelError + '_ {
-    move |source| KernelError { op: op.to_string(), source }
 }
 
 impl UdpBackend {
@@ -73,7 +69,7 @@ impl UdpBackend {
             .set(LinkUnspec::new_with_index(idx).mtu(self.mtu).up().build())
             .execute()
             .await
-            .map_err(fail("set flannel0 up"))?;
+            .map_err(err("set flannel0 up"))?;
         ensure_address(h, idx, IpNet::new(IpAddr::V4(own.network()), 32).expect("/32"), IpNet::V4(self.network))
             .await?;
         let route = RouteMessageBuilder::<Ipv4Addr>::new()
@@ -82,7 +78,7 @@ impl UdpBackend {
             .scope(RouteScope::Link)
             .protocol(RouteProtocol::Boot)
             .build();
-        h.route().add(route).replace().execute().await.map_err(fail("route the network to flannel0"))
+        h.route().add(route).replace().execute().await.map_err(err("route the network to flannel0"))
     }
 
     /// Swaps in a new peer table (udp leases carry no BackendType).

@@ -64,7 +64,8 @@ impl Links {
     }
 }
 
-fn err(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> KernelError {
+/// Turns a netlink error into a [`KernelError`] that says what was attempted.
+pub(crate) fn err(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> KernelError {
     let op = op.into();
     move |source| KernelError { op, source }
 }
@@ -103,6 +104,13 @@ fn neigh_dst(n: &NeighbourMessage) -> Option<IpAddr> {
         },
         _ => None,
     })
+}
+
+fn neigh_address(ip: IpAddr) -> NeighbourAddress {
+    match ip {
+        IpAddr::V4(v) => NeighbourAddress::Inet(v),
+        IpAddr::V6(v) => NeighbourAddress::Inet6(v),
+    }
 }
 
 fn neigh_mac(n: &NeighbourMessage) -> Option<Mac> {
@@ -306,10 +314,7 @@ impl Kernel {
             msg.header.flags = NeighbourFlags::Own;
             msg.header.state = NeighbourState::Permanent;
             msg.attributes.push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
-            msg.attributes.push(NeighbourAttribute::Destination(match dst {
-                IpAddr::V4(v) => NeighbourAddress::Inet(v),
-                IpAddr::V6(v) => NeighbourAddress::Inet6(v),
-            }));
+            msg.attributes.push(NeighbourAttribute::Destination(neigh_address(dst)));
             self.handle
                 .neighbours()
                 .del(msg)
@@ -323,10 +328,7 @@ impl Kernel {
             let mut msg = NeighbourMessage::default();
             msg.header.family = if ip.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
             msg.header.ifindex = idx;
-            msg.attributes.push(NeighbourAttribute::Destination(match ip {
-                IpAddr::V4(v) => NeighbourAddress::Inet(v),
-                IpAddr::V6(v) => NeighbourAddress::Inet6(v),
-            }));
+            msg.attributes.push(NeighbourAttribute::Destination(neigh_address(ip)));
             self.handle.neighbours().del(msg).execute().await.map_err(err(format!("delete neighbour {ip}")))
         });
         errors

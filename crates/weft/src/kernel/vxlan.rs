@@ -10,7 +10,7 @@ use netlink_packet_route::link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, L
 use rtnetlink::{Handle, LinkUnspec, LinkVxlan};
 use weft_core::backend::{Mac, derived_vtep_mac, mac_to_string};
 
-use super::KernelError;
+use super::{KernelError, err};
 
 /// What the device must look like.
 #[derive(Debug, Clone)]
@@ -42,17 +42,12 @@ pub struct VxlanDevice {
     pub mac: Mac,
 }
 
-fn fail(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> KernelError {
-    let op = op.into();
-    move |source| KernelError { op, source }
-}
-
 /// The link called `name`, if any.
 pub async fn link_by_name(h: &Handle, name: &str) -> Result<Option<LinkMessage>, KernelError> {
     match h.link().get().match_name(name.to_string()).execute().try_next().await {
         Ok(l) => Ok(l),
         Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
-        Err(e) => Err(fail(format!("look up link {name}"))(e)),
+        Err(e) => Err(err(format!("look up link {name}"))(e)),
     }
 }
 
@@ -108,12 +103,12 @@ pub async fn ensure(
                     .set(LinkUnspec::new_with_index(idx).up().build())
                     .execute()
                     .await
-                    .map_err(fail(format!("set {} up", p.name)))?;
+                    .map_err(err(format!("set {} up", p.name)))?;
             }
             return Ok(VxlanDevice { index: idx, mac });
         }
         tracing::warn!(device = %p.name, "existing device does not match the config; re-creating it with the same MAC");
-        h.link().del(l.header.index).execute().await.map_err(fail(format!("delete {}", p.name)))?;
+        h.link().del(l.header.index).execute().await.map_err(err(format!("delete {}", p.name)))?;
     }
     let mut b = LinkVxlan::new(&p.name, p.vni).dev(p.underlay).port(p.port).learning(p.learning);
     b = match p.local {
@@ -124,7 +119,7 @@ pub async fn ensure(
         b = b.gbp();
     }
     let msg = b.mtu(p.mtu).address(mac.to_vec()).up().build();
-    h.link().add(msg).execute().await.map_err(fail(format!("create vxlan device {}", p.name)))?;
+    h.link().add(msg).execute().await.map_err(err(format!("create vxlan device {}", p.name)))?;
     let created = link_by_name(h, &p.name).await?.ok_or_else(|| KernelError {
         op: format!("find {} after creating it", p.name),
         source: rtnetlink::Error::RequestFailed,
@@ -136,7 +131,7 @@ pub async fn ensure(
             .set(LinkUnspec::new_with_index(created.header.index).address(mac.to_vec()).build())
             .execute()
             .await
-            .map_err(fail(format!("set the MAC of {} to {}", p.name, mac_to_string(&mac))))?;
+            .map_err(err(format!("set the MAC of {} to {}", p.name, mac_to_string(&mac))))?;
     }
     if p.local.is_ipv6() {
         let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{}/accept_ra", p.name), "0");
@@ -147,7 +142,7 @@ pub async fn ensure(
 /// Gives device `index` the address `addr` and removes its other addresses inside `network`.
 pub async fn ensure_address(h: &Handle, index: u32, addr: IpNet, network: IpNet) -> Result<(), KernelError> {
     let current: Vec<_> =
-        h.address().get().set_link_index_filter(index).execute().try_collect().await.map_err(fail("dump addresses"))?;
+        h.address().get().set_link_index_filter(index).execute().try_collect().await.map_err(err("dump addresses"))?;
     let mut present = false;
     for a in current {
         let Some(ip) =
@@ -158,7 +153,7 @@ pub async fn ensure_address(h: &Handle, index: u32, addr: IpNet, network: IpNet)
         if ip == addr.addr() && a.header.prefix_len == addr.prefix_len() {
             present = true;
         } else if network.contains(&ip) {
-            h.address().del(a).execute().await.map_err(fail(format!("remove stale address {ip}")))?;
+            h.address().del(a).execute().await.map_err(err(format!("remove stale address {ip}")))?;
         }
     }
     if !present {
@@ -166,7 +161,7 @@ pub async fn ensure_address(h: &Handle, index: u32, addr: IpNet, network: IpNet)
             .add(index, addr.addr(), addr.prefix_len())
             .execute()
             .await
-            .map_err(fail(format!("add address {addr}")))?;
+            .map_err(err(format!("add address {addr}")))?;
     }
     Ok(())
 }

@@ -23,10 +23,6 @@ pub struct Figures {
     pub note: Option<String>,
 }
 
-fn ns(name: &str) -> std::mem::ManuallyDrop<Netns> {
-    std::mem::ManuallyDrop::new(Netns::existing(name))
-}
-
 struct Server(Child);
 
 impl Drop for Server {
@@ -38,7 +34,7 @@ impl Drop for Server {
 
 /// iperf3 from namespace `src` to `dst_ip` (server in namespace `dst`), and ping.
 pub fn measure_between(src: &str, dst: &str, dst_ip: &str, seconds: u32) -> Result<(f64, f64), LabError> {
-    let server = ns(dst)
+    let server = Netns::existing(dst)
         .command("iperf3")
         .args(["-s", "-1", "-p", "5201"])
         .stdout(Stdio::null())
@@ -46,7 +42,7 @@ pub fn measure_between(src: &str, dst: &str, dst_ip: &str, seconds: u32) -> Resu
         .spawn()
         .map_err(|e| LabError::Step(format!("cannot start iperf3 (install iperf3): {e}")))?;
     let _server = Server(server);
-    let client = ns(src);
+    let client = Netns::existing(src);
     let mut v = Value::Null;
     for _ in 0..50 {
         // The server needs a moment to listen: a refused connection is retried.

@@ -78,7 +78,7 @@ pub struct Probe {
 }
 
 fn ping(ns: &str, ip: &str) -> bool {
-    let n = std::mem::ManuallyDrop::new(Netns::existing(ns));
+    let n = Netns::existing(ns);
     // Three tries: the first packet to a new neighbour may be spent on ARP.
     n.exec("ping", &["-c", "1", "-W", "1", ip]).is_ok() || n.exec("ping", &["-c", "2", "-W", "1", ip]).is_ok()
 }

@@ -22,11 +22,14 @@ pub fn ip(args: &[&str]) -> io::Result<String> {
     run(Command::new("ip").args(args))
 }
 
-/// A named network namespace, deleted (with every process in it) on drop.
+/// A named network namespace. One made by [`Netns::add`] is deleted (with every process in
+/// it) on drop, unless [`Netns::persist`] hands it over; one from [`Netns::existing`] only
+/// refers to it.
 #[derive(Debug)]
 pub struct Netns {
     /// The name under /run/netns.
     pub name: String,
+    owned: bool,
 }
 
 impl Netns {
@@ -34,23 +37,22 @@ impl Netns {
     pub fn add(name: &str) -> io::Result<Netns> {
         remove(name);
         ip(&["netns", "add", name])?;
-        let ns = Netns { name: name.to_string() };
+        let ns = Netns { name: name.to_string(), owned: true };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
     }
 
-    /// Refers to a namespace that already exists (it is still removed on drop unless
-    /// [`Netns::persist`] is called).
+    /// Refers to a namespace that already exists and belongs to someone else: never
+    /// removed on drop.
     pub fn existing(name: &str) -> Netns {
-        Netns { name: name.to_string() }
+        Netns { name: name.to_string(), owned: false }
     }
 
     /// Keeps the namespace after this value is gone (the lab outlives the command that
     /// built it); returns its name.
-    pub fn persist(self) -> String {
-        let name = self.name.clone();
-        std::mem::forget(self);
-        name
+    pub fn persist(mut self) -> String {
+        self.owned = false;
+        std::mem::take(&mut self.name)
     }
 
     /// Runs `ip -n <ns> args`.
@@ -106,7 +108,9 @@ pub fn http_get(ns: &str, port: u16, path: &str) -> Option<(u16, String)> {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        remove(&self.name);
+        if self.owned {
+            remove(&self.name);
+        }
     }
 }
 

@@ -237,7 +237,7 @@ fn add_pods(lab: &mut Lab, index: u8) -> Result<(), LabError> {
 
 fn start_host(lab: &mut Lab, index: u8) -> Result<(), LabError> {
     // The LAN belongs to the lab: never removed here, even when this step fails.
-    let lan = std::mem::ManuallyDrop::new(Netns::existing(&lab.lan_ns()));
+    let lan = Netns::existing(&lab.lan_ns());
     let host = step("creating a host namespace", Netns::add(&format!("{}-h{index}", lab.name)))?;
     let ip = format!("{LAN}.{}", 10 + u16::from(index));
     step("plugging the host into the LAN", plug(&lan, &host, &format!("h{index}"), &ip, Some(&format!("{LAN}.1"))))?;
@@ -437,7 +437,7 @@ pub fn remove_host(name: &str, index: u8) -> Result<Lab, LabError> {
 
 fn delete_lease(lab: &Lab, key: &str) -> Result<(), LabError> {
     if lab.store == "etcd" {
-        let lan = std::mem::ManuallyDrop::new(Netns::existing(&lab.lan_ns()));
+        let lan = Netns::existing(&lab.lan_ns());
         let r = lan.exec(
             "etcdctl",
             &[&format!("--endpoints=http://{LAN}.1:2379"), "del", &format!("/coreos.com/network/subnets/{key}")],
