@@ -15,4 +15,5 @@ pub mod ipam;
 pub mod lease;
 pub mod packet;
 pub mod plan;
+pub mod schedule;
 pub mod subnet_env;
