@@ -88,7 +88,7 @@ impl LeaseTerm {
     /// The term of a lease with `expiry` (wall clock), read at `wall_now` / `now` (the same
     /// moment on the wall and the monotonic clock). An expiry in the past is due now; one
     /// too far ahead to represent never comes.
-    pub fn from_expiry(expiry: &Expiry, wall_now: SystemTime, now: Instant) -> Self {
+    pub fn from_expiry(expiry: Expiry, wall_now: SystemTime, now: Instant) -> Self {
         match expiry {
             Expiry::At(t) => {
                 let left = t.duration_since(wall_now).unwrap_or(Duration::ZERO);
@@ -565,15 +565,15 @@ mod tests {
         );
         // A wall-clock expiry already past is due now, too.
         let wall = SystemTime::UNIX_EPOCH + DAY;
-        assert_eq!(LeaseTerm::from_expiry(&Expiry::At(wall - SEC), wall, t0), LeaseTerm::Expires(t0));
-        assert_eq!(LeaseTerm::from_expiry(&Expiry::At(wall + HOUR), wall, t0), LeaseTerm::Expires(t0 + HOUR));
+        assert_eq!(LeaseTerm::from_expiry(Expiry::At(wall - SEC), wall, t0), LeaseTerm::Expires(t0));
+        assert_eq!(LeaseTerm::from_expiry(Expiry::At(wall + HOUR), wall, t0), LeaseTerm::Expires(t0 + HOUR));
     }
 
     #[test]
     fn an_expiry_beyond_the_clock_never_comes_and_does_not_panic() {
         let t0 = Instant::now();
         let far = SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(i64::MAX as u64)).unwrap();
-        assert_eq!(LeaseTerm::from_expiry(&Expiry::At(far), SystemTime::UNIX_EPOCH, t0), LeaseTerm::Never);
+        assert_eq!(LeaseTerm::from_expiry(Expiry::At(far), SystemTime::UNIX_EPOCH, t0), LeaseTerm::Never);
         let mut s = Scheduler::new(Config { renew_retry: Duration::MAX, resync: Duration::MAX, ..config() });
         s.on(t0, Event::Started { lease: LeaseTerm::Never });
         s.on(t0, Event::Synced);
@@ -631,7 +631,7 @@ mod tests {
     fn a_reservation_is_never_renewed() {
         let t0 = Instant::now();
         for expiry in [Expiry::Reservation, Expiry::Unknown] {
-            let lease = LeaseTerm::from_expiry(&expiry, SystemTime::now(), t0);
+            let lease = LeaseTerm::from_expiry(expiry, SystemTime::now(), t0);
             assert_eq!(lease, LeaseTerm::Never);
             let mut s = Scheduler::new(config());
             assert_eq!(s.on(t0, Event::Started { lease }), [Action::SetReady(true)]);
