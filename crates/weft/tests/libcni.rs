@@ -190,6 +190,41 @@ impl Setup {
     }
 }
 
+impl Setup {
+    /// Runs weft as `flannel` directly (no libcni), in the host namespace.
+    fn plugin(&self, command: &str, id: &str, netns: &str, conf: &Value, path: Option<&str>) -> (bool, Value) {
+        use std::io::Write;
+        let bin = self.dir.join("bin");
+        let mut c = self.host.command(bin.join("flannel").to_str().unwrap());
+        c.env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", id)
+            .env("CNI_NETNS", netns)
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", path.map(String::from).unwrap_or_else(|| bin.display().to_string()));
+        let mut child = c
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(conf.to_string().as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let v = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        (out.status.success(), v)
+    }
+
+    fn netconf(&self, version: &str) -> Value {
+        json!({
+            "cniVersion": version,
+            "name": "testnet",
+            "type": "flannel",
+            "subnetFile": self.dir.join("subnet.env"),
+            "dataDir": self.dir.join("state"),
+            "ipam": {"dataDir": self.dir.join("ipam")},
+        })
+    }
+}
+
 fn no_error(v: &Value, what: &str) {
     assert_eq!(v["error"], "", "{what}: {v}");
 }
@@ -303,6 +338,74 @@ fn libcni_cni_version_1_1_0_never_leaks() {
     assert_eq!(result["cniVersion"], "1.1.0", "{add}");
     assert!(result["ips"][0]["address"].as_str().unwrap_or("").starts_with("10.1.17."), "{add}");
     s.print_capture("cniVersion 1.1.0");
+
+    // The same chain driven directly at 1.1.0, as a 1.1-aware runtime (libcni 1.2) does.
+    let conf = s.netconf("1.1.0");
+    let (ok, result) = s.plugin("ADD", "d1", &pod, &conf, None);
+    assert!(ok, "{result}");
+    assert_eq!(result["cniVersion"], "1.1.0");
+    let saved: Value = serde_json::from_slice(&std::fs::read(s.dir.join("state/d1")).unwrap()).unwrap();
+    assert_eq!(saved["cniVersion"], "1.0.0", "the delegate is handed the version it supports");
+    let mut check = conf.clone();
+    check["prevResult"] = result.clone();
+    let (ok, out) = s.plugin("CHECK", "d1", &pod, &check, None);
+    assert!(ok, "{out}");
+    let mut gc = conf.clone();
+    gc["cni.dev/valid-attachments"] = json!([]);
+    let (ok, out) = s.plugin("GC", "", "", &gc, None);
+    assert!(ok, "{out}");
+    assert_eq!(s.saved(), Vec::<String>::new(), "GC removed d1");
+    assert_eq!(s.allocated(), Vec::<String>::new(), "GC released d1's address");
+    assert!(s.plugin("DEL", "d1", &pod, &conf, None).0, "DEL after GC succeeds");
+    // GC runs without a namespace (the container is gone); here it still exists: clear it.
+    s.pods[0].ip(&["link", "del", "eth0"]).unwrap();
+
+    // State saved by the old plugin (delegate config at 1.1.0, which bridge refuses): DEL
+    // hands the delegate a version it supports, releases the address, forgets the state.
+    let (ok, out) = s.plugin("ADD", "old", &pod, &conf, None);
+    assert!(ok, "{out}");
+    let mut saved: Value = serde_json::from_slice(&std::fs::read(s.dir.join("state/old")).unwrap()).unwrap();
+    saved["cniVersion"] = json!("1.1.0");
+    std::fs::write(s.dir.join("state/old"), saved.to_string()).unwrap();
+    let (ok, out) = s.plugin("DEL", "old", &pod, &conf, None);
+    assert!(ok, "{out}");
+    assert_eq!((s.saved(), s.allocated()), (vec![], vec![]), "old 1.1.0 state released");
+
+    // A config the chain cannot honour: code 1, nothing saved, nothing delegated.
+    let (ok, out) = s.plugin("ADD", "new", &pod, &s.netconf("1.2.0"), None);
+    assert!(!ok && out["code"] == 1, "{out}");
+    assert!(s.saved().is_empty() && s.allocated().is_empty());
+
+    // Permanent DEL failures: the delegate binary is gone; the namespace is gone. Both
+    // succeed and forget the state; with the namespace gone the address is still released.
+    assert!(s.plugin("ADD", "p1", &pod, &conf, None).0);
+    let (ok, out) = s.plugin("DEL", "p1", &pod, &conf, Some("/nonexistent"));
+    assert!(ok, "delegate missing is permanent: {out}");
+    assert!(s.saved().is_empty());
+    let leaked = s.allocated();
+    assert_eq!(leaked.len(), 1, "without the delegate, p1's address could not be released");
+    std::fs::remove_file(s.dir.join("ipam/testnet").join(&leaked[0])).unwrap();
+    let _ = s.pods[0].ip(&["link", "del", "eth0"]);
+    assert!(s.plugin("ADD", "p2", &pod, &conf, None).0);
+    s.pods.clear();
+    let (ok, out) = s.plugin("DEL", "p2", &pod, &conf, None);
+    assert!(ok, "netns gone is permanent: {out}");
+    assert_eq!((s.saved(), s.allocated()), (vec![], vec![]), "address released without the namespace");
+
+    // A transient failure (host-local cannot reach its store) keeps the state for the retry.
+    let pod = s.pod(1);
+    assert!(s.plugin("ADD", "t1", &pod, &conf, None).0);
+    let store = s.dir.join("ipam/testnet");
+    std::fs::rename(&store, s.dir.join("ipam-aside")).unwrap();
+    std::fs::write(&store, "not a directory").unwrap();
+    let (ok, out) = s.plugin("DEL", "t1", &pod, &conf, None);
+    assert!(!ok, "{out}");
+    assert_eq!(s.saved(), vec!["t1"], "transient: state kept for the retry");
+    std::fs::remove_file(&store).unwrap();
+    std::fs::rename(s.dir.join("ipam-aside"), &store).unwrap();
+    let (ok, out) = s.plugin("DEL", "t1", &pod, &conf, None);
+    assert!(ok, "{out}");
+    assert_eq!((s.saved(), s.allocated()), (vec![], vec![]));
 }
 
 #[test]
