@@ -314,17 +314,14 @@ fn gc(conf: &NetConf, env: &CniEnv) -> Result<String, CniError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(String::new()),
         Err(e) => return Err(io_err("cannot list", dir, e)),
     };
+    crate::fsutil::remove_all_stale_temps(dir);
     let mut first_err = None;
     for e in entries.flatten() {
         let Some(id) = e.file_name().to_str().map(String::from) else { continue };
-        if id.starts_with('.') {
-            // Temp files of crashed writes of this attachment's state.
-            continue;
-        }
+        // Dot files (temp files, interface names) are never container IDs.
         if cni::validate_container_id(&id).is_err() || !e.file_type().is_ok_and(|t| t.is_file()) {
             continue;
         }
-        crate::fsutil::remove_stale_temps(dir, &id);
         if valid.iter().any(|(c, _)| *c == id) {
             continue;
         }

@@ -34,6 +34,18 @@ pub fn remove_stale_temps(dir: &Path, name: &str) {
     }
 }
 
+/// Removes the temp files of every name in `dir` whose writer no longer runs.
+pub fn remove_all_stale_temps(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let file_name = e.file_name();
+        let Some(n) = file_name.to_str() else { continue };
+        if let Some(i) = n.rfind(".tmp.").filter(|_| n.starts_with('.')) {
+            remove_stale_temps(dir, &n[1..i]);
+        }
+    }
+}
+
 /// Creates the missing directories of `dir` with `mode`; an existing directory keeps its
 /// mode (it may be shared, e.g. /run or /tmp).
 pub fn ensure_dir(dir: &Path, mode: u32) -> std::io::Result<()> {
@@ -123,6 +135,13 @@ mod tests {
         assert_eq!(mode(&shared.join("state")), 0o640);
         assert_eq!(mode(&shared), 0o1777, "an existing directory keeps its mode");
         assert!(std::fs::symlink_metadata(&stale).is_err(), "a dead writer's temp file is removed");
+        let other = shared.join(".never-written.tmp.4194399.7");
+        std::fs::write(&other, "half").unwrap();
+        let live = shared.join(format!(".in-flight.tmp.{pid}.0"));
+        std::fs::write(&live, "half").unwrap();
+        remove_all_stale_temps(&shared);
+        assert!(!other.exists(), "stale temps of any name go");
+        assert!(live.exists(), "a live writer's temp file stays");
     }
 
     #[test]

@@ -392,6 +392,14 @@ fn libcni_cni_version_1_1_0_never_leaks() {
     assert!(ok, "netns gone is permanent: {out}");
     assert_eq!((s.saved(), s.allocated()), (vec![], vec![]), "address released without the namespace");
 
+    // IPAM state already gone (host-local's store wiped): DEL succeeds and forgets.
+    let pod = s.pod(2);
+    assert!(s.plugin("ADD", "i1", &pod, &conf, None).0);
+    std::fs::remove_dir_all(s.dir.join("ipam/testnet")).unwrap();
+    let (ok, out) = s.plugin("DEL", "i1", &pod, &conf, None);
+    assert!(ok, "{out}");
+    assert_eq!(s.saved(), Vec::<String>::new());
+
     // A transient failure (host-local cannot reach its store) keeps the state for the retry.
     let pod = s.pod(1);
     assert!(s.plugin("ADD", "t1", &pod, &conf, None).0);
