@@ -214,6 +214,212 @@ pub fn version_json(cni_version: &str) -> String {
     json!({"cniVersion": v, "supportedVersions": SUPPORTED_VERSIONS}).to_string()
 }
 
+/// A CNI version as numbers, for ordering ("0.3.1" → (0, 3, 1)); `None` if malformed.
+pub fn parse_version(v: &str) -> Option<(u32, u32, u32)> {
+    let mut it = v.split('.').map(|p| p.parse::<u32>().ok());
+    let r = (it.next()??, it.next()??, it.next()??);
+    it.next().is_none().then_some(r)
+}
+
+/// The result format a version uses: versions in one family share the same result JSON,
+/// so a result converts between them by changing `cniVersion` alone.
+fn result_family(v: (u32, u32, u32)) -> u8 {
+    match v {
+        (0, 1 | 2, _) => 0,
+        (0, 3 | 4, _) => 1,
+        _ => 2,
+    }
+}
+
+/// Picks the version to hand the delegate for a config of `config_version`: the highest
+/// version the delegate supports that is not newer than the config's and has the same
+/// result format (1.1.0 → 1.0.0 for today's `bridge`). Code 1 when there is none.
+pub fn delegate_version(config_version: &str, delegate: &str, supported: &[String]) -> Result<String, CniError> {
+    let incompatible = || {
+        CniError::new(
+            1,
+            format!(
+                "incompatible CNI versions: config is {config_version:?}, delegate {delegate} supports [{}]; use a cniVersion the delegate supports or upgrade the CNI plugins",
+                supported.join(", ")
+            ),
+        )
+    };
+    let want = parse_version(config_version).ok_or_else(incompatible)?;
+    supported
+        .iter()
+        .filter_map(|s| parse_version(s).map(|v| (v, s)))
+        .filter(|(v, _)| *v <= want && result_family(*v) == result_family(want))
+        .max_by_key(|(v, _)| *v)
+        .map(|(_, s)| s.clone())
+        .ok_or_else(incompatible)
+}
+
+/// The versions a delegate's VERSION answer lists.
+pub fn parse_supported_versions(stdout: &str) -> Option<Vec<String>> {
+    let v: Value = serde_json::from_str(stdout).ok()?;
+    Some(v.get("supportedVersions")?.as_array()?.iter().filter_map(|s| s.as_str().map(String::from)).collect())
+}
+
+/// Converts a delegate's result to the config's version. Only versions of one result
+/// family are ever chosen by [`delegate_version`], so the JSON stays as it is and only
+/// `cniVersion` changes (1.1.0's result is 1.0.0's).
+pub fn convert_result(delegate_stdout: &str, config_version: &str) -> Result<String, CniError> {
+    let mut v: Value = serde_json::from_str(delegate_stdout)
+        .map_err(|e| CniError::new(6, format!("the delegate's result is not JSON: {e}")))?;
+    let Some(obj) = v.as_object_mut() else {
+        return Err(CniError::new(6, "the delegate's result is not a JSON object"));
+    };
+    obj.insert("cniVersion".into(), Value::from(config_version));
+    Ok(v.to_string())
+}
+
+/// Checks a container ID as libcni does: letters, digits, `_`, `.` and `-`, not starting with
+/// `.` or `-` (so it is always a plain file name inside `dataDir`). Code 4 otherwise.
+pub fn validate_container_id(id: &str) -> Result<(), CniError> {
+    let mut chars = id.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric());
+    if first_ok && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')) {
+        return Ok(());
+    }
+    Err(CniError {
+        code: 4,
+        msg:
+            "invalid characters in CNI_CONTAINERID: use letters, digits, '_', '.' and '-', not starting with '.' or '-'"
+                .into(),
+        details: id.chars().take(256).collect(),
+    })
+}
+
+/// The `cni.dev/valid-attachments` of a GC request: (containerID, ifname) pairs.
+pub fn valid_attachments(conf: &NetConf) -> Result<Vec<(String, String)>, CniError> {
+    let Some(list) = conf.raw.get("cni.dev/valid-attachments") else { return Ok(Vec::new()) };
+    let bad =
+        || CniError::new(7, "\"cni.dev/valid-attachments\" must be an array of {\"containerID\", \"ifname\"} objects");
+    list.as_array()
+        .ok_or_else(bad)?
+        .iter()
+        .map(|a| {
+            let s = |k: &str| a.get(k).and_then(Value::as_str).map(String::from);
+            Ok((s("containerID").ok_or_else(bad)?, s("ifname").unwrap_or_default()))
+        })
+        .collect()
+}
+
+/// What CHECK reads from one network namespace.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NsView {
+    /// Every link.
+    pub links: Vec<LinkView>,
+    /// Main-table routes: (destination, gateway).
+    pub routes: Vec<(ipnet::IpNet, Option<std::net::IpAddr>)>,
+}
+
+/// One link as CHECK sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LinkView {
+    /// Name.
+    pub name: String,
+    /// Index.
+    pub index: u32,
+    /// Administratively up.
+    pub up: bool,
+    /// Index of its bridge (IFLA_MASTER).
+    pub master: Option<u32>,
+    /// Index of its veth peer (IFLA_LINK), in the peer's namespace.
+    pub peer: Option<u32>,
+    /// Addresses with prefix length.
+    pub addrs: Vec<ipnet::IpNet>,
+}
+
+impl NsView {
+    fn link(&self, name: &str) -> Option<&LinkView> {
+        self.links.iter().find(|l| l.name == name)
+    }
+}
+
+/// CHECK's verdict, pure: the container interface `ifname` carries the addresses and routes
+/// of `prev` (the cached result); with a bridge delegate, the host-side veth of `prev` is
+/// present, up, the veth peer of the container interface and attached to `bridge`, and the
+/// bridge is up with the gateway address. Code 100 with what is wrong otherwise.
+pub fn check_attachment(
+    prev: &Value,
+    ifname: &str,
+    container: &NsView,
+    host: Option<(&NsView, &str)>,
+) -> Result<(), CniError> {
+    let fail = |m: String| Err(CniError::new(100, m));
+    let Some(cif) = container.link(ifname) else {
+        return fail(format!("interface {ifname} is missing in the container"));
+    };
+    if !cif.up {
+        return fail(format!("interface {ifname} is down in the container"));
+    }
+    let ips = prev.get("ips").and_then(Value::as_array).cloned().unwrap_or_default();
+    let mut gateways: Vec<std::net::IpAddr> = Vec::new();
+    for ip in &ips {
+        let Some(a) = ip.get("address").and_then(Value::as_str) else { continue };
+        let Ok(net) = a.parse::<ipnet::IpNet>() else {
+            return Err(CniError::new(7, format!("prevResult address {a:?} is not an address/prefix")));
+        };
+        if !cif.addrs.contains(&net) {
+            return fail(format!("address {a} is missing on {ifname} in the container"));
+        }
+        if let Some(gw) = ip.get("gateway").and_then(Value::as_str).and_then(|g| g.parse().ok()) {
+            gateways.push(gw);
+        }
+    }
+    for r in prev.get("routes").and_then(Value::as_array).cloned().unwrap_or_default() {
+        let Some(dst) = r.get("dst").and_then(Value::as_str) else { continue };
+        let Ok(dst_net) = dst.parse::<ipnet::IpNet>() else {
+            return Err(CniError::new(7, format!("prevResult route {dst:?} is not a prefix")));
+        };
+        let gw: Option<std::net::IpAddr> = r.get("gw").and_then(Value::as_str).and_then(|g| g.parse().ok());
+        let found = container.routes.iter().any(|(d, g)| d.trunc() == dst_net.trunc() && (gw.is_none() || *g == gw));
+        if !found {
+            let via = gw.map(|g| format!(" via {g}")).unwrap_or_default();
+            return fail(format!("route {dst}{via} is missing in the container"));
+        }
+    }
+    let Some((host, bridge)) = host else { return Ok(()) };
+    let Some(br) = host.link(bridge) else {
+        return fail(format!("bridge {bridge} is missing on the host"));
+    };
+    if !br.up {
+        return fail(format!("bridge {bridge} is down on the host"));
+    }
+    for gw in gateways {
+        if !br.addrs.iter().any(|a| a.addr() == gw) {
+            return fail(format!("bridge {bridge} does not carry the gateway address {gw}"));
+        }
+    }
+    let host_veth = prev
+        .get("interfaces")
+        .and_then(Value::as_array)
+        .and_then(|ifs| {
+            ifs.iter().find(|i| {
+                i.get("sandbox").and_then(Value::as_str).unwrap_or("").is_empty()
+                    && i.get("name").and_then(Value::as_str).is_some_and(|n| n != bridge)
+            })
+        })
+        .and_then(|i| i.get("name")?.as_str().map(String::from));
+    let Some(veth) = host_veth else {
+        return fail(format!("prevResult names no host-side interface besides the bridge {bridge}"));
+    };
+    let Some(hv) = host.link(&veth) else {
+        return fail(format!("host-side veth {veth} of {ifname} is missing on the host"));
+    };
+    if !hv.up {
+        return fail(format!("host-side veth {veth} is down on the host"));
+    }
+    if cif.peer.is_some_and(|p| p != hv.index) {
+        return fail(format!("{ifname} in the container is no longer paired with the host-side veth {veth}"));
+    }
+    if hv.master != Some(br.index) {
+        return fail(format!("host-side veth {veth} is not attached to the bridge {bridge}"));
+    }
+    Ok(())
+}
+
 /// Whether CHECK exists in this CNI version (0.4.0 and later).
 pub fn supports_check(cni_version: &str) -> bool {
     !matches!(cni_version, "0.1.0" | "0.2.0" | "0.3.0" | "0.3.1")
@@ -299,5 +505,142 @@ mod tests {
         assert_eq!(CniError::new(7, "m").to_json("1.0.0"), r#"{"cniVersion":"1.0.0","code":7,"msg":"m"}"#);
         assert!(version_json("").contains("\"supportedVersions\":[\"0.1.0\""));
         assert!(!supports_check("0.3.1") && supports_check("1.1.0"));
+    }
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn delegate_gets_the_highest_version_with_the_same_result_format() {
+        // Debian's bridge 1.1.1.
+        let bridge = strings(&["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0"]);
+        assert_eq!(delegate_version("1.1.0", "bridge", &bridge).unwrap(), "1.0.0");
+        for v in ["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0"] {
+            assert_eq!(delegate_version(v, "bridge", &bridge).unwrap(), v);
+        }
+        // Never a newer version, never another result format.
+        let e = delegate_version("1.0.0", "old", &strings(&["0.3.1", "0.4.0"])).unwrap_err();
+        assert_eq!(e.code, 1);
+        assert!(e.msg.contains("incompatible CNI versions") && e.msg.contains("0.4.0"), "{}", e.msg);
+        assert_eq!(delegate_version("0.4.0", "new", &strings(&["1.0.0"])).unwrap_err().code, 1);
+        assert_eq!(delegate_version("0.4.0", "mid", &strings(&["0.3.1", "1.0.0"])).unwrap(), "0.3.1");
+        assert_eq!(delegate_version("x", "bridge", &bridge).unwrap_err().code, 1);
+        assert_eq!(parse_version("1.10.0"), Some((1, 10, 0)));
+        assert_eq!(parse_version("1.0"), None);
+        assert_eq!(
+            parse_supported_versions(r#"{"cniVersion":"1.0.0","supportedVersions":["0.4.0","1.0.0"]}"#),
+            Some(strings(&["0.4.0", "1.0.0"]))
+        );
+        assert_eq!(parse_supported_versions("nope"), None);
+    }
+
+    #[test]
+    fn a_result_converts_to_the_config_version_unchanged_otherwise() {
+        let r = r#"{"cniVersion":"1.0.0","interfaces":[{"name":"cni0"}],"ips":[{"address":"10.1.17.2/24","gateway":"10.1.17.1","interface":2}],"dns":{}}"#;
+        let out: Value = serde_json::from_str(&convert_result(r, "1.1.0").unwrap()).unwrap();
+        let mut want: Value = serde_json::from_str(r).unwrap();
+        want["cniVersion"] = json!("1.1.0");
+        assert_eq!(out, want);
+        assert_eq!(convert_result("[]", "1.1.0").unwrap_err().code, 6);
+    }
+
+    #[test]
+    fn container_ids_are_checked_like_libcni() {
+        for bad in ["/../../../../tmp/x", "../x", ".hidden", "-x", "a/b", "", "a b", "a\0b", "é"] {
+            let e = validate_container_id(bad).unwrap_err();
+            assert_eq!(e.code, 4, "{bad:?}");
+        }
+        for good in ["c1", "0123abcdef", "a_b.c-d", "x.."] {
+            validate_container_id(good).unwrap();
+        }
+    }
+
+    #[test]
+    fn gc_reads_valid_attachments() {
+        let conf = parse_netconf(br#"{"name":"n","cni.dev/valid-attachments":[{"containerID":"a","ifname":"eth0"},{"containerID":"b","ifname":"net1"}]}"#).unwrap();
+        assert_eq!(valid_attachments(&conf).unwrap(), vec![("a".into(), "eth0".into()), ("b".into(), "net1".into())]);
+        assert!(valid_attachments(&parse_netconf(br#"{"name":"n"}"#).unwrap()).unwrap().is_empty());
+        let bad = parse_netconf(br#"{"name":"n","cni.dev/valid-attachments":[{"ifname":"eth0"}]}"#).unwrap();
+        assert_eq!(valid_attachments(&bad).unwrap_err().code, 7);
+    }
+
+    fn net(s: &str) -> ipnet::IpNet {
+        s.parse().unwrap()
+    }
+
+    fn views() -> (Value, NsView, NsView) {
+        let prev = json!({
+            "cniVersion": "1.0.0",
+            "interfaces": [{"name": "cni0", "mac": "aa"}, {"name": "veth1234", "mac": "bb"}, {"name": "eth0", "sandbox": "/run/netns/p"}],
+            "ips": [{"address": "10.1.17.2/24", "gateway": "10.1.17.1", "interface": 2}],
+            "routes": [{"dst": "10.1.0.0/16", "gw": "10.1.17.1"}],
+        });
+        let container = NsView {
+            links: vec![LinkView {
+                name: "eth0".into(),
+                index: 2,
+                up: true,
+                master: None,
+                peer: Some(7),
+                addrs: vec![net("10.1.17.2/24")],
+            }],
+            routes: vec![(net("10.1.17.0/24"), None), (net("10.1.0.0/16"), Some("10.1.17.1".parse().unwrap()))],
+        };
+        let host = NsView {
+            links: vec![
+                LinkView {
+                    name: "cni0".into(),
+                    index: 5,
+                    up: true,
+                    master: None,
+                    peer: None,
+                    addrs: vec![net("10.1.17.1/24")],
+                },
+                LinkView { name: "veth1234".into(), index: 7, up: true, master: Some(5), peer: Some(2), addrs: vec![] },
+            ],
+            routes: vec![],
+        };
+        (prev, container, host)
+    }
+
+    #[test]
+    fn check_covers_the_container_and_the_host_side() {
+        let (prev, c, h) = views();
+        check_attachment(&prev, "eth0", &c, Some((&h, "cni0"))).unwrap();
+        let expect = |c: &NsView, h: &NsView, what: &str| {
+            let e = check_attachment(&prev, "eth0", c, Some((h, "cni0"))).unwrap_err();
+            assert_eq!(e.code, 100);
+            assert!(e.msg.contains(what), "{what}: {}", e.msg);
+        };
+        let mut detached = h.clone();
+        detached.links[1].master = None;
+        expect(&c, &detached, "not attached to the bridge cni0");
+        let mut down = h.clone();
+        down.links[1].up = false;
+        expect(&c, &down, "veth1234 is down");
+        let mut gone = h.clone();
+        gone.links.remove(1);
+        expect(&c, &gone, "veth1234 of eth0 is missing");
+        let mut no_gw = h.clone();
+        no_gw.links[0].addrs.clear();
+        expect(&c, &no_gw, "gateway address 10.1.17.1");
+        let mut br_down = h.clone();
+        br_down.links[0].up = false;
+        expect(&c, &br_down, "bridge cni0 is down");
+        let mut other_peer = c.clone();
+        other_peer.links[0].peer = Some(99);
+        expect(&other_peer, &h, "no longer paired");
+        let mut no_route = c.clone();
+        no_route.routes.pop();
+        expect(&no_route, &h, "route 10.1.0.0/16 via 10.1.17.1 is missing");
+        let mut no_addr = c.clone();
+        no_addr.links[0].addrs.clear();
+        expect(&no_addr, &h, "address 10.1.17.2/24 is missing on eth0");
+        let mut no_if = c.clone();
+        no_if.links[0].name = "eth1".into();
+        expect(&no_if, &h, "interface eth0 is missing");
+        // Without a bridge delegate only the container side is checked.
+        check_attachment(&prev, "eth0", &c, None).unwrap();
     }
 }

@@ -1,13 +1,32 @@
 //! The CNI plugin (the binary run with `CNI_COMMAND` set, installed as `flannel` or
 //! `weft`): reads `subnet.env`, renders the delegate config, saves it under
 //! `<dataDir>/<containerID>` and runs the delegate (`bridge` + `host-local` by default).
+//!
+//! Versions: the delegate is asked which CNI versions it supports and is handed the highest
+//! one not newer than the config's with the same result format (a 1.1.0 config runs
+//! today's `bridge` at 1.0.0); its result is converted back to the config's version. A
+//! config no version of the delegate can serve fails with code 1 before anything is saved.
+//!
+//! DEL never leaks and is idempotent. When the delegate's DEL fails, the failure is sorted:
+//! - **permanent** (retrying cannot help; the saved state is removed, what can be released
+//!   has been, and DEL succeeds): the delegate binary is missing from `CNI_PATH`; no
+//!   delegate version can serve the saved config (code 1); the delegate rejects the saved
+//!   config or environment (codes 2, 3, 4, 6, 7); the saved config is unreadable. A
+//!   network namespace that is gone is not a failure: the delegate is run without
+//!   `CNI_NETNS` so the IPAM release still happens; IPAM state that is already gone makes
+//!   `host-local`'s DEL succeed anyway.
+//! - **transient** (the saved state is kept for the runtime's retry, DEL fails): the
+//!   delegate could not be started or was killed, an I/O error (code 5), "try again later"
+//!   (code 11), and any other delegate error (e.g. 999, an iptables lock held).
+//!
+//! A DEL for a container never seen succeeds; a failed ADD runs the delegate's DEL and
+//! removes the saved state, so it leaves nothing behind.
 
 use std::io::{Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use weft_core::cni::{self, CniError, NetConf, SubnetInfo};
 
 /// The CNI environment of one invocation.
@@ -66,23 +85,23 @@ fn io_err(what: &str, path: &Path, e: std::io::Error) -> CniError {
     CniError::new(5, format!("{what} {}: {e}", path.display()))
 }
 
-/// Writes `data` to `dir/name` with mode 0600 (dir 0700), synced, via a temp file and a
-/// rename: a crash never leaves a half-written state file.
+/// Writes `data` to `dir/name` with mode 0600 (a missing dir is created 0700; an existing
+/// one keeps its mode) via [`crate::fsutil::write_atomic`].
 fn save(dir: &Path, name: &str, data: &[u8]) -> Result<(), CniError> {
-    std::fs::create_dir_all(dir).map_err(|e| io_err("cannot create the data directory", dir, e))?;
-    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, dir.join(name))?;
-        std::fs::File::open(dir)?.sync_all()
-    };
-    write().map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        io_err("cannot save the delegate config in", dir, e)
-    })
+    crate::fsutil::write_atomic(&dir.join(name), data, 0o600, 0o700)
+        .map_err(|e| io_err("cannot save the delegate config in", dir, e))
+}
+
+/// The side file that remembers an attachment's interface name, for GC (host-local
+/// releases by container ID and interface). A leading dot: never a container ID.
+fn ifname_file(conf: &NetConf, id: &str) -> PathBuf {
+    Path::new(&conf.data_dir).join(format!(".{id}.ifname"))
+}
+
+/// Removes the saved state of container `id`.
+fn forget(conf: &NetConf, id: &str) {
+    let _ = std::fs::remove_file(Path::new(&conf.data_dir).join(id));
+    let _ = std::fs::remove_file(ifname_file(conf, id));
 }
 
 /// Finds plugin `name` on the colon-separated `CNI_PATH`.
@@ -103,15 +122,24 @@ fn find_plugin(name: &str, cni_path: &str) -> Result<PathBuf, CniError> {
         })
 }
 
-/// Runs the delegate with `conf` on stdin and the same environment (with `CNI_COMMAND` set
-/// to `command`); returns its stdout.
+/// Runs the delegate with `conf` on stdin and the `CNI_*` variables of `env` (with
+/// `CNI_COMMAND` set to `command`; an empty `CNI_NETNS` is left unset); returns its stdout.
 fn run_delegate(command: &str, conf: &[u8], env: &CniEnv) -> Result<String, CniError> {
     let d: Value = serde_json::from_slice(conf)
         .map_err(|e| CniError::new(6, format!("saved delegate config is not JSON: {e}")))?;
-    let name = d.get("type").and_then(Value::as_str).unwrap_or("bridge");
-    let plugin = find_plugin(name, &env.path)?;
-    let mut child = Command::new(&plugin)
-        .env("CNI_COMMAND", command)
+    let name = delegate_type(&d);
+    let plugin = find_plugin(&name, &env.path)?;
+    let mut cmd = Command::new(&plugin);
+    cmd.env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", &env.container_id)
+        .env("CNI_IFNAME", &env.ifname)
+        .env("CNI_PATH", &env.path);
+    if env.netns.is_empty() {
+        cmd.env_remove("CNI_NETNS");
+    } else {
+        cmd.env("CNI_NETNS", &env.netns);
+    }
+    let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -136,6 +164,43 @@ fn run_delegate(command: &str, conf: &[u8], env: &CniEnv) -> Result<String, CniE
     }
 }
 
+/// The delegate's plugin name (`bridge` when unset).
+fn delegate_type(d: &Value) -> String {
+    d.get("type").and_then(Value::as_str).unwrap_or("bridge").to_string()
+}
+
+/// Sets the delegate config's `cniVersion` to one the delegate supports (see
+/// [`cni::delegate_version`]); a config without `cniVersion` is left as it is. A delegate
+/// that does not answer VERSION is handed the config's version unchanged.
+fn negotiate(d: &mut Value, env: &CniEnv) -> Result<(), CniError> {
+    let Some(want) = d.get("cniVersion").and_then(Value::as_str).map(String::from) else { return Ok(()) };
+    let name = delegate_type(d);
+    let plugin = find_plugin(&name, &env.path)?;
+    let answer = Command::new(&plugin)
+        .env("CNI_COMMAND", "VERSION")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .and_then(|mut c| {
+            if let Some(mut pipe) = c.stdin.take() {
+                let _ = pipe.write_all(json!({"cniVersion": want}).to_string().as_bytes());
+            }
+            c.wait_with_output()
+        });
+    let supported = match answer {
+        Ok(o) if o.status.success() => cni::parse_supported_versions(&String::from_utf8_lossy(&o.stdout)),
+        _ => None,
+    };
+    let Some(supported) = supported else {
+        tracing::warn!(delegate = %name, "the delegate does not answer VERSION; handing it the config's version");
+        return Ok(());
+    };
+    let chosen = cni::delegate_version(&want, &name, &supported)?;
+    d["cniVersion"] = Value::from(chosen);
+    Ok(())
+}
+
 fn load_subnet(conf: &NetConf) -> Result<SubnetInfo, CniError> {
     let text = std::fs::read_to_string(&conf.subnet_file).map_err(|e| {
         CniError::new(
@@ -153,16 +218,34 @@ fn add(conf: &NetConf, env: &CniEnv) -> Result<String, CniError> {
         ("CNI_IFNAME", &env.ifname),
         ("CNI_PATH", &env.path),
     ])?;
+    cni::validate_container_id(&env.container_id)?;
     let sn = load_subnet(conf)?;
-    let delegate = cni::render_delegate(conf, &sn)?;
+    let mut delegate = cni::render_delegate(conf, &sn)?;
+    // Before anything is saved: a version the chain cannot honour fails here.
+    negotiate(&mut delegate, env)?;
     let bytes = serde_json::to_vec(&delegate).map_err(|e| CniError::new(5, e.to_string()))?;
     // Saved before the delegate runs, so a DEL can always undo what ADD started.
     save(Path::new(&conf.data_dir), &env.container_id, &bytes)?;
-    run_delegate("ADD", &bytes, env)
+    let _ = crate::fsutil::write_atomic(&ifname_file(conf, &env.container_id), env.ifname.as_bytes(), 0o600, 0o700);
+    let out = match run_delegate("ADD", &bytes, env) {
+        Ok(out) => out,
+        Err(e) => {
+            // A failed ADD leaves nothing behind: undo what the delegate may have done.
+            if let Err(del) = run_delegate("DEL", &bytes, env) {
+                tracing::warn!(container = %env.container_id, error = %del, "DEL after a failed ADD failed");
+            }
+            forget(conf, &env.container_id);
+            return Err(e);
+        }
+    };
+    if delegate.get("cniVersion").and_then(Value::as_str) == Some(conf.cni_version.as_str()) {
+        return Ok(out);
+    }
+    cni::convert_result(&out, &conf.cni_version)
 }
 
-fn saved(conf: &NetConf, env: &CniEnv) -> Result<Option<Vec<u8>>, CniError> {
-    let p = Path::new(&conf.data_dir).join(&env.container_id);
+fn saved(conf: &NetConf, id: &str) -> Result<Option<Vec<u8>>, CniError> {
+    let p = Path::new(&conf.data_dir).join(id);
     match std::fs::read(&p) {
         Ok(b) => Ok(Some(b)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -170,80 +253,219 @@ fn saved(conf: &NetConf, env: &CniEnv) -> Result<Option<Vec<u8>>, CniError> {
     }
 }
 
-fn del(conf: &NetConf, env: &CniEnv) -> Result<String, CniError> {
-    env.require(&[("CNI_CONTAINERID", &env.container_id)])?;
-    if env.container_id.contains('/') {
-        return Err(CniError::new(4, "CNI_CONTAINERID must not contain '/'"));
-    }
-    // Nothing saved: nothing to delete (a repeated DEL, or an ADD that never got this far).
-    let Some(bytes) = saved(conf, env)? else { return Ok(String::new()) };
-    if serde_json::from_slice::<Value>(&bytes).is_err() {
-        tracing::warn!(container = %env.container_id, "saved delegate config is unreadable; nothing to undo");
-        let _ = std::fs::remove_file(Path::new(&conf.data_dir).join(&env.container_id));
-        return Ok(String::new());
-    }
-    let result = run_delegate("DEL", &bytes, env);
-    if result.is_ok() {
-        // Unlike flannel, the file stays when the delegate failed, so a retried DEL can finish.
-        let _ = std::fs::remove_file(Path::new(&conf.data_dir).join(&env.container_id));
-    }
-    result.map(|_| String::new())
+/// Whether a failed delegate DEL can never succeed on retry (see the module docs).
+fn permanent(e: &CniError) -> bool {
+    matches!(e.code, 1 | 2 | 3 | 4 | 6 | 7)
 }
 
-/// The addresses of interface `ifname` inside the network namespace at `netns_path`.
-fn addresses_in(netns_path: &str, ifname: &str) -> Result<Option<Vec<String>>, String> {
-    let (path, ifname) = (netns_path.to_string(), ifname.to_string());
+fn del(conf: &NetConf, env: &CniEnv) -> Result<String, CniError> {
+    env.require(&[("CNI_CONTAINERID", &env.container_id)])?;
+    cni::validate_container_id(&env.container_id)?;
+    release(conf, env).map(|_| String::new())
+}
+
+/// Undoes the attachment of `env.container_id` with its saved delegate config and removes
+/// the saved state, unless the failure is transient.
+fn release(conf: &NetConf, env: &CniEnv) -> Result<(), CniError> {
+    let id = &env.container_id;
+    // Nothing saved: nothing to delete (a repeated DEL, or an ADD that never got this far).
+    let Some(bytes) = saved(conf, id)? else {
+        forget(conf, id);
+        return Ok(());
+    };
+    let Ok(mut d) = serde_json::from_slice::<Value>(&bytes) else {
+        tracing::warn!(container = %id, "saved delegate config is unreadable; nothing to undo");
+        forget(conf, id);
+        return Ok(());
+    };
+    let mut env = env.clone();
+    // The namespace is gone (the container died): the delegate still releases the IPs.
+    if !env.netns.is_empty() && !Path::new(&env.netns).exists() {
+        env.netns.clear();
+    }
+    let result = negotiate(&mut d, &env).and_then(|_| {
+        let bytes = serde_json::to_vec(&d).map_err(|e| CniError::new(5, e.to_string()))?;
+        run_delegate("DEL", &bytes, &env)
+    });
+    match result {
+        Ok(_) => {
+            forget(conf, id);
+            Ok(())
+        }
+        Err(e) if permanent(&e) => {
+            tracing::warn!(container = %id, error = %e, "the delegate's DEL cannot succeed; removing the saved state");
+            forget(conf, id);
+            Ok(())
+        }
+        // Transient: kept, so the runtime's retried DEL can finish.
+        Err(e) => Err(e),
+    }
+}
+
+/// GC (CNI 1.1): releases every attachment saved in `dataDir` whose container ID is not in
+/// `cni.dev/valid-attachments` (state is kept per container ID, as flannel keeps it, so an
+/// ID listed with any interface is kept).
+fn gc(conf: &NetConf, env: &CniEnv) -> Result<String, CniError> {
+    env.require(&[("CNI_PATH", &env.path)])?;
+    let valid = cni::valid_attachments(conf)?;
+    let dir = Path::new(&conf.data_dir);
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(String::new()),
+        Err(e) => return Err(io_err("cannot list", dir, e)),
+    };
+    crate::fsutil::remove_all_stale_temps(dir);
+    let mut first_err = None;
+    for e in entries.flatten() {
+        let Some(id) = e.file_name().to_str().map(String::from) else { continue };
+        // Dot files (temp files, interface names) are never container IDs.
+        if cni::validate_container_id(&id).is_err() || !e.file_type().is_ok_and(|t| t.is_file()) {
+            continue;
+        }
+        if valid.iter().any(|(c, _)| *c == id) {
+            continue;
+        }
+        let ifname = std::fs::read_to_string(ifname_file(conf, &id))
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "eth0".into());
+        let genv = CniEnv {
+            command: "DEL".into(),
+            container_id: id.clone(),
+            netns: String::new(),
+            ifname,
+            path: env.path.clone(),
+        };
+        tracing::info!(container = %id, "GC: releasing an attachment the runtime no longer has");
+        if let Err(err) = release(conf, &genv) {
+            first_err.get_or_insert(err);
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(String::new()),
+    }
+}
+
+/// Reads what CHECK needs (links, addresses, main-table routes) over netlink in the
+/// network namespace at `netns_path`, or in ours when `None`.
+fn ns_view(netns_path: Option<&str>) -> Result<cni::NsView, String> {
+    let path = netns_path.map(String::from);
     // Namespace membership is per thread: enter it on a thread of our own.
-    std::thread::spawn(move || -> Result<Option<Vec<String>>, String> {
-        let f = std::fs::File::open(&path).map_err(|e| format!("cannot open CNI_NETNS {path}: {e}"))?;
-        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(|e| format!("cannot enter CNI_NETNS {path}: {e}"))?;
+    std::thread::spawn(move || -> Result<cni::NsView, String> {
+        if let Some(path) = &path {
+            let f = std::fs::File::open(path).map_err(|e| format!("cannot open CNI_NETNS {path}: {e}"))?;
+            nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| format!("cannot enter CNI_NETNS {path}: {e}"))?;
+        }
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
-        rt.block_on(async {
-            let h = crate::host::connect().map_err(|e| e.to_string())?;
-            let snap = crate::host::snapshot(&h, None).await.map_err(|e| e.to_string())?;
-            Ok(snap
-                .interfaces
-                .into_iter()
-                .find(|i| i.name == ifname)
-                .map(|i| i.addrs.iter().map(|a| format!("{}/{}", a.ip, a.prefix)).collect()))
-        })
+        rt.block_on(read_view())
     })
     .join()
     .map_err(|_| "checking the namespace failed".to_string())?
 }
 
-/// CHECK: our state exists, and the container's interface carries the addresses of
-/// `prevResult`. (Delegating to `bridge` would fail on the routes flannel's IPAM config
-/// produces, which carry no gateway, with the plugins shipped today.)
+async fn read_view() -> Result<cni::NsView, String> {
+    use futures::TryStreamExt;
+    use netlink_packet_route::address::AddressAttribute;
+    use netlink_packet_route::link::{LinkAttribute, LinkFlags};
+    use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
+    use rtnetlink::RouteMessageBuilder;
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    let h = crate::host::connect().map_err(|e| e.to_string())?;
+    let links: Vec<_> = h.link().get().execute().try_collect().await.map_err(|e| format!("reading links: {e}"))?;
+    let addrs: Vec<_> =
+        h.address().get().execute().try_collect().await.map_err(|e| format!("reading addresses: {e}"))?;
+    let mut view = cni::NsView::default();
+    for l in &links {
+        let mut lv =
+            cni::LinkView { index: l.header.index, up: l.header.flags.contains(LinkFlags::Up), ..Default::default() };
+        for a in &l.attributes {
+            match a {
+                LinkAttribute::IfName(n) => lv.name = n.clone(),
+                LinkAttribute::Controller(m) => lv.master = Some(*m),
+                LinkAttribute::Link(p) => lv.peer = Some(*p),
+                _ => {}
+            }
+        }
+        view.links.push(lv);
+    }
+    for a in &addrs {
+        let ip = a.attributes.iter().find_map(|x| match x {
+            AddressAttribute::Local(ip) => Some(*ip),
+            _ => None,
+        });
+        let ip = ip.or_else(|| {
+            a.attributes.iter().find_map(|x| match x {
+                AddressAttribute::Address(ip) => Some(*ip),
+                _ => None,
+            })
+        });
+        let (Some(ip), Some(l)) = (ip, view.links.iter_mut().find(|l| l.index == a.header.index)) else { continue };
+        if let Ok(n) = ipnet::IpNet::new(ip, a.header.prefix_len) {
+            l.addrs.push(n);
+        }
+    }
+    let to_ip = |a: &RouteAddress| match a {
+        RouteAddress::Inet(v) => Some(IpAddr::V4(*v)),
+        RouteAddress::Inet6(v) => Some(IpAddr::V6(*v)),
+        _ => None,
+    };
+    for (msg, unspecified) in [
+        (RouteMessageBuilder::<Ipv4Addr>::new().build(), IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+        (RouteMessageBuilder::<Ipv6Addr>::new().build(), IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
+    ] {
+        let routes: Vec<RouteMessage> =
+            h.route().get(msg).execute().try_collect().await.map_err(|e| format!("reading routes: {e}"))?;
+        for r in routes.iter().filter(|r| r.header.table == 254) {
+            let mut dst = unspecified;
+            let mut gw = None;
+            for a in &r.attributes {
+                match a {
+                    RouteAttribute::Destination(d) => dst = to_ip(d).unwrap_or(dst),
+                    RouteAttribute::Gateway(g) => gw = to_ip(g),
+                    _ => {}
+                }
+            }
+            if let Ok(n) = ipnet::IpNet::new(dst, r.header.destination_prefix_length) {
+                view.routes.push((n, gw));
+            }
+        }
+    }
+    Ok(view)
+}
+
+/// CHECK: our state exists; the container interface carries the addresses and routes of
+/// `prevResult`; with a `bridge` delegate, the host-side veth is present, up and attached to
+/// the bridge, and the bridge is up with the gateway address. (Delegating to `bridge` would
+/// fail on the routes flannel's IPAM config produces, which carry no gateway, with the
+/// plugins shipped today.)
 fn check(conf: &NetConf, env: &CniEnv) -> Result<String, CniError> {
     if !cni::supports_check(&conf.cni_version) {
         return Err(CniError::new(1, format!("CHECK is not defined for CNI version {}", conf.cni_version)));
     }
     env.require(&[("CNI_CONTAINERID", &env.container_id), ("CNI_NETNS", &env.netns), ("CNI_IFNAME", &env.ifname)])?;
-    if saved(conf, env)?.is_none() {
+    cni::validate_container_id(&env.container_id)?;
+    let Some(bytes) = saved(conf, &env.container_id)? else {
         return Err(CniError::new(
             3,
             format!("no saved state for container {}: it was never added on this node", env.container_id),
         ));
-    }
+    };
     let Some(prev) = conf.raw.get("prevResult") else {
         return Err(CniError::new(7, "CHECK needs prevResult in the network configuration"));
     };
-    let want: Vec<String> = prev
-        .get("ips")
-        .and_then(Value::as_array)
-        .map(|ips| ips.iter().filter_map(|ip| ip.get("address")?.as_str().map(String::from)).collect())
-        .unwrap_or_default();
-    let have = addresses_in(&env.netns, &env.ifname).map_err(|e| CniError::new(5, e))?;
-    let Some(have) = have else {
-        return Err(CniError::new(100, format!("interface {} is missing in {}", env.ifname, env.netns)));
+    let delegate: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    let container = ns_view(Some(&env.netns)).map_err(|e| CniError::new(5, e))?;
+    let host = if delegate_type(&delegate) == "bridge" {
+        let bridge = delegate.get("bridge").and_then(Value::as_str).unwrap_or("cni0").to_string();
+        Some((ns_view(None).map_err(|e| CniError::new(5, e))?, bridge))
+    } else {
+        None
     };
-    for w in want {
-        if !have.contains(&w) {
-            return Err(CniError::new(100, format!("address {w} is missing on {} in {}", env.ifname, env.netns)));
-        }
-    }
+    cni::check_attachment(prev, &env.ifname, &container, host.as_ref().map(|(v, b)| (v, b.as_str())))?;
     Ok(String::new())
 }
 
@@ -266,8 +488,7 @@ pub fn run(env: &CniEnv, stdin: &mut dyn Read) -> Outcome {
             "CHECK" => check(&conf, env),
             // 1.1.0: the plugin is ready when the daemon has written the subnet file.
             "STATUS" => load_subnet(&conf).map(|_| String::new()).map_err(|e| CniError::new(50, e.msg)),
-            // 1.1.0: nothing is kept per attachment beyond the saved config, which DEL removes.
-            "GC" => Ok(String::new()),
+            "GC" => gc(&conf, env),
             "" => Err(CniError::new(4, "CNI_COMMAND is empty; set it to ADD, DEL, CHECK, STATUS, GC or VERSION")),
             other => Err(CniError::new(
                 4,

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod cni;
 pub mod daemon;
 pub mod firewall;
+pub mod fsutil;
 pub mod host;
 pub mod kernel;
 pub mod lab;

@@ -34,7 +34,10 @@ fn setup(tag: &str) -> Setup {
     let bin = dir.join("bin");
     std::fs::create_dir(&bin).unwrap();
     let plugin = bin.join("flannel");
-    std::os::unix::fs::symlink(common::weft_bin(), &plugin).unwrap();
+    // WEFT_TEST_BIN: a private copy (the shared target dir's binary may be rebuilt from
+    // another branch while tests run).
+    let weft = std::env::var_os("WEFT_TEST_BIN").map(PathBuf::from).unwrap_or_else(|| common::weft_bin().into());
+    std::os::unix::fs::symlink(weft, &plugin).unwrap();
     Setup {
         _tmp: tmp,
         host: Netns::add(&format!("{prefix}host")).unwrap(),
@@ -200,6 +203,28 @@ fn bad_input_gets_cni_error_json_and_leaves_no_state() {
         String::from_utf8_lossy(&no_env.stdout)
     );
     assert_eq!(code(&s.run("STATUS", "", &conf, &[])), 50);
+
+    // A container ID that is a path: refused for every command, nothing written anywhere.
+    let escape = s.dir.join("escaped");
+    let hostile = format!("/../../../..{}", escape.display());
+    let mut check_conf = s.netconf();
+    check_conf["prevResult"] = json!({"cniVersion": "1.0.0", "ips": []});
+    let check_conf = serde_json::to_vec(&check_conf).unwrap();
+    for (cmd, c) in [("ADD", &conf), ("DEL", &conf), ("CHECK", &check_conf)] {
+        std::fs::write(
+            s.dir.join("subnet.env"),
+            "FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.17.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n",
+        )
+        .unwrap();
+        for id in [hostile.as_str(), "../x", ".hidden", "-x", "a b"] {
+            let out = s.run(cmd, id, c, &[]);
+            assert_eq!(code(&out), 4, "{cmd} {id:?}: {}", String::from_utf8_lossy(&out.stdout));
+            assert!(json_out(&out)["msg"].as_str().unwrap().contains("invalid characters in CNI_CONTAINERID"));
+        }
+        assert!(!escape.exists(), "{cmd}: nothing written outside dataDir");
+    }
+    assert!(!s.saved("x").exists() && !s.dir.join("x").exists());
+    std::fs::remove_file(s.dir.join("subnet.env")).unwrap();
 
     let version = s.run("VERSION", "", b"{\"cniVersion\":\"0.4.0\"}", &[]);
     assert!(version.status.success());

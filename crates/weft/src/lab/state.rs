@@ -67,11 +67,8 @@ impl Lab {
 
     /// Saves the state (atomically).
     pub fn save(&self) -> std::io::Result<()> {
-        let d = dir(&self.name);
-        std::fs::create_dir_all(&d)?;
-        let tmp = d.join("state.json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?)?;
-        std::fs::rename(tmp, d.join("state.json"))
+        let data = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
+        crate::fsutil::write_atomic(&dir(&self.name).join("state.json"), &data, 0o644, 0o755)
     }
 
     /// The lab's state directory.
