@@ -16,3 +16,4 @@ pub mod lease;
 pub mod packet;
 pub mod plan;
 pub mod subnet_env;
+pub mod validate;

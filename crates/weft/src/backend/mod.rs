@@ -16,6 +16,7 @@ use weft_core::config::NetworkConfig;
 use weft_core::iface::External;
 use weft_core::lease::{Lease, LeaseAttrs, SubnetKey};
 use weft_core::plan::{self, HostFacts};
+use weft_core::validate::{Outcome, Rules, Validator};
 
 use crate::daemon::metrics::Metrics;
 use crate::kernel::{Kernel, KernelError, Links};
@@ -62,6 +63,11 @@ pub struct DataPlane {
     metrics: Arc<Metrics>,
     peers: BTreeMap<SubnetKey, Lease>,
     warned: BTreeMap<SubnetKey, String>,
+    /// Judges peer leases before they reach the planner or the udp peer table.
+    validator: Validator,
+    rules: Rules,
+    /// Destinations where a route of someone else keeps us from installing ours (logged once).
+    blocked: std::collections::BTreeSet<IpNet>,
 }
 
 /// What `prepare` hands back before the lease exists.
@@ -115,6 +121,13 @@ impl DataPlane {
             Vec::new()
         };
         let facts = HostFacts { connected, vxlan6: links.vxlan6.is_some() };
+        let mut rules = Rules::from_config(cfg);
+        rules.own_ips = [ext.public_ip, ext.iface_addr]
+            .into_iter()
+            .flatten()
+            .map(std::net::IpAddr::V4)
+            .chain([ext.public_ipv6, ext.iface_addr_v6].into_iter().flatten().map(std::net::IpAddr::V6))
+            .collect();
         Ok(Prepared {
             attrs,
             mtu: spec.mtu(ext.mtu),
@@ -131,6 +144,9 @@ impl DataPlane {
                 metrics,
                 peers: BTreeMap::new(),
                 warned: BTreeMap::new(),
+                validator: Validator::new(rules.clone()),
+                rules,
+                blocked: Default::default(),
             },
         })
     }
@@ -143,6 +159,9 @@ impl DataPlane {
     /// Records our lease (and gives the vxlan device its address).
     pub async fn set_own(&mut self, own: &SubnetKey) -> Result<(), KernelError> {
         self.own = own.v4.map(IpNet::V4).into_iter().chain(own.v6.map(IpNet::V6)).collect();
+        self.rules.own = Some(*own);
+        let outcome = self.validator.set_rules(self.rules.clone());
+        self.absorb(outcome);
         if let Some(v) = &self.vxlan {
             v.address(&self.kernel, own).await?;
         }
@@ -157,9 +176,29 @@ impl DataPlane {
         &self.own
     }
 
-    /// Applies peer lease events to the peer table.
+    /// Applies peer lease events to the peer table, through the validator: a lease that
+    /// breaks a rule or loses a conflict never reaches the planner or the udp engine.
     pub fn update(&mut self, events: &[LeaseEvent]) {
         for e in events {
+            let outcome = self.validator.apply(e);
+            self.absorb(outcome);
+        }
+        if let Some(u) = &self.udp {
+            u.set_peers(self.subnet_len, self.peers.values());
+        }
+    }
+
+    /// The peer leases not in use, with why (for `/metrics` and logs).
+    pub fn rejected(&self) -> &BTreeMap<SubnetKey, weft_core::validate::Reject> {
+        self.validator.rejected()
+    }
+
+    fn absorb(&mut self, outcome: Outcome) {
+        for (key, why) in &outcome.rejected {
+            tracing::warn!(peer = %key, reason = why.label(), "rejecting peer lease: {why}");
+            self.metrics.leases_rejected.get_or_create(&vec![("reason", why.label())]).inc();
+        }
+        for e in &outcome.events {
             match e {
                 LeaseEvent::Added(l) => {
                     self.peers.insert(l.key, l.clone());
@@ -169,9 +208,6 @@ impl DataPlane {
                     self.warned.remove(&l.key);
                 }
             }
-        }
-        if let Some(u) = &self.udp {
-            u.set_peers(self.subnet_len, self.peers.values());
         }
     }
 
@@ -234,8 +270,20 @@ impl DataPlane {
                     tracing::info!("{line}");
                 }
             }
-            report.errors = self.kernel.apply(&ops, &self.links).await;
-            report.changes += ops.len() - report.errors.len().min(ops.len());
+            let applied = self.kernel.apply(&ops, &self.links).await;
+            report.errors = applied.errors;
+            for r in &applied.blocked {
+                if self.blocked.insert(r.dst) {
+                    tracing::warn!(
+                        "a route to {} that weft did not install is in the way: leaving it alone, so peer subnet {} is not routed by weft; remove that route if the peer should be reachable",
+                        r.dst,
+                        r.dst
+                    );
+                    self.metrics.error("route_blocked");
+                }
+            }
+            self.blocked.retain(|d| applied.blocked.iter().any(|r| r.dst == *d) || p.state.routes.contains_key(d));
+            report.changes += ops.len() - (report.errors.len() + applied.blocked.len()).min(ops.len());
             tracing::info!(
                 changes = ops.len(),
                 failed = report.errors.len(),
