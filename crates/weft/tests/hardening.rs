@@ -1,0 +1,192 @@
+//! Issue 9's reproduced failures, in namespaces with a real etcd: hostile leases, routes that
+//! are not ours, and devices broken behind the daemon's back. Kernel state is read back with
+//! `ip -j`; traffic is checked with `ping`.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::cluster::{Cluster, Daemon, PREFIX, cluster};
+use common::wait_for;
+use serde_json::Value;
+
+const HOST_GW: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}"#;
+const VXLAN: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#;
+const UDP: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"udp"}}"#;
+
+/// A host's lease as the test sees it.
+#[derive(Debug, Clone)]
+struct Host {
+    /// `10.5.X.0/24`.
+    subnet: String,
+    /// `10.5.X.1`: the address on the host's `cni0` bridge.
+    pod_ip: String,
+}
+
+fn json(ns: &weft::lab::netns::Netns, program: &str, args: &[&str]) -> Value {
+    serde_json::from_str(&ns.exec(program, args).unwrap()).unwrap()
+}
+
+/// Waits for host `i`'s subnet file and gives it a `cni0` bridge holding the first address of
+/// its subnet (what the CNI bridge plugin does), which makes the kernel's connected route.
+fn host_info(c: &Cluster, i: usize) -> Host {
+    let env = c.wait_env(i);
+    let sub = env.lines().find_map(|l| l.strip_prefix("FLANNEL_SUBNET=")).unwrap().to_string();
+    let pod_ip = sub.split('/').next().unwrap().to_string();
+    let ns = &c.hosts[i];
+    if ns.ip(&["link", "show", "cni0"]).is_err() {
+        ns.ip(&["link", "add", "cni0", "type", "bridge"]).unwrap();
+        ns.ip(&["link", "set", "cni0", "up"]).unwrap();
+    }
+    ns.ip(&["addr", "flush", "dev", "cni0"]).unwrap();
+    ns.ip(&["addr", "add", &sub, "dev", "cni0"]).unwrap();
+    Host { subnet: sub.replace(".1/24", ".0/24"), pod_ip }
+}
+
+fn start_all(c: &Cluster, extra: &[&str]) -> (Vec<Daemon>, Vec<Host>) {
+    let daemons: Vec<Daemon> = (0..c.hosts.len()).map(|i| c.daemon(i, extra)).collect();
+    let hosts = (0..c.hosts.len()).map(|i| host_info(c, i)).collect();
+    (daemons, hosts)
+}
+
+fn ping(c: &Cluster, from: usize, src: &str, dst: &str) -> bool {
+    c.hosts[from].exec("ping", &["-c", "1", "-W", "1", "-I", src, dst]).is_ok()
+}
+
+fn assert_full_mesh(c: &Cluster, hosts: &[Host], limit: Duration) {
+    for (i, a) in hosts.iter().enumerate() {
+        for b in hosts.iter().filter(|b| b.pod_ip != a.pod_ip) {
+            wait_for(limit, &format!("ping {} -> {}", a.pod_ip, b.pod_ip), || {
+                ping(c, i, &a.pod_ip, &b.pod_ip).then_some(())
+            });
+        }
+    }
+}
+
+fn routes(c: &Cluster, i: usize) -> Vec<Value> {
+    json(&c.hosts[i], "ip", &["-j", "route", "show", "table", "main"]).as_array().unwrap().clone()
+}
+
+fn route_to(c: &Cluster, i: usize, dst: &str) -> Option<Value> {
+    routes(c, i).into_iter().find(|r| r["dst"] == dst)
+}
+
+/// The kernel's connected route of the LAN, exactly as the kernel made it.
+fn assert_lan_route_untouched(c: &Cluster, i: usize) {
+    let r = route_to(c, i, "192.0.2.0/24").unwrap_or_else(|| panic!("host {i} lost its LAN route: {:?}", routes(c, i)));
+    assert_eq!(r["protocol"], "kernel", "host {i}: {r}");
+    assert_eq!(r["dev"], "eth0", "host {i}: {r}");
+    assert!(r.get("gateway").is_none(), "host {i}: the LAN route got a gateway: {r}");
+}
+
+fn put(c: &Cluster, key: &str, value: &str) {
+    c.etcd.etcdctl(&["put", &format!("{PREFIX}/subnets/{key}"), value]).unwrap();
+}
+
+fn del(c: &Cluster, key: &str) {
+    c.etcd.etcdctl(&["del", &format!("{PREFIX}/subnets/{key}")]).unwrap();
+}
+
+#[test]
+fn a_hostile_lease_never_touches_routes_weft_does_not_own() {
+    let c = cluster("hlv", 3, HOST_GW);
+    let (_daemons, hosts) = start_all(&c, &[]);
+    assert_full_mesh(&c, &hosts, Duration::from_secs(10));
+    let h1 = &c.hosts[0];
+    // Subnets no host holds, for the hand-written routes and leases.
+    let free: Vec<u8> = (240..=254).filter(|n| !hosts.iter().any(|h| h.subnet == format!("10.5.{n}.0/24"))).collect();
+    let (admin_in, conflict, host_bits) = (free[0], free[1], free[2]);
+    let admin_in = format!("10.5.{admin_in}.0/24");
+    // Our routes are recognisable as ours.
+    let peer = route_to(&c, 0, &hosts[1].subnet).unwrap();
+    assert_eq!(peer["protocol"], "87", "{peer}");
+    // An administrator's routes, inside and outside the Network.
+    let gw = c.lan.gateway();
+    h1.ip(&["route", "add", &admin_in, "via", &gw, "dev", "eth0"]).unwrap();
+    h1.ip(&["route", "add", "198.51.100.0/24", "via", &gw, "dev", "eth0"]).unwrap();
+    let admin = |dst: &str| {
+        let r = route_to(&c, 0, dst).unwrap_or_else(|| panic!("the administrator's route {dst} is gone"));
+        // `ip` prints no protocol for `boot`, the default of `ip route add`.
+        assert_eq!((r["gateway"].as_str(), r.get("protocol")), (Some(gw.as_str()), None), "{r}");
+    };
+
+    // Issue 9: the LAN as a lease. Before the fix every daemon replaced the connected route
+    // with `192.0.2.0/24 via 192.0.2.99` and the cluster fell apart.
+    put(&c, "192.0.2.0-24", r#"{"PublicIP":"192.0.2.99","PublicIPv6":null,"BackendType":"host-gw"}"#);
+    // A lease inside the Network claiming host 2's address (a newer claim loses), and one with
+    // host bits in its key.
+    put(
+        &c,
+        &format!("10.5.{conflict}.0-24"),
+        &format!(r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"host-gw"}}"#, c.lan.host_ip(2)),
+    );
+    put(
+        &c,
+        &format!("10.5.{host_bits}.7-24"),
+        r#"{"PublicIP":"192.0.2.77","PublicIPv6":null,"BackendType":"host-gw"}"#,
+    );
+    for i in 0..3 {
+        wait_for(Duration::from_secs(5), "the rejection to be counted", || {
+            (c.metric(i, "weft_leases_rejected_total{reason=\"outside_network\"} ") == Some(1)).then_some(())
+        });
+    }
+    // Several reconcile passes (every netlink change and every 10 s) later, nothing moved.
+    std::thread::sleep(Duration::from_secs(3));
+    for i in 0..3 {
+        assert_lan_route_untouched(&c, i);
+        let rts = routes(&c, i);
+        assert!(!rts.iter().any(|r| r["gateway"] == "192.0.2.99"), "host {i}: {rts:?}");
+        assert!(route_to(&c, i, &format!("10.5.{conflict}.0/24")).is_none(), "host {i} routes the conflicting lease");
+        assert!(route_to(&c, i, &format!("10.5.{host_bits}.0/24")).is_none(), "host {i} routes the key with host bits");
+    }
+    assert!(c.metric(0, "weft_leases_rejected_total{reason=\"conflict\"} ") == Some(1));
+    assert!(c.metric(1, "weft_leases_rejected_total{reason=\"bad_public_ip\"} ") == Some(1), "host 2's own address");
+    admin(&admin_in);
+    admin("198.51.100.0/24");
+    assert_full_mesh(&c, &hosts, Duration::from_secs(2));
+    // `weft leases` shows the rejected leases and why.
+    let endpoints = format!("--etcd-endpoints={}", c.etcd.url());
+    let table = h1.exec(common::weft_bin(), &["leases", &endpoints]).unwrap();
+    let lan_row = table.lines().find(|l| l.starts_with("192.0.2.0/24")).unwrap_or_else(|| panic!("{table}"));
+    assert!(lan_row.contains("rejected (outside_network)"), "{table}");
+    let conflict_row = table.lines().find(|l| l.starts_with(&format!("10.5.{conflict}.0/24"))).unwrap();
+    assert!(conflict_row.contains("rejected (conflict)") && conflict_row.contains(&c.lan.host_ip(2)), "{table}");
+
+    // Deleting the keys changes nothing either.
+    del(&c, "192.0.2.0-24");
+    del(&c, &format!("10.5.{conflict}.0-24"));
+    std::thread::sleep(Duration::from_secs(2));
+    for i in 0..3 {
+        assert_lan_route_untouched(&c, i);
+    }
+    admin(&admin_in);
+    admin("198.51.100.0/24");
+    assert_full_mesh(&c, &hosts, Duration::from_secs(2));
+
+    // A route someone else put where a peer's route belongs is left alone; once it is gone,
+    // ours takes its place.
+    h1.ip(&["route", "replace", &hosts[2].subnet, "via", &gw, "dev", "eth0", "proto", "static"]).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let r = route_to(&c, 0, &hosts[2].subnet).unwrap();
+    assert_eq!((r["gateway"].as_str(), r["protocol"].as_str()), (Some(gw.as_str()), Some("static")), "{r}");
+    h1.ip(&["route", "del", &hosts[2].subnet, "proto", "static"]).unwrap();
+    wait_for(Duration::from_secs(12), "our route to return", || {
+        route_to(&c, 0, &hosts[2].subnet).filter(|r| r["protocol"] == "87").map(|_| ())
+    });
+
+    // A stale route of ours outside the Network (what the old bug left behind) is removed
+    // by the resync; the administrator's routes stay.
+    h1.ip(&["route", "add", "203.0.113.0/24", "via", &c.lan.host_ip(3), "dev", "eth0", "proto", "87"]).unwrap();
+    wait_for(Duration::from_secs(12), "the stale route of ours to go", || {
+        route_to(&c, 0, "203.0.113.0/24").is_none().then_some(())
+    });
+    admin(&admin_in);
+    admin("198.51.100.0/24");
+    assert_lan_route_untouched(&c, 0);
+}
+
+/// Keeps `Instant` and `UDP`/`VXLAN` in use until the device tests below land.
+#[allow(dead_code)]
+fn _unused() -> (Instant, &'static str, &'static str) {
+    (Instant::now(), VXLAN, UDP)
+}
