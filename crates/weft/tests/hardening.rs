@@ -185,8 +185,128 @@ fn a_hostile_lease_never_touches_routes_weft_does_not_own() {
     assert_lan_route_untouched(&c, 0);
 }
 
-/// Keeps `Instant` and `UDP`/`VXLAN` in use until the device tests below land.
-#[allow(dead_code)]
-fn _unused() -> (Instant, &'static str, &'static str) {
-    (Instant::now(), VXLAN, UDP)
+/// The device as `ip -j -d link` shows it (null while it does not exist).
+fn link(c: &Cluster, i: usize, dev: &str) -> Value {
+    match c.hosts[i].exec("ip", &["-j", "-d", "link", "show", dev]) {
+        Ok(out) => serde_json::from_str::<Value>(&out).unwrap()[0].clone(),
+        Err(_) => Value::Null,
+    }
+}
+
+fn is_up(l: &Value) -> bool {
+    l["flags"].as_array().is_some_and(|f| f.contains(&Value::from("UP")))
+}
+
+fn inet(c: &Cluster, i: usize, dev: &str) -> Vec<String> {
+    let Ok(out) = c.hosts[i].exec("ip", &["-j", "addr", "show", dev]) else { return Vec::new() };
+    let addrs: Value = serde_json::from_str(&out).unwrap();
+    addrs[0]["addr_info"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|a| a["family"] == "inet")
+                .map(|a| format!("{}/{}", a["local"].as_str().unwrap(), a["prefixlen"]))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Breaks flannel.1 in each way of issue 9 and checks it comes back, as `ip -j` shows it,
+/// and that traffic flows again.
+#[test]
+fn a_broken_vxlan_device_is_repaired() {
+    let c = cluster("hdv", 2, VXLAN);
+    let (daemons, hosts) = start_all(&c, &[]);
+    assert_full_mesh(&c, &hosts, Duration::from_secs(10));
+    let h1 = &c.hosts[0];
+    let good = link(&c, 0, "flannel.1");
+    let mac = good["address"].as_str().unwrap().to_string();
+    let base = format!("{}/32", hosts[0].subnet.trim_end_matches("/24"));
+    assert_eq!(inet(&c, 0, "flannel.1"), vec![base.clone()]);
+    let restored = |what: &str| {
+        let started = Instant::now();
+        wait_for(Duration::from_secs(3), &format!("flannel.1 repaired after {what}"), || {
+            let l = link(&c, 0, "flannel.1");
+            (is_up(&l)
+                && l["mtu"] == 1450
+                && l["address"] == mac.as_str()
+                && l["linkinfo"]["info_data"]["local"] == c.lan.host_ip(1).as_str()
+                && inet(&c, 0, "flannel.1") == [base.clone()])
+            .then_some(())
+        });
+        eprintln!("{what}: repaired in {:?}", started.elapsed());
+        wait_for(Duration::from_secs(5), &format!("traffic after {what}"), || {
+            ping(&c, 0, &hosts[0].pod_ip, &hosts[1].pod_ip).then_some(())
+        });
+    };
+    // Issue 9: set down, it stayed down forever.
+    h1.ip(&["link", "set", "flannel.1", "down"]).unwrap();
+    assert!(!is_up(&link(&c, 0, "flannel.1")));
+    restored("set down");
+    h1.ip(&["link", "set", "flannel.1", "mtu", "1300"]).unwrap();
+    restored("an MTU change");
+    h1.ip(&["addr", "flush", "dev", "flannel.1"]).unwrap();
+    restored("its address flushed");
+    h1.ip(&["addr", "add", "10.5.99.99/32", "dev", "flannel.1"]).unwrap();
+    restored("a stray address in the network");
+    h1.ip(&["link", "set", "flannel.1", "address", "0e:00:00:00:00:99"]).unwrap();
+    restored("a MAC change");
+    h1.ip(&["link", "set", "flannel.1", "type", "vxlan", "local", "192.0.2.99"]).unwrap();
+    assert_eq!(link(&c, 0, "flannel.1")["linkinfo"]["info_data"]["local"], "192.0.2.99");
+    restored("a `local` change");
+    h1.ip(&["link", "del", "flannel.1"]).unwrap();
+    restored("deletion");
+    // Peers' entries still name our MAC: the peer reaches us without re-learning anything.
+    assert!(ping(&c, 1, &hosts[1].pod_ip, &hosts[0].pod_ip), "{}", daemons[0].log());
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which is in parentheses): utime is the 12th, stime the 13th.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// Issue 9: `ip link del flannel0` left the udp daemon spinning at ~96 % CPU with no
+/// traffic, forever. Now the device is re-created, the engine re-attached, and the daemon
+/// stays idle while it waits.
+#[test]
+fn udp_survives_flannel0_deleted_or_down_without_spinning() {
+    let c = cluster("hud", 2, UDP);
+    let (daemons, hosts) = start_all(&c, &[]);
+    assert_full_mesh(&c, &hosts, Duration::from_secs(10));
+    let h1 = &c.hosts[0];
+    let pid = daemons[0].child.id();
+    let ticks_per_s = 100; // USER_HZ
+    for round in 0..2 {
+        let before = cpu_ticks(pid);
+        let started = Instant::now();
+        h1.ip(&["link", "del", "flannel0"]).unwrap();
+        wait_for(Duration::from_secs(3), "flannel0 to be re-created", || {
+            h1.ip(&["link", "show", "flannel0"]).ok().filter(|_| is_up(&link(&c, 0, "flannel0"))).map(|_| ())
+        });
+        eprintln!("round {round}: flannel0 back in {:?}", started.elapsed());
+        let l = link(&c, 0, "flannel0");
+        assert_eq!((l["mtu"].as_u64(), l["linkinfo"]["info_kind"].as_str()), (Some(1472), Some("tun")), "{l}");
+        assert_eq!(inet(&c, 0, "flannel0"), [format!("{}/32", hosts[0].subnet.trim_end_matches("/24"))]);
+        wait_for(Duration::from_secs(5), "traffic over the re-created flannel0", || {
+            (ping(&c, 0, &hosts[0].pod_ip, &hosts[1].pod_ip) && ping(&c, 1, &hosts[1].pod_ip, &hosts[0].pod_ip))
+                .then_some(())
+        });
+        // Over the next seconds the daemon is idle: no thread retries in a busy loop.
+        std::thread::sleep(Duration::from_secs(3).saturating_sub(started.elapsed()));
+        let used = cpu_ticks(pid) - before;
+        let wall = started.elapsed().as_secs_f64();
+        eprintln!("round {round}: {used} ticks of CPU in {wall:.1} s");
+        assert!(
+            (used as f64) < 0.25 * wall * ticks_per_s as f64,
+            "the daemon used {used} ticks of CPU in {wall:.1} s after flannel0 was deleted"
+        );
+    }
+    h1.ip(&["link", "set", "flannel0", "down"]).unwrap();
+    wait_for(Duration::from_secs(3), "flannel0 up again", || is_up(&link(&c, 0, "flannel0")).then_some(()));
+    wait_for(Duration::from_secs(5), "traffic after flannel0 was set down", || {
+        ping(&c, 0, &hosts[0].pod_ip, &hosts[1].pod_ip).then_some(())
+    });
 }
