@@ -72,7 +72,10 @@ impl Vxlan {
             let local = ext
                 .iface_addr_v6
                 .ok_or_else(|| BackendError::Address(format!("vxlan: interface {} has no IPv6 address", ext.name)))?;
-            let p = params(format!("flannel-v6.{}", s.vni), IpAddr::V6(local));
+            let mut p = params(format!("flannel-v6.{}", s.vni), IpAddr::V6(local));
+            // Over IPv6 the encapsulation takes 20 bytes more; the kernel caps the MTU there,
+            // and the repair must not fight the cap.
+            p.mtu = p.mtu.min(ext.mtu.saturating_sub(weft_core::backend::VXLAN_OVERHEAD + 20));
             v.v6 = Some(dev::ensure(&kernel.handle, &p, None, &v.seed6).await.map_err(fail)?);
             v.p6 = Some(p);
         }
