@@ -310,3 +310,43 @@ fn udp_survives_flannel0_deleted_or_down_without_spinning() {
         ping(&c, 0, &hosts[0].pod_ip, &hosts[1].pod_ip).then_some(())
     });
 }
+
+/// Deletes host 1's external interface and plugs a new one (a new index) into the LAN with
+/// the same address; the daemon must find it again and re-program everything on it.
+fn replug_external(c: &Cluster) {
+    let h1 = &c.hosts[0];
+    let index = |c: &Cluster| link(c, 0, "eth0")["ifindex"].as_u64();
+    let old = index(c).unwrap();
+    h1.ip(&["link", "del", "eth0"]).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    weft::lab::netns::plug(&c.lan.ns, h1, "h1", &c.lan.host_ip(1), Some(&c.lan.gateway())).unwrap();
+    assert_ne!(index(c), Some(old), "a new interface");
+}
+
+#[test]
+fn vxlan_follows_a_recreated_external_interface() {
+    let c = cluster("how", 2, VXLAN);
+    let (_daemons, hosts) = start_all(&c, &[]);
+    assert_full_mesh(&c, &hosts, Duration::from_secs(10));
+    let mac = link(&c, 0, "flannel.1")["address"].clone();
+    replug_external(&c);
+    wait_for(Duration::from_secs(12), "flannel.1 on the new eth0", || {
+        let l = link(&c, 0, "flannel.1");
+        (l["linkinfo"]["info_data"]["link"] == "eth0" && is_up(&l)).then_some(())
+    });
+    assert_eq!(link(&c, 0, "flannel.1")["address"], mac, "same VTEP MAC");
+    assert_full_mesh(&c, &hosts, Duration::from_secs(12));
+}
+
+#[test]
+fn host_gw_follows_a_recreated_external_interface() {
+    let c = cluster("hfw", 2, HOST_GW);
+    let (_daemons, hosts) = start_all(&c, &[]);
+    assert_full_mesh(&c, &hosts, Duration::from_secs(10));
+    replug_external(&c);
+    wait_for(Duration::from_secs(12), "the peer route on the new eth0", || {
+        route_to(&c, 0, &hosts[1].subnet).filter(|r| r["dev"] == "eth0" && r["protocol"] == "87").map(|_| ())
+    });
+    assert_full_mesh(&c, &hosts, Duration::from_secs(12));
+    assert_lan_route_untouched(&c, 0);
+}

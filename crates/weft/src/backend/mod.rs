@@ -68,6 +68,10 @@ pub struct DataPlane {
     rules: Rules,
     /// Destinations where a route of someone else keeps us from installing ours (logged once).
     blocked: std::collections::BTreeSet<IpNet>,
+    /// The external interface's name: found again by it when the interface is re-created.
+    ext_name: String,
+    /// Whether the external interface is missing (logged once).
+    ext_missing: bool,
 }
 
 /// What `prepare` hands back before the lease exists.
@@ -147,6 +151,8 @@ impl DataPlane {
                 validator: Validator::new(rules.clone()),
                 rules,
                 blocked: Default::default(),
+                ext_name: ext.name.clone(),
+                ext_missing: false,
             },
         })
     }
@@ -219,6 +225,31 @@ impl DataPlane {
         }
     }
 
+    /// Follows the external interface by name: deleted and re-created (a new index), it is
+    /// found again and everything on it re-programmed (the kernel deletes a vxlan device
+    /// with its underlay; the repair re-creates it on the new one). `Ok(false)` while the
+    /// interface is missing.
+    async fn follow_external(&mut self) -> Result<bool, KernelError> {
+        let link = crate::kernel::vxlan::link_by_name(&self.kernel.handle, &self.ext_name).await?;
+        let Some(link) = link else {
+            if !self.ext_missing {
+                tracing::warn!(iface = %self.ext_name, "the external interface is gone; waiting for it to come back");
+                self.ext_missing = true;
+            }
+            return Ok(false);
+        };
+        let index = link.header.index;
+        if self.ext_missing || index != self.links.external {
+            tracing::info!(iface = %self.ext_name, index, "the external interface is back; re-programming everything on it");
+            self.ext_missing = false;
+            self.links.external = index;
+            if let Some(v) = &mut self.vxlan {
+                v.set_underlay(index);
+            }
+        }
+        Ok(true)
+    }
+
     /// Makes the kernel match the plan for the current peers. Devices deleted behind our
     /// back are re-created first (same MAC). Failures are reported, not fatal.
     pub async fn reconcile(&mut self) -> Report {
@@ -232,6 +263,14 @@ impl DataPlane {
                 report.errors.push(e);
             }
             return report;
+        }
+        match self.follow_external().await {
+            Ok(true) => {}
+            Ok(false) => return report,
+            Err(e) => {
+                report.errors.push(e);
+                return report;
+            }
         }
         if let Some(v) = &mut self.vxlan {
             match v.repair(&self.kernel, &self.own).await {

@@ -82,6 +82,13 @@ impl Vxlan {
         Ok(v)
     }
 
+    /// The external interface has a new index: the devices must sit on it.
+    pub fn set_underlay(&mut self, index: u32) {
+        for p in [&mut self.p4, &mut self.p6].into_iter().flatten() {
+            p.underlay = index;
+        }
+    }
+
     /// Puts `{"VNI":…,"VtepMAC":…}` into the lease.
     pub fn fill_lease(&self, attrs: &mut LeaseAttrs) {
         let raw =
