@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::{IpNet, Ipv4Net};
 use netlink_packet_route::link::{LinkAttribute, LinkFlags};
-use netlink_packet_route::route::RouteScope;
+use netlink_packet_route::route::{RouteProtocol, RouteScope};
 use rtnetlink::{LinkUnspec, RouteMessageBuilder};
 use weft_core::backend::UdpSettings;
 use weft_core::iface::External;
@@ -15,7 +15,7 @@ use weft_core::packet::PeerTable;
 use super::BackendError;
 use crate::daemon::metrics::Metrics;
 use crate::kernel::vxlan::{ensure_address, link_by_name};
-use crate::kernel::{Kernel, KernelError, WEFT_PROTOCOL, err};
+use crate::kernel::{Kernel, KernelError, err};
 use crate::udp::{DEVICE, Udp};
 
 /// The udp backend.
@@ -93,7 +93,8 @@ impl UdpBackend {
             .destination_prefix(self.network.network(), self.network.prefix_len())
             .output_interface(idx)
             .scope(RouteScope::Link)
-            .protocol(WEFT_PROTOCOL)
+            // flannel's text (`10.5.0.0/16 dev flannel0 scope link`): flannel0 is ours whole.
+            .protocol(RouteProtocol::Boot)
             .build();
         match h.route().add(route).execute().await {
             Ok(()) => Ok(()),
