@@ -186,6 +186,16 @@ fn a_hostile_lease_never_touches_routes_weft_does_not_own() {
     admin(&admin_in);
     admin("198.51.100.0/24");
     assert_lan_route_untouched(&c, 0);
+
+    // What the LAN lease did to a host's own subnet before the fix: its bridge route
+    // replaced by a route via the LAN. The resync puts the bridge route back.
+    h1.ip(&["route", "replace", &hosts[0].subnet, "via", &c.lan.host_ip(2), "dev", "eth0"]).unwrap();
+    wait_for(Duration::from_secs(12), "our own subnet's route back on cni0", || {
+        route_to(&c, 0, &hosts[0].subnet)
+            .filter(|r| r["dev"] == "cni0" && r["protocol"] == "kernel" && r.get("gateway").is_none())
+            .map(|_| ())
+    });
+    assert_full_mesh(&c, &hosts, Duration::from_secs(2));
 }
 
 /// The device as `ip -j -d link` shows it (null while it does not exist).

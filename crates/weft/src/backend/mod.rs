@@ -295,13 +295,25 @@ impl DataPlane {
                 self.warned.insert(key, why);
             }
         }
-        let actual = match self.kernel.read_state(&self.links, &self.networks, &self.own).await {
+        let (actual, displaced) = match self.kernel.read_state(&self.links, &self.networks, &self.own).await {
             Ok(a) => a,
             Err(e) => {
                 report.errors.push(e);
                 return report;
             }
         };
+        for net in displaced {
+            match self.kernel.restore_own_route(net, self.links.external).await {
+                Ok(true) => {
+                    tracing::warn!(
+                        "the route of our own subnet {net} had been displaced to the external interface; restored it on the bridge"
+                    );
+                    report.changes += 1;
+                }
+                Ok(false) => {}
+                Err(e) => report.errors.push(e),
+            }
+        }
         let ops = plan::diff(&p.state, &actual);
         if !ops.is_empty() {
             if ops.len() <= 20 {

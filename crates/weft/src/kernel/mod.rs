@@ -156,13 +156,15 @@ impl Kernel {
     /// too); routes inside `networks` on a vxlan device, which is ours (also those flannel or
     /// an older weft made with another protocol); permanent neighbours and FDB entries on the
     /// vxlan devices. Nothing else is ever reported, so nothing else is ever changed.
+    /// Also returns our own subnets whose route was displaced by a route via a gateway on
+    /// the external interface (what a hostile lease did before weft validated leases).
     pub async fn read_state(
         &self,
         links: &Links,
         networks: &[IpNet],
         own: &[IpNet],
-    ) -> Result<KernelState, KernelError> {
-        let _ = own;
+    ) -> Result<(KernelState, Vec<IpNet>), KernelError> {
+        let mut displaced = Vec::new();
         let mut s = KernelState::default();
         for v6 in [false, true] {
             let msg = if v6 {
@@ -177,6 +179,9 @@ impl Kernel {
                     continue;
                 }
                 let (Some(dst), Some(oif)) = (route_dst(&r), route_oif(&r)) else { continue };
+                if own.contains(&dst) && oif == links.external && route_gateway(&r).is_some() {
+                    displaced.push(dst);
+                }
                 let Some(link) = links.link(oif) else { continue };
                 let ours = r.header.protocol == WEFT_PROTOCOL
                     || (link != LinkRef::External
@@ -230,7 +235,38 @@ impl Kernel {
                 }
             }
         }
-        Ok(s)
+        Ok((s, displaced))
+    }
+
+    /// Puts back the route of our own subnet `net` on the device holding an address inside
+    /// it (the CNI bridge, `cni0`), as the kernel makes it, in place of a route via the
+    /// external interface that displaced it. Does nothing while no such device exists.
+    pub async fn restore_own_route(&self, net: IpNet, external: u32) -> Result<bool, KernelError> {
+        let addrs: Vec<_> = self.handle.address().get().execute().try_collect().await.map_err(err("dump addresses"))?;
+        let holder = addrs.iter().find_map(|a| {
+            let ip = a.attributes.iter().find_map(|x| match x {
+                netlink_packet_route::address::AddressAttribute::Address(ip) => Some(*ip),
+                _ => None,
+            })?;
+            (a.header.index != external && a.header.prefix_len == net.prefix_len() && net.contains(&ip))
+                .then_some((a.header.index, ip))
+        });
+        let Some((index, src)) = holder else { return Ok(false) };
+        let mut msg = match (net, src) {
+            (IpNet::V4(n), IpAddr::V4(s)) => RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(n.network(), n.prefix_len())
+                .pref_source(s)
+                .build(),
+            (IpNet::V6(n), IpAddr::V6(_)) => {
+                RouteMessageBuilder::<Ipv6Addr>::new().destination_prefix(n.network(), n.prefix_len()).build()
+            }
+            _ => return Ok(false),
+        };
+        msg.attributes.push(RouteAttribute::Oif(index));
+        msg.header.scope = RouteScope::Link;
+        msg.header.protocol = RouteProtocol::Kernel;
+        self.handle.route().add(msg).replace().execute().await.map_err(err(format!("restore the route of {net}")))?;
+        Ok(true)
     }
 
     fn route_message(&self, r: &Route, idx: u32) -> RouteMessage {
