@@ -351,15 +351,109 @@ fn vxlan_follows_a_recreated_external_interface() {
     assert_full_mesh(&c, &hosts, Duration::from_secs(12));
 }
 
+/// A daemon started with its own `PATH` (for the hung-iptables wrapper), killed on drop.
+struct Proc(std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn daemon_with_path(c: &Cluster, i: usize, path: &str, extra: &[&str]) -> Proc {
+    let log = std::fs::File::create(c.dir.join(format!("h{}-path.log", i + 1))).unwrap();
+    let child = c.hosts[i]
+        .command(common::weft_bin())
+        .env("PATH", path)
+        .arg("daemon")
+        .arg(format!("--etcd-endpoints={}", c.etcd.url()))
+        .arg(format!("--subnet-file={}", c.env_file(i).display()))
+        .args(["-healthz-port", "8081"])
+        .args(extra)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    Proc(child)
+}
+
+/// The children of `pid` running `sleep 600` (the hung iptables of the wrapper).
+fn hung_children(pid: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+            let ppid = stat.rsplit_once(") ").and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<u32>().ok());
+            let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+            ppid == Some(pid) && cmd == b"sleep\x00600\x00"
+        })
+        .collect()
+}
+
+/// The external interface deleted and re-created is found again; and an iptables that hangs
+/// (a held xtables lock) blocks neither lease events nor the reconciler, and is killed at
+/// its deadline.
 #[test]
-fn host_gw_follows_a_recreated_external_interface() {
+fn host_gw_follows_a_recreated_external_interface_and_a_hung_iptables_blocks_nothing() {
     let c = cluster("hfw", 2, HOST_GW);
-    let (_daemons, hosts) = start_all(&c, &[]);
+    // iptables and iptables-restore hang once the marker exists.
+    let bin = c.dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let marker = c.dir.join("hang");
+    for (name, real) in [("iptables", "/usr/sbin/iptables"), ("iptables-restore", "/usr/sbin/iptables-restore")] {
+        let script =
+            format!("#!/bin/sh\nif [ -e {} ]; then exec sleep 600; fi\nexec {real} \"$@\"\n", marker.display());
+        std::fs::write(bin.join(name), script).unwrap();
+        let mut perm = std::fs::metadata(bin.join(name)).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
+        std::fs::set_permissions(bin.join(name), perm).unwrap();
+    }
+    let path = format!("{}:/usr/sbin:/usr/bin:/sbin:/bin", bin.display());
+    let daemons: Vec<Proc> =
+        (0..2).map(|i| daemon_with_path(&c, i, &path, &["--ip-masq", "--iptables-resync=1"])).collect();
+    let hosts: Vec<Host> = (0..2).map(|i| host_info(&c, i)).collect();
     assert_full_mesh(&c, &hosts, Duration::from_secs(10));
+    assert!(c.hosts[0].exec("iptables", &["-t", "nat", "-S", "FLANNEL-POSTRTG"]).unwrap().contains("MASQUERADE"));
+
     replug_external(&c);
     wait_for(Duration::from_secs(12), "the peer route on the new eth0", || {
         route_to(&c, 0, &hosts[1].subnet).filter(|r| r["dev"] == "eth0").map(|_| ())
     });
     assert_full_mesh(&c, &hosts, Duration::from_secs(12));
     assert_lan_route_untouched(&c, 0);
+
+    // From now on every iptables call hangs.
+    std::fs::write(&marker, "").unwrap();
+    let pids: Vec<u32> = daemons.iter().map(|d| d.0.id()).collect();
+    let hung = wait_for(Duration::from_secs(5), "a hung iptables under each daemon", || {
+        let h: Vec<Vec<u32>> = pids.iter().map(|p| hung_children(*p)).collect();
+        h.iter().all(|v| !v.is_empty()).then_some(h)
+    });
+    // Lease events and the reconciler go on: a new peer is routed, a removed one unrouted.
+    let free = (240..=254).find(|n| !hosts.iter().any(|h| h.subnet == format!("10.5.{n}.0/24"))).unwrap();
+    let subnet = format!("10.5.{free}.0/24");
+    put(&c, &format!("10.5.{free}.0-24"), r#"{"PublicIP":"192.0.2.13","PublicIPv6":null,"BackendType":"host-gw"}"#);
+    for i in 0..2 {
+        wait_for(Duration::from_secs(2), "the new peer's route while iptables hangs", || {
+            route_to(&c, i, &subnet).filter(|r| r["gateway"] == "192.0.2.13").map(|_| ())
+        });
+    }
+    del(&c, &format!("10.5.{free}.0-24"));
+    for i in 0..2 {
+        wait_for(Duration::from_secs(2), "the removed peer's route to go while iptables hangs", || {
+            route_to(&c, i, &subnet).is_none().then_some(())
+        });
+    }
+    assert_full_mesh(&c, &hosts, Duration::from_secs(2));
+    // The hung children are killed at their deadline (10 s), not left behind.
+    wait_for(Duration::from_secs(15), "the hung iptables to be killed", || {
+        hung.iter().flatten().all(|p| !std::path::Path::new(&format!("/proc/{p}")).exists()).then_some(())
+    });
+    for p in &pids {
+        assert!(hung_children(*p).len() <= 1, "one iptables at a time, not one per resync");
+    }
+    std::fs::remove_file(&marker).unwrap();
 }
