@@ -316,7 +316,9 @@ impl DataPlane {
         }
         let ops = plan::diff(&p.state, &actual);
         if !ops.is_empty() {
-            if ops.len() <= 20 {
+            // Routes known to be blocked by someone else's are retried quietly on every pass.
+            let quiet = ops.len() == ops.routes_add.iter().filter(|r| self.blocked.contains(&r.dst)).count();
+            if ops.len() <= 20 && !quiet {
                 for line in ops.describe() {
                     tracing::info!("{line}");
                 }
@@ -333,14 +335,16 @@ impl DataPlane {
                     self.metrics.error("route_blocked");
                 }
             }
-            self.blocked.retain(|d| applied.blocked.iter().any(|r| r.dst == *d) || p.state.routes.contains_key(d));
+            self.blocked.retain(|d| applied.blocked.iter().any(|r| r.dst == *d));
             report.changes += ops.len() - (report.errors.len() + applied.blocked.len()).min(ops.len());
-            tracing::info!(
-                changes = ops.len(),
-                failed = report.errors.len(),
-                took_ms = started.elapsed().as_millis() as u64,
-                "kernel reconciled"
-            );
+            if !quiet {
+                tracing::info!(
+                    changes = ops.len(),
+                    failed = report.errors.len(),
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "kernel reconciled"
+                );
+            }
         }
         report
     }
