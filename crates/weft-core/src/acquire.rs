@@ -146,7 +146,7 @@ mod tests {
     }
 
     fn lease(key: &str, ip: [u8; 4], expiry: Expiry) -> Lease {
-        Lease { key: key.parse().unwrap(), attrs: LeaseAttrs::new(ip.into()), expiry }
+        Lease { key: key.parse().unwrap(), attrs: LeaseAttrs::new(ip.into()), expiry, revision: 0 }
     }
 
     fn vector9_leases() -> Vec<Lease> {

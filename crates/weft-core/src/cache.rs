@@ -92,7 +92,12 @@ mod tests {
     use crate::lease::{Expiry, LeaseAttrs};
 
     fn l(key: &str, ip: u8) -> Lease {
-        Lease { key: key.parse().unwrap(), attrs: LeaseAttrs::new([10, 0, 0, ip].into()), expiry: Expiry::Unknown }
+        Lease {
+            key: key.parse().unwrap(),
+            attrs: LeaseAttrs::new([10, 0, 0, ip].into()),
+            expiry: Expiry::Unknown,
+            revision: 0,
+        }
     }
 
     #[test]

@@ -78,7 +78,11 @@ impl FromStr for SubnetKey {
         let v4 = if ip.is_unspecified() && len == 0 {
             None
         } else {
-            Some(Ipv4Net::new(ip, len).map_err(|_| e("the IPv4 prefix length is invalid"))?)
+            let net = Ipv4Net::new(ip, len).map_err(|_| e("the IPv4 prefix length is invalid"))?;
+            if net.network() != ip {
+                return Err(e("the IPv4 subnet has host bits set"));
+            }
+            Some(net)
         };
         let v6 = match v6_part {
             None => None,
@@ -90,7 +94,11 @@ impl FromStr for SubnetKey {
                 let ip: Ipv6Addr = ip.parse().map_err(|_| e("the IPv6 address is invalid"))?;
                 let len =
                     parse_len(len, 127).ok_or_else(|| e("the IPv6 prefix length is not a number from 0 to 127"))?;
-                Some(Ipv6Net::new(ip, len).map_err(|_| e("the IPv6 prefix length is invalid"))?)
+                let net = Ipv6Net::new(ip, len).map_err(|_| e("the IPv6 prefix length is invalid"))?;
+                if net.network() != ip {
+                    return Err(e("the IPv6 subnet has host bits set"));
+                }
+                Some(net)
             }
         };
         if v4.is_none() && v6.is_none() {
@@ -239,6 +247,9 @@ pub struct Lease {
     pub attrs: LeaseAttrs,
     /// When the lease ends.
     pub expiry: Expiry,
+    /// The store's create revision of the key (0 when the store does not say): the older
+    /// of two conflicting leases wins.
+    pub revision: i64,
 }
 
 #[cfg(test)]
@@ -277,6 +288,9 @@ mod tests {
             "",
             "0.0.0.0-0",
             "10.12.13.0-24&FD00::-64",
+            "10.12.13.5-24",
+            "10.12.13.0-16",
+            "10.12.13.0-24&fd00::1-64",
         ] {
             assert!(bad.parse::<SubnetKey>().is_err(), "{bad:?} must be rejected");
         }

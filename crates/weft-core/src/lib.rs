@@ -17,3 +17,4 @@ pub mod packet;
 pub mod plan;
 pub mod schedule;
 pub mod subnet_env;
+pub mod validate;

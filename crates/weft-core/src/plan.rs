@@ -133,7 +133,11 @@ pub struct Ops {
     pub neighbors_set: Vec<(LinkRef, IpAddr, Mac)>,
     /// FDB entries to add or replace.
     pub fdb_set: Vec<(LinkRef, Mac, IpAddr)>,
-    /// Routes to add or replace.
+    /// Routes to create where we have none: created exclusively, so a route of someone else
+    /// with the same destination (connected, the CNI bridge's, an administrator's) is never
+    /// replaced.
+    pub routes_add: Vec<Route>,
+    /// Our own routes to replace (their next hop or link changed).
     pub routes_set: Vec<Route>,
     /// Routes to delete (first when removing).
     pub routes_del: Vec<Route>,
@@ -153,6 +157,7 @@ impl Ops {
     pub fn len(&self) -> usize {
         self.neighbors_set.len()
             + self.fdb_set.len()
+            + self.routes_add.len()
             + self.routes_set.len()
             + self.routes_del.len()
             + self.fdb_del.len()
@@ -166,6 +171,7 @@ impl Ops {
             self.neighbors_set.iter().map(|(l, ip, m)| format!("set neigh {ip} lladdr {} on {l:?}", mac_to_string(m))),
         );
         out.extend(self.fdb_set.iter().map(|(l, m, d)| format!("set fdb {} dst {d} on {l:?}", mac_to_string(m))));
+        out.extend(self.routes_add.iter().map(|r| format!("add route {} via {} on {:?}", r.dst, r.via, r.link)));
         out.extend(self.routes_set.iter().map(|r| format!("set route {} via {} on {:?}", r.dst, r.via, r.link)));
         out.extend(self.routes_del.iter().map(|r| format!("del route {} via {} on {:?}", r.dst, r.via, r.link)));
         out.extend(self.fdb_del.iter().map(|(l, m, d)| format!("del fdb {} dst {d} on {l:?}", mac_to_string(m))));
@@ -177,7 +183,8 @@ impl Ops {
 }
 
 /// The changes that turn `actual` into `desired`. Entries already right are left alone, so
-/// a restart or a resync never disturbs working traffic.
+/// a restart or a resync never disturbs working traffic. `actual` holds only entries that
+/// are ours: whatever is not in it is never replaced or deleted.
 pub fn diff(desired: &KernelState, actual: &KernelState) -> Ops {
     let mut ops = Ops::default();
     for (&(l, ip), mac) in &desired.neighbors {
@@ -191,8 +198,10 @@ pub fn diff(desired: &KernelState, actual: &KernelState) -> Ops {
         }
     }
     for (dst, r) in &desired.routes {
-        if actual.routes.get(dst) != Some(r) {
-            ops.routes_set.push(*r);
+        match actual.routes.get(dst) {
+            None => ops.routes_add.push(*r),
+            Some(a) if a != r => ops.routes_set.push(*r),
+            Some(_) => {}
         }
     }
     for (dst, r) in &actual.routes {
@@ -238,7 +247,7 @@ mod tests {
         let mut a = LeaseAttrs::new(Ipv4Addr::from(ip));
         a.backend_type = kind.into();
         a.backend_data = mac.map(|m| RawValue::from_string(vxlan_backend_data(1, &m)).unwrap());
-        Lease { key: key.parse().unwrap(), attrs: a, expiry: Expiry::Unknown }
+        Lease { key: key.parse().unwrap(), attrs: a, expiry: Expiry::Unknown, revision: 0 }
     }
 
     const MAC: Mac = [0x0e, 1, 2, 3, 4, 5];
@@ -330,13 +339,23 @@ mod tests {
         actual.fdb.extend(stale.fdb.clone());
         actual.routes.remove(&"10.5.2.0/24".parse().unwrap());
         actual.neighbors.insert((LinkRef::Vxlan4, "10.5.3.0".parse().unwrap()), [0x0e, 6, 6, 6, 6, 6]);
+        actual.routes.insert(
+            "10.5.3.0/24".parse().unwrap(),
+            Route {
+                dst: "10.5.3.0/24".parse().unwrap(),
+                via: "10.5.3.9".parse().unwrap(),
+                link: LinkRef::Vxlan4,
+                onlink: true,
+            },
+        );
         let ops = diff(&want, &actual);
-        assert_eq!(ops.routes_set.len(), 1);
+        assert_eq!(ops.routes_add.len(), 1, "a missing route is created");
+        assert_eq!(ops.routes_set.len(), 1, "our route with a stale next hop is replaced");
         assert_eq!(ops.neighbors_set, vec![(LinkRef::Vxlan4, "10.5.3.0".parse().unwrap(), [0x0e, 7, 7, 7, 7, 7])]);
         assert_eq!(ops.routes_del.len(), 1);
         assert_eq!(ops.fdb_del.len(), 1);
         assert_eq!(ops.neighbors_del.len(), 1);
         assert!(ops.fdb_set.is_empty());
-        assert_eq!(ops.len(), 5);
+        assert_eq!(ops.len(), 6);
     }
 }

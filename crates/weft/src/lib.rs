@@ -13,5 +13,6 @@ pub mod host;
 pub mod kernel;
 pub mod lab;
 pub mod leases;
+pub mod process;
 pub mod registry;
 pub mod udp;

@@ -16,6 +16,7 @@ use weft_core::config::NetworkConfig;
 use weft_core::iface::External;
 use weft_core::lease::{Lease, LeaseAttrs, SubnetKey};
 use weft_core::plan::{self, HostFacts};
+use weft_core::validate::{Outcome, Rules, Validator};
 
 use crate::daemon::metrics::Metrics;
 use crate::kernel::{Kernel, KernelError, Links};
@@ -62,6 +63,15 @@ pub struct DataPlane {
     metrics: Arc<Metrics>,
     peers: BTreeMap<SubnetKey, Lease>,
     warned: BTreeMap<SubnetKey, String>,
+    /// Judges peer leases before they reach the planner or the udp peer table.
+    validator: Validator,
+    rules: Rules,
+    /// Destinations where a route of someone else keeps us from installing ours (logged once).
+    blocked: std::collections::BTreeSet<IpNet>,
+    /// The external interface's name: found again by it when the interface is re-created.
+    ext_name: String,
+    /// Whether the external interface is missing (logged once).
+    ext_missing: bool,
 }
 
 /// What `prepare` hands back before the lease exists.
@@ -115,6 +125,13 @@ impl DataPlane {
             Vec::new()
         };
         let facts = HostFacts { connected, vxlan6: links.vxlan6.is_some() };
+        let mut rules = Rules::from_config(cfg);
+        rules.own_ips = [ext.public_ip, ext.iface_addr]
+            .into_iter()
+            .flatten()
+            .map(std::net::IpAddr::V4)
+            .chain([ext.public_ipv6, ext.iface_addr_v6].into_iter().flatten().map(std::net::IpAddr::V6))
+            .collect();
         Ok(Prepared {
             attrs,
             mtu: spec.mtu(ext.mtu),
@@ -131,6 +148,11 @@ impl DataPlane {
                 metrics,
                 peers: BTreeMap::new(),
                 warned: BTreeMap::new(),
+                validator: Validator::new(rules.clone()),
+                rules,
+                blocked: Default::default(),
+                ext_name: ext.name.clone(),
+                ext_missing: false,
             },
         })
     }
@@ -143,6 +165,9 @@ impl DataPlane {
     /// Records our lease (and gives the vxlan device its address).
     pub async fn set_own(&mut self, own: &SubnetKey) -> Result<(), KernelError> {
         self.own = own.v4.map(IpNet::V4).into_iter().chain(own.v6.map(IpNet::V6)).collect();
+        self.rules.own = Some(*own);
+        let outcome = self.validator.set_rules(self.rules.clone());
+        self.absorb(outcome);
         if let Some(v) = &self.vxlan {
             v.address(&self.kernel, own).await?;
         }
@@ -157,9 +182,29 @@ impl DataPlane {
         &self.own
     }
 
-    /// Applies peer lease events to the peer table.
+    /// Applies peer lease events to the peer table, through the validator: a lease that
+    /// breaks a rule or loses a conflict never reaches the planner or the udp engine.
     pub fn update(&mut self, events: &[LeaseEvent]) {
         for e in events {
+            let outcome = self.validator.apply(e);
+            self.absorb(outcome);
+        }
+        if let Some(u) = &self.udp {
+            u.set_peers(self.subnet_len, self.peers.values());
+        }
+    }
+
+    /// The peer leases not in use, with why (for `/metrics` and logs).
+    pub fn rejected(&self) -> &BTreeMap<SubnetKey, weft_core::validate::Reject> {
+        self.validator.rejected()
+    }
+
+    fn absorb(&mut self, outcome: Outcome) {
+        for (key, why) in &outcome.rejected {
+            tracing::warn!(peer = %key, reason = why.label(), "rejecting peer lease: {why}");
+            self.metrics.leases_rejected.get_or_create(&vec![("reason", why.label())]).inc();
+        }
+        for e in &outcome.events {
             match e {
                 LeaseEvent::Added(l) => {
                     self.peers.insert(l.key, l.clone());
@@ -170,9 +215,6 @@ impl DataPlane {
                 }
             }
         }
-        if let Some(u) = &self.udp {
-            u.set_peers(self.subnet_len, self.peers.values());
-        }
     }
 
     /// The MAC(s) we advertise, if vxlan.
@@ -181,6 +223,31 @@ impl DataPlane {
             Some(v) => (v.v4.map(|d| d.mac), v.v6.map(|d| d.mac)),
             None => (None, None),
         }
+    }
+
+    /// Follows the external interface by name: deleted and re-created (a new index), it is
+    /// found again and everything on it re-programmed (the kernel deletes a vxlan device
+    /// with its underlay; the repair re-creates it on the new one). `Ok(false)` while the
+    /// interface is missing.
+    async fn follow_external(&mut self) -> Result<bool, KernelError> {
+        let link = crate::kernel::vxlan::link_by_name(&self.kernel.handle, &self.ext_name).await?;
+        let Some(link) = link else {
+            if !self.ext_missing {
+                tracing::warn!(iface = %self.ext_name, "the external interface is gone; waiting for it to come back");
+                self.ext_missing = true;
+            }
+            return Ok(false);
+        };
+        let index = link.header.index;
+        if self.ext_missing || index != self.links.external {
+            tracing::info!(iface = %self.ext_name, index, "the external interface is back; re-programming everything on it");
+            self.ext_missing = false;
+            self.links.external = index;
+            if let Some(v) = &mut self.vxlan {
+                v.set_underlay(index);
+            }
+        }
+        Ok(true)
     }
 
     /// Makes the kernel match the plan for the current peers. Devices deleted behind our
@@ -196,6 +263,14 @@ impl DataPlane {
                 report.errors.push(e);
             }
             return report;
+        }
+        match self.follow_external().await {
+            Ok(true) => {}
+            Ok(false) => return report,
+            Err(e) => {
+                report.errors.push(e);
+                return report;
+            }
         }
         if let Some(v) = &mut self.vxlan {
             match v.repair(&self.kernel, &self.own).await {
@@ -220,28 +295,56 @@ impl DataPlane {
                 self.warned.insert(key, why);
             }
         }
-        let actual = match self.kernel.read_state(&self.links, &self.networks, &self.own).await {
+        let (actual, displaced) = match self.kernel.read_state(&self.links, &self.networks, &self.own).await {
             Ok(a) => a,
             Err(e) => {
                 report.errors.push(e);
                 return report;
             }
         };
+        for net in displaced {
+            match self.kernel.restore_own_route(net, self.links.external).await {
+                Ok(true) => {
+                    tracing::warn!(
+                        "the route of our own subnet {net} had been displaced to the external interface; restored it on the bridge"
+                    );
+                    report.changes += 1;
+                }
+                Ok(false) => {}
+                Err(e) => report.errors.push(e),
+            }
+        }
         let ops = plan::diff(&p.state, &actual);
         if !ops.is_empty() {
-            if ops.len() <= 20 {
+            // Routes known to be blocked by someone else's are retried quietly on every pass.
+            let quiet = ops.len() == ops.routes_add.iter().filter(|r| self.blocked.contains(&r.dst)).count();
+            if ops.len() <= 20 && !quiet {
                 for line in ops.describe() {
                     tracing::info!("{line}");
                 }
             }
-            report.errors = self.kernel.apply(&ops, &self.links).await;
-            report.changes += ops.len() - report.errors.len().min(ops.len());
-            tracing::info!(
-                changes = ops.len(),
-                failed = report.errors.len(),
-                took_ms = started.elapsed().as_millis() as u64,
-                "kernel reconciled"
-            );
+            let applied = self.kernel.apply(&ops, &self.links).await;
+            report.errors = applied.errors;
+            for r in &applied.blocked {
+                if self.blocked.insert(r.dst) {
+                    tracing::warn!(
+                        "a route to {} that weft did not install is in the way: leaving it alone, so peer subnet {} is not routed by weft; remove that route if the peer should be reachable",
+                        r.dst,
+                        r.dst
+                    );
+                    self.metrics.error("route_blocked");
+                }
+            }
+            self.blocked.retain(|d| applied.blocked.iter().any(|r| r.dst == *d));
+            report.changes += ops.len() - (report.errors.len() + applied.blocked.len()).min(ops.len());
+            if !quiet {
+                tracing::info!(
+                    changes = ops.len(),
+                    failed = report.errors.len(),
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "kernel reconciled"
+                );
+            }
         }
         report
     }

@@ -4,6 +4,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::{IpNet, Ipv4Net};
+use netlink_packet_route::link::{LinkAttribute, LinkFlags};
 use netlink_packet_route::route::{RouteProtocol, RouteScope};
 use rtnetlink::{LinkUnspec, RouteMessageBuilder};
 use weft_core::backend::UdpSettings;
@@ -56,29 +57,51 @@ impl UdpBackend {
         })
     }
 
-    /// `flannel0` up with our MTU, our base address /32, and `<Network> dev flannel0`.
-    /// Idempotent: the reconciler calls it on every pass to repair what was changed.
+    /// `flannel0` up with our MTU, our base address /32, and `<Network> dev flannel0`;
+    /// re-opened when it was deleted. Idempotent and quiet: the reconciler calls it on every
+    /// pass, and it changes only what is wrong (each change wakes the reconciler again).
     pub async fn ensure(&self, kernel: &Kernel) -> Result<(), KernelError> {
         let Some(own) = self.own else { return Ok(()) };
         let h = &kernel.handle;
-        let link = link_by_name(h, DEVICE)
-            .await?
-            .ok_or_else(|| KernelError { op: format!("find {DEVICE}"), source: rtnetlink::Error::RequestFailed })?;
+        let link = match link_by_name(h, DEVICE).await? {
+            Some(l) => l,
+            None => {
+                tracing::warn!("{DEVICE} is gone; re-opening it and re-attaching the engine");
+                self.engine.reopen().map_err(|e| KernelError {
+                    op: format!("re-open {DEVICE}: {e}"),
+                    source: rtnetlink::Error::RequestFailed,
+                })?;
+                link_by_name(h, DEVICE).await?.ok_or_else(|| KernelError {
+                    op: format!("find {DEVICE} after re-opening it"),
+                    source: rtnetlink::Error::RequestFailed,
+                })?
+            }
+        };
         let idx = link.header.index;
-        h.link()
-            .set(LinkUnspec::new_with_index(idx).mtu(self.mtu).up().build())
-            .execute()
-            .await
-            .map_err(err("set flannel0 up"))?;
+        let mtu = link.attributes.iter().find_map(|a| if let LinkAttribute::Mtu(m) = a { Some(*m) } else { None });
+        if !link.header.flags.contains(LinkFlags::Up) || mtu != Some(self.mtu) {
+            tracing::warn!("{DEVICE} was down or had another MTU; restoring it");
+            h.link()
+                .set(LinkUnspec::new_with_index(idx).mtu(self.mtu).up().build())
+                .execute()
+                .await
+                .map_err(err("set flannel0 up"))?;
+        }
         ensure_address(h, idx, IpNet::new(IpAddr::V4(own.network()), 32).expect("/32"), IpNet::V4(self.network))
             .await?;
         let route = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(self.network.network(), self.network.prefix_len())
             .output_interface(idx)
             .scope(RouteScope::Link)
+            // flannel's text (`10.5.0.0/16 dev flannel0 scope link`): flannel0 is ours whole.
             .protocol(RouteProtocol::Boot)
             .build();
-        h.route().add(route).replace().execute().await.map_err(err("route the network to flannel0"))
+        match h.route().add(route).execute().await {
+            Ok(()) => Ok(()),
+            // Already there (ours from an earlier pass, or someone else's: left alone).
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => Ok(()),
+            Err(e) => Err(err("route the network to flannel0")(e)),
+        }
     }
 
     /// Swaps in a new peer table (udp leases carry no BackendType).

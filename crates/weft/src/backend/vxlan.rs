@@ -72,11 +72,21 @@ impl Vxlan {
             let local = ext
                 .iface_addr_v6
                 .ok_or_else(|| BackendError::Address(format!("vxlan: interface {} has no IPv6 address", ext.name)))?;
-            let p = params(format!("flannel-v6.{}", s.vni), IpAddr::V6(local));
+            let mut p = params(format!("flannel-v6.{}", s.vni), IpAddr::V6(local));
+            // Over IPv6 the encapsulation takes 20 bytes more; the kernel caps the MTU there,
+            // and the repair must not fight the cap.
+            p.mtu = p.mtu.min(ext.mtu.saturating_sub(weft_core::backend::VXLAN_OVERHEAD + 20));
             v.v6 = Some(dev::ensure(&kernel.handle, &p, None, &v.seed6).await.map_err(fail)?);
             v.p6 = Some(p);
         }
         Ok(v)
+    }
+
+    /// The external interface has a new index: the devices must sit on it.
+    pub fn set_underlay(&mut self, index: u32) {
+        for p in [&mut self.p4, &mut self.p6].into_iter().flatten() {
+            p.underlay = index;
+        }
     }
 
     /// Puts `{"VNI":…,"VtepMAC":…}` into the lease.
@@ -87,10 +97,12 @@ impl Vxlan {
         attrs.backend_v6_data = raw(&self.v6);
     }
 
-    /// Gives the devices our subnet's base address (/32, /128) and nothing else in the network.
-    pub async fn address(&self, kernel: &Kernel, own: &SubnetKey) -> Result<(), KernelError> {
+    /// Gives the devices our subnet's base address (/32, /128) and nothing else in the
+    /// network; `Ok(true)` when an address had to be added or removed.
+    pub async fn address(&self, kernel: &Kernel, own: &SubnetKey) -> Result<bool, KernelError> {
+        let mut changed = false;
         if let (Some(d), Some(sub), Some(net)) = (self.v4, own.v4, self.networks.0) {
-            dev::ensure_address(
+            changed |= dev::ensure_address(
                 &kernel.handle,
                 d.index,
                 IpNet::new(IpAddr::V4(sub.network()), 32).expect("/32"),
@@ -99,7 +111,7 @@ impl Vxlan {
             .await?;
         }
         if let (Some(d), Some(sub), Some(net)) = (self.v6, own.v6, self.networks.1) {
-            dev::ensure_address(
+            changed |= dev::ensure_address(
                 &kernel.handle,
                 d.index,
                 IpNet::new(IpAddr::V6(sub.network()), 128).expect("/128"),
@@ -107,29 +119,26 @@ impl Vxlan {
             )
             .await?;
         }
-        Ok(())
+        Ok(changed)
     }
 
-    /// Re-creates a deleted device with the MAC we advertise and re-addresses it.
-    /// `Ok(true)` when something had to be repaired.
+    /// Repairs the devices, whatever happened to them (deleted, down, MTU, MAC, `local` or
+    /// address changed); `Ok(true)` when something had to be repaired.
     pub async fn repair(&mut self, kernel: &Kernel, own: &[IpNet]) -> Result<bool, KernelError> {
         let mut changed = false;
         for (dev_slot, params, seed) in [(&mut self.v4, &self.p4, &self.seed4), (&mut self.v6, &self.p6, &self.seed6)] {
-            let (Some(current), Some(p)) = (dev_slot.as_ref(), params) else { continue };
-            let existing = dev::link_by_name(&kernel.handle, &p.name).await?;
-            if existing.as_ref().map(|l| l.header.index) == Some(current.index) {
-                continue;
-            }
-            tracing::warn!(device = %p.name, "vxlan device is gone; re-creating it with the same MAC");
-            *dev_slot = Some(dev::ensure(&kernel.handle, p, Some(current.mac), seed).await?);
-            changed = true;
+            let (Some(current), Some(p)) = (*dev_slot, params) else { continue };
+            let (d, fixed) = dev::repair(&kernel.handle, p, current, seed).await?;
+            *dev_slot = Some(d);
+            changed |= fixed;
         }
-        if changed {
-            let key = SubnetKey {
-                v4: own.iter().find_map(|n| if let IpNet::V4(v) = n { Some(*v) } else { None }),
-                v6: own.iter().find_map(|n| if let IpNet::V6(v) = n { Some(*v) } else { None }),
-            };
-            self.address(kernel, &key).await?;
+        let key = SubnetKey {
+            v4: own.iter().find_map(|n| if let IpNet::V4(v) = n { Some(*v) } else { None }),
+            v6: own.iter().find_map(|n| if let IpNet::V6(v) = n { Some(*v) } else { None }),
+        };
+        if self.address(kernel, &key).await? {
+            tracing::warn!("the vxlan device's address was changed; restored it");
+            changed = true;
         }
         Ok(changed)
     }

@@ -38,6 +38,8 @@ pub struct Metrics {
     pub udp_offload: Family<Labels, Gauge>,
     /// Errors, by kind (renew, store, …).
     pub errors: Family<Labels, Counter>,
+    /// Peer leases rejected by validation, by reason.
+    pub leases_rejected: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -65,6 +67,7 @@ impl Metrics {
             udp_drops: Family::default(),
             udp_offload: Family::default(),
             errors: Family::default(),
+            leases_rejected: Family::default(),
         };
         registry.register(
             "weft_lease_expiry_timestamp_seconds",
@@ -95,6 +98,11 @@ impl Metrics {
         registry.register("weft_udp_drops", "udp backend packets dropped, by reason", m.udp_drops.clone());
         registry.register("weft_udp_offload", "udp backend offload paths in use", m.udp_offload.clone());
         registry.register("weft_errors", "Errors by kind", m.errors.clone());
+        registry.register(
+            "weft_leases_rejected",
+            "Peer leases rejected (invalid, or losing a conflict to an older lease), by reason",
+            m.leases_rejected.clone(),
+        );
         Metrics { registry, ..m }
     }
 

@@ -266,6 +266,15 @@ async fn run_with<R: Registry>(
     };
     let mut resync = tokio::time::interval(RESYNC);
     let mut fw_resync = tokio::time::interval(Duration::from_secs(opts.iptables_resync_secs));
+    // Firewall commands run on a task of their own: a hung iptables never stalls this loop.
+    let _firewall = firewall.map(|fw| {
+        AbortOnDrop(crate::firewall::spawn_resync(
+            fw,
+            fw_spec.clone(),
+            Duration::from_secs(opts.iptables_resync_secs),
+            metrics.clone(),
+        ))
+    });
     // No pass before the first full list of peers: an empty view would tear down every
     // route of a restarted daemon.
     let mut synced = false;
@@ -303,13 +312,6 @@ async fn run_with<R: Registry>(
             }
             _ = resync.tick() => { due.get_or_insert_with(tokio::time::Instant::now); }
             _ = fw_resync.tick() => {
-                if let Some(fw) = &firewall {
-                    match fw.resync(&fw_spec).await {
-                        Ok(true) => tracing::info!("firewall rules were missing or changed; restored"),
-                        Ok(false) => {}
-                        Err(e) => { metrics.error("firewall"); tracing::warn!("firewall resync failed: {e}"); }
-                    }
-                }
                 if opts.ip_blackhole_route && let Err(e) = kernel.ensure_blackholes(dataplane.own_subnets()).await {
                     tracing::warn!("{e}");
                 }

@@ -25,7 +25,18 @@ pub enum FirewallError {
         /// What it printed.
         stderr: String,
     },
+    /// The binary hung (e.g. waiting for the xtables lock) and was killed.
+    #[error("{command} did not finish within {after:?} and was killed; is another program holding the xtables lock?")]
+    TimedOut {
+        /// The command line.
+        command: String,
+        /// The deadline.
+        after: std::time::Duration,
+    },
 }
+
+/// How long one iptables or nft command may take.
+pub const COMMAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The rule set for one address family.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,28 +95,37 @@ impl Firewall {
     }
 }
 
-/// Runs `program args`, feeding `stdin`; returns stdout.
+/// Runs `program args`, feeding `stdin`; returns stdout. Killed after [`COMMAND_TIMEOUT`].
 pub(crate) async fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, FirewallError> {
-    use tokio::io::AsyncWriteExt;
-    let mut cmd = tokio::process::Command::new(program);
-    cmd.args(args)
-        .stdin(if stdin.is_some() { std::process::Stdio::piped() } else { std::process::Stdio::null() })
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let mut child = cmd.spawn().map_err(|source| FirewallError::Spawn { program: program.to_string(), source })?;
-    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        let _ = pipe.write_all(text.as_bytes()).await;
-    }
-    let out = child
-        .wait_with_output()
-        .await
-        .map_err(|source| FirewallError::Spawn { program: program.to_string(), source })?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(FirewallError::Failed {
-            command: format!("{program} {}", args.join(" ")),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        })
-    }
+    use crate::process::ProcessError;
+    crate::process::run(program, args, stdin, COMMAND_TIMEOUT).await.map_err(|e| match e {
+        ProcessError::Spawn { program, source } => FirewallError::Spawn { program, source },
+        ProcessError::Failed { command, stderr } => FirewallError::Failed { command, stderr },
+        ProcessError::TimedOut { command, after } => FirewallError::TimedOut { command, after },
+    })
+}
+
+/// Re-checks the rules every `every` on a task of its own, so a slow or hung iptables never
+/// delays lease events, the reconciler or renewal.
+pub fn spawn_resync(
+    fw: Firewall,
+    spec: FirewallSpec,
+    every: std::time::Duration,
+    metrics: std::sync::Arc<crate::daemon::metrics::Metrics>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            match fw.resync(&spec).await {
+                Ok(true) => tracing::info!("firewall rules were missing or changed; restored"),
+                Ok(false) => {}
+                Err(e) => {
+                    metrics.error("firewall");
+                    tracing::warn!("firewall resync failed: {e}");
+                }
+            }
+        }
+    })
 }

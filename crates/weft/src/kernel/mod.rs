@@ -120,6 +120,21 @@ fn neigh_mac(n: &NeighbourMessage) -> Option<Mac> {
     })
 }
 
+/// The route protocol of every route weft installs (`ip route` shows `proto 87`): how a
+/// restarted daemon and the resync recognise their routes, wherever they point, and leave
+/// every other route alone. flannel installs its routes as `proto boot`.
+pub const WEFT_PROTOCOL: RouteProtocol = RouteProtocol::Other(87);
+
+/// What applying a diff did besides succeeding.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// Changes that failed (retried on the next pass).
+    pub errors: Vec<KernelError>,
+    /// Routes not created because a route of someone else has the same destination: left
+    /// alone, never replaced.
+    pub blocked: Vec<Route>,
+}
+
 /// How many netlink requests are in flight at once while applying a diff.
 const PARALLEL: usize = 64;
 
@@ -136,20 +151,22 @@ impl Kernel {
         Kernel { handle }
     }
 
-    /// Reads the entries that belong to us: routes whose destination lies in one of
-    /// `networks` (but is not one of `own`), on a vxlan device or via a gateway on the
-    /// external interface; permanent neighbours and FDB entries on the vxlan devices.
+    /// Reads the entries that belong to us: routes of protocol [`WEFT_PROTOCOL`], wherever
+    /// they point (so a route a bad lease once made outside the network is found and removed
+    /// too); routes inside `networks` on a vxlan device, which is ours (also those flannel or
+    /// an older weft made with another protocol); permanent neighbours and FDB entries on the
+    /// vxlan devices. Nothing else is ever reported, so nothing else is ever changed.
+    /// Also returns our own subnets whose route was displaced by a route via a gateway on
+    /// the external interface (what a hostile lease did before weft validated leases).
     pub async fn read_state(
         &self,
         links: &Links,
         networks: &[IpNet],
         own: &[IpNet],
-    ) -> Result<KernelState, KernelError> {
+    ) -> Result<(KernelState, Vec<IpNet>), KernelError> {
+        let mut displaced = Vec::new();
         let mut s = KernelState::default();
         for v6 in [false, true] {
-            if !networks.iter().any(|n| n.addr().is_ipv6() == v6) {
-                continue;
-            }
             let msg = if v6 {
                 RouteMessageBuilder::<Ipv6Addr>::new().build()
             } else {
@@ -158,27 +175,26 @@ impl Kernel {
             let routes: Vec<RouteMessage> =
                 self.handle.route().get(msg).execute().try_collect().await.map_err(err("dump routes"))?;
             for r in routes {
-                if r.header.table != 254
-                    || r.header.kind != RouteType::Unicast
-                    || r.header.protocol == RouteProtocol::Kernel
-                {
+                if r.header.table != 254 || r.header.kind != RouteType::Unicast {
                     continue;
                 }
                 let (Some(dst), Some(oif)) = (route_dst(&r), route_oif(&r)) else { continue };
-                if own.contains(&dst) || !networks.iter().any(|n| n.contains(&dst) && n.prefix_len() < dst.prefix_len())
-                {
-                    continue;
+                if own.contains(&dst) && oif == links.external && route_gateway(&r).is_some() {
+                    displaced.push(dst);
                 }
                 let Some(link) = links.link(oif) else { continue };
-                let gw = route_gateway(&r);
-                let route = match (link, gw) {
-                    (LinkRef::External, Some(via)) => {
-                        Route { dst, via, link, onlink: r.header.flags.contains(RouteFlags::Onlink) }
-                    }
-                    (LinkRef::External, None) => continue,
-                    (_, Some(via)) => Route { dst, via, link, onlink: r.header.flags.contains(RouteFlags::Onlink) },
-                    // A route on our device without a gateway is not one we make: replace it.
-                    (_, None) => Route { dst, via: dst.network(), link, onlink: false },
+                let ours = r.header.protocol == WEFT_PROTOCOL
+                    || (link != LinkRef::External
+                        && r.header.protocol != RouteProtocol::Kernel
+                        && networks.iter().any(|n| n.contains(&dst) && n.prefix_len() < dst.prefix_len()));
+                if !ours {
+                    continue;
+                }
+                let onlink = r.header.flags.contains(RouteFlags::Onlink);
+                let route = match route_gateway(&r) {
+                    Some(via) => Route { dst, via, link, onlink },
+                    // A route without a gateway is not one we make: replace or delete it.
+                    None => Route { dst, via: dst.network(), link, onlink: false },
                 };
                 s.routes.insert(dst, route);
             }
@@ -219,7 +235,38 @@ impl Kernel {
                 }
             }
         }
-        Ok(s)
+        Ok((s, displaced))
+    }
+
+    /// Puts back the route of our own subnet `net` on the device holding an address inside
+    /// it (the CNI bridge, `cni0`), as the kernel makes it, in place of a route via the
+    /// external interface that displaced it. Does nothing while no such device exists.
+    pub async fn restore_own_route(&self, net: IpNet, external: u32) -> Result<bool, KernelError> {
+        let addrs: Vec<_> = self.handle.address().get().execute().try_collect().await.map_err(err("dump addresses"))?;
+        let holder = addrs.iter().find_map(|a| {
+            let ip = a.attributes.iter().find_map(|x| match x {
+                netlink_packet_route::address::AddressAttribute::Address(ip) => Some(*ip),
+                _ => None,
+            })?;
+            (a.header.index != external && a.header.prefix_len == net.prefix_len() && net.contains(&ip))
+                .then_some((a.header.index, ip))
+        });
+        let Some((index, src)) = holder else { return Ok(false) };
+        let mut msg = match (net, src) {
+            (IpNet::V4(n), IpAddr::V4(s)) => RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(n.network(), n.prefix_len())
+                .pref_source(s)
+                .build(),
+            (IpNet::V6(n), IpAddr::V6(_)) => {
+                RouteMessageBuilder::<Ipv6Addr>::new().destination_prefix(n.network(), n.prefix_len()).build()
+            }
+            _ => return Ok(false),
+        };
+        msg.attributes.push(RouteAttribute::Oif(index));
+        msg.header.scope = RouteScope::Link;
+        msg.header.protocol = RouteProtocol::Kernel;
+        self.handle.route().add(msg).replace().execute().await.map_err(err(format!("restore the route of {net}")))?;
+        Ok(true)
     }
 
     fn route_message(&self, r: &Route, idx: u32) -> RouteMessage {
@@ -227,12 +274,12 @@ impl Kernel {
             (IpNet::V4(d), IpAddr::V4(g)) => {
                 let b =
                     RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(d.network(), d.prefix_len()).gateway(g);
-                b.output_interface(idx).protocol(RouteProtocol::Boot).scope(RouteScope::Universe).build()
+                b.output_interface(idx).protocol(WEFT_PROTOCOL).scope(RouteScope::Universe).build()
             }
             (IpNet::V6(d), IpAddr::V6(g)) => {
                 let b =
                     RouteMessageBuilder::<Ipv6Addr>::new().destination_prefix(d.network(), d.prefix_len()).gateway(g);
-                b.output_interface(idx).protocol(RouteProtocol::Boot).scope(RouteScope::Universe).build()
+                b.output_interface(idx).protocol(WEFT_PROTOCOL).scope(RouteScope::Universe).build()
             }
             // Mixed families cannot come out of the planner; build something the kernel rejects.
             _ => RouteMessage::default(),
@@ -245,8 +292,9 @@ impl Kernel {
 
     /// Applies `ops` in order (neighbours, FDB, routes; then deletions in reverse), many
     /// requests in flight at once. Keeps going past failures and returns them all.
-    pub async fn apply(&self, ops: &Ops, links: &Links) -> Vec<KernelError> {
+    pub async fn apply(&self, ops: &Ops, links: &Links) -> Applied {
         let mut errors = Vec::new();
+        let mut blocked = Vec::new();
         let missing = |l: LinkRef| KernelError {
             op: format!("{l:?} device is missing"),
             source: rtnetlink::Error::RequestFailed,
@@ -287,6 +335,32 @@ impl Kernel {
                 .await
                 .map_err(err(format!("set fdb {} dst {dst}", weft_core::backend::mac_to_string(&mac))))
         });
+        // Exclusive creation: the kernel refuses (EEXIST) when any route has this destination.
+        let added: Vec<(Route, Result<(), KernelError>)> = stream::iter(ops.routes_add.iter().map(|r| async move {
+            let res = match links.index(r.link) {
+                None => Err(missing(r.link)),
+                Some(idx) => self
+                    .handle
+                    .route()
+                    .add(self.route_message(r, idx))
+                    .execute()
+                    .await
+                    .map_err(err(format!("add route {}", r.dst))),
+            };
+            (*r, res)
+        }))
+        .buffer_unordered(PARALLEL)
+        .collect()
+        .await;
+        for (r, res) in added {
+            match res {
+                Ok(()) => {}
+                Err(KernelError { source: rtnetlink::Error::NetlinkError(e), .. }) if e.raw_code() == -libc::EEXIST => {
+                    blocked.push(r)
+                }
+                Err(e) => errors.push(e),
+            }
+        }
         phase!(ops.routes_set, |r| async move {
             let idx = links.index(r.link).ok_or_else(|| missing(r.link))?;
             self.handle
@@ -300,9 +374,14 @@ impl Kernel {
         phase!(ops.routes_del, |r| async move {
             let idx = links.index(r.link).ok_or_else(|| missing(r.link))?;
             let mut msg = self.route_message(r, idx);
-            // Delete by destination and device only: whatever gateway the stale route has.
+            // Delete by destination and device only: whatever gateway the stale route has. On
+            // the external interface only a route of our protocol matches; vxlan devices are
+            // ours whole (older routes there may carry flannel's protocol).
             msg.attributes.retain(|a| !matches!(a, RouteAttribute::Gateway(_)));
-            msg.header.protocol = RouteProtocol::Unspec;
+            msg.header.flags.remove(RouteFlags::Onlink);
+            if r.link != LinkRef::External {
+                msg.header.protocol = RouteProtocol::Unspec;
+            }
             self.handle.route().del(msg).execute().await.map_err(err(format!("delete route {}", r.dst)))
         });
         phase!(ops.fdb_del, |f| async move {
@@ -331,7 +410,7 @@ impl Kernel {
             msg.attributes.push(NeighbourAttribute::Destination(neigh_address(ip)));
             self.handle.neighbours().del(msg).execute().await.map_err(err(format!("delete neighbour {ip}")))
         });
-        errors
+        Applied { errors, blocked }
     }
 
     /// Keeps `blackhole <net>` routes for our subnets (`--ip-blackhole-route`).

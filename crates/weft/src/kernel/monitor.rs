@@ -1,5 +1,5 @@
-//! Netlink change notifications: wakes the reconciler when links, neighbours or routes
-//! change, so an entry deleted by hand or a deleted device is put back within moments.
+//! Netlink change notifications: wakes the reconciler when links, addresses, neighbours or
+//! routes change, so an entry deleted by hand or a deleted device is put back within moments.
 
 use std::sync::Arc;
 
@@ -17,6 +17,8 @@ pub fn spawn(wake: Arc<Notify>) -> std::io::Result<tokio::task::JoinHandle<()>> 
         MulticastGroup::Neigh,
         MulticastGroup::Ipv4Route,
         MulticastGroup::Ipv6Route,
+        MulticastGroup::Ipv4Ifaddr,
+        MulticastGroup::Ipv6Ifaddr,
     ])?;
     tokio::spawn(conn);
     Ok(tokio::spawn(async move {
@@ -29,7 +31,9 @@ pub fn spawn(wake: Arc<Notify>) -> std::io::Result<tokio::task::JoinHandle<()>> 
                 | RouteNetlinkMessage::DelNeighbour(_)
                 | RouteNetlinkMessage::NewNeighbour(_)
                 | RouteNetlinkMessage::DelRoute(_)
-                | RouteNetlinkMessage::NewRoute(_),
+                | RouteNetlinkMessage::NewRoute(_)
+                | RouteNetlinkMessage::NewAddress(_)
+                | RouteNetlinkMessage::DelAddress(_),
             ) = msg.payload
             {
                 wake.notify_one();

@@ -94,7 +94,8 @@ pub async fn ensure(
     mac_seed: &[u8],
 ) -> Result<VxlanDevice, KernelError> {
     let existing = link_by_name(h, &p.name).await?;
-    let mac = existing.as_ref().and_then(mac_of).or(preferred).unwrap_or_else(|| derived_vtep_mac(mac_seed, p.vni));
+    // The MAC we advertise beats the device's: someone may have changed it.
+    let mac = preferred.or(existing.as_ref().and_then(mac_of)).unwrap_or_else(|| derived_vtep_mac(mac_seed, p.vni));
     if let Some(l) = &existing {
         if compatible(l, p) {
             let idx = l.header.index;
@@ -139,11 +140,54 @@ pub async fn ensure(
     Ok(VxlanDevice { index: created.header.index, mac })
 }
 
+fn mtu_of(l: &LinkMessage) -> Option<u32> {
+    l.attributes.iter().find_map(|a| if let LinkAttribute::Mtu(m) = a { Some(*m) } else { None })
+}
+
+/// Puts the device back as `p` says, whatever happened to it: set up again when down; MTU
+/// and MAC restored in place; re-created with the same MAC when it is gone, is no longer a
+/// vxlan device, or its VNI, `local` address, port, underlay or learning changed. Returns
+/// the device and whether anything had to be repaired.
+pub async fn repair(
+    h: &Handle,
+    p: &VxlanParams,
+    current: VxlanDevice,
+    mac_seed: &[u8],
+) -> Result<(VxlanDevice, bool), KernelError> {
+    let existing = link_by_name(h, &p.name).await?;
+    let Some(l) = existing.filter(|l| compatible(l, p)) else {
+        tracing::warn!(device = %p.name, "vxlan device is gone or altered; re-creating it with the same MAC");
+        return Ok((ensure(h, p, Some(current.mac), mac_seed).await?, true));
+    };
+    let idx = l.header.index;
+    let mut fixes = Vec::new();
+    let mut req = LinkUnspec::new_with_index(idx);
+    if !l.header.flags.contains(LinkFlags::Up) {
+        fixes.push("set up".to_string());
+        req = req.up();
+    }
+    if mtu_of(&l) != Some(p.mtu) {
+        fixes.push(format!("MTU {:?} -> {}", mtu_of(&l), p.mtu));
+        req = req.mtu(p.mtu);
+    }
+    if mac_of(&l) != Some(current.mac) {
+        fixes.push(format!("MAC -> {}", mac_to_string(&current.mac)));
+        req = req.address(current.mac.to_vec());
+    }
+    if !fixes.is_empty() {
+        tracing::warn!(device = %p.name, fixes = %fixes.join(", "), "vxlan device was altered; restoring it");
+        h.link().set(req.build()).execute().await.map_err(err(format!("restore {}", p.name)))?;
+    }
+    Ok((VxlanDevice { index: idx, mac: current.mac }, !fixes.is_empty() || idx != current.index))
+}
+
 /// Gives device `index` the address `addr` and removes its other addresses inside `network`.
-pub async fn ensure_address(h: &Handle, index: u32, addr: IpNet, network: IpNet) -> Result<(), KernelError> {
+/// Returns whether anything changed.
+pub async fn ensure_address(h: &Handle, index: u32, addr: IpNet, network: IpNet) -> Result<bool, KernelError> {
     let current: Vec<_> =
         h.address().get().set_link_index_filter(index).execute().try_collect().await.map_err(err("dump addresses"))?;
     let mut present = false;
+    let mut changed = false;
     for a in current {
         let Some(ip) =
             a.attributes.iter().find_map(|x| if let AddressAttribute::Address(ip) = x { Some(*ip) } else { None })
@@ -154,6 +198,7 @@ pub async fn ensure_address(h: &Handle, index: u32, addr: IpNet, network: IpNet)
             present = true;
         } else if network.contains(&ip) {
             h.address().del(a).execute().await.map_err(err(format!("remove stale address {ip}")))?;
+            changed = true;
         }
     }
     if !present {
@@ -162,6 +207,7 @@ pub async fn ensure_address(h: &Handle, index: u32, addr: IpNet, network: IpNet)
             .execute()
             .await
             .map_err(err(format!("add address {addr}")))?;
+        changed = true;
     }
-    Ok(())
+    Ok(changed)
 }

@@ -67,7 +67,7 @@ pub async fn acquire<R: Registry>(
                 Choice::Reuse { reservation: true, .. } => Expiry::Reservation,
                 _ => Expiry::At(std::time::SystemTime::now() + ttl),
             };
-            return Ok(Acquired { lease: Lease { key, attrs: attrs.clone(), expiry }, choice: p.choice });
+            return Ok(Acquired { lease: Lease { key, attrs: attrs.clone(), expiry, revision: 0 }, choice: p.choice });
         }
         tracing::info!(subnet = %key, attempt, "another host took this subnet first; choosing again");
         if matches!(p.choice, Choice::Previous(_)) {

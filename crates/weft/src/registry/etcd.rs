@@ -127,7 +127,7 @@ impl EtcdRegistry {
         };
         let (key, attrs) = parse_entry("etcd", suffix, value)?;
         let expiry = if kv.lease() == 0 { Expiry::Reservation } else { Expiry::Unknown };
-        Some(Lease { key, attrs, expiry })
+        Some(Lease { key, attrs, expiry, revision: kv.create_revision() })
     }
 }
 

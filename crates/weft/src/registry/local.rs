@@ -148,7 +148,7 @@ impl LocalRegistry {
             None => Expiry::Reservation,
             Some(ms) => Expiry::At(UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)),
         };
-        Some(Lease { key, attrs, expiry })
+        Some(Lease { key, attrs, expiry, revision: 0 })
     }
 
     /// Writes a reservation (a lease without expiry) for `key`: what an operator does with

@@ -8,7 +8,7 @@ pub mod socket;
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -78,9 +78,79 @@ impl Peers {
     }
 }
 
+/// The TUN device in use, with a generation number: replaced whole when `flannel0` is
+/// re-created, and picked up by the forwarding threads after their next I/O error.
+#[derive(Clone)]
+struct DevSlot(Arc<Mutex<(u64, Arc<SyncDevice>)>>);
+
+impl DevSlot {
+    fn get(&self) -> (u64, Arc<SyncDevice>) {
+        match self.0.lock() {
+            Ok(g) => (g.0, g.1.clone()),
+            Err(p) => {
+                let g = p.into_inner();
+                (g.0, g.1.clone())
+            }
+        }
+    }
+
+    fn set(&self, d: SyncDevice) {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        *g = (g.0 + 1, Arc::new(d));
+    }
+}
+
+/// First pause after an I/O error on the TUN device; doubled per error up to the maximum.
+const BACKOFF_MIN: Duration = Duration::from_millis(10);
+/// Longest pause between attempts: the device is repaired within moments by the reconciler.
+const BACKOFF_MAX: Duration = Duration::from_millis(500);
+
+/// A forwarding thread's hold on the TUN device: on an I/O error it pauses (never a busy
+/// loop: the deleted device of issue 9 made reads fail at once, forever), then takes the
+/// re-opened device if there is one.
+struct DevHandle {
+    slot: DevSlot,
+    generation: u64,
+    dev: Arc<SyncDevice>,
+    backoff: Duration,
+    errors: u64,
+}
+
+impl DevHandle {
+    fn new(slot: DevSlot) -> DevHandle {
+        let (generation, dev) = slot.get();
+        DevHandle { slot, generation, dev, backoff: BACKOFF_MIN, errors: 0 }
+    }
+
+    fn ok(&mut self) {
+        self.backoff = BACKOFF_MIN;
+        self.errors = 0;
+    }
+
+    fn failed(&mut self, what: &str, e: &dyn std::fmt::Display) {
+        self.errors += 1;
+        if self.errors == 1 {
+            tracing::warn!("{what} on {DEVICE} failed ({e}); pausing until the device is repaired");
+        }
+        std::thread::sleep(self.backoff);
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        let (generation, dev) = self.slot.get();
+        if generation != self.generation {
+            tracing::info!("{DEVICE} was re-opened; forwarding on the new device");
+            self.generation = generation;
+            self.dev = dev;
+            self.ok();
+        }
+    }
+}
+
+fn open_tun(offload: bool) -> io::Result<SyncDevice> {
+    DeviceBuilder::new().name(DEVICE).offload(offload).build_sync()
+}
+
 /// The device and socket, created before the lease is taken.
 pub struct Udp {
-    dev: Arc<SyncDevice>,
+    dev: DevSlot,
     sock: Socket,
     /// TUN offloads (IFF_VNET_HDR with TSO) are on.
     pub tun_offload: bool,
@@ -97,7 +167,7 @@ impl Udp {
         // paths or to work around a kernel that misbehaves with one of them.
         let disabled = std::env::var("WEFT_UDP_DISABLE").unwrap_or_default();
         let off = |f: &str| disabled.split(',').any(|d| d.trim() == f);
-        let open = |offload: bool| DeviceBuilder::new().name(DEVICE).offload(offload).build_sync();
+        let open = open_tun;
         let (dev, tun_offload) = match open(!off("tun_tso")) {
             Ok(d) if d.tcp_gso() && !off("tun_tso") => (d, true),
             Ok(d) => (d, false),
@@ -111,7 +181,24 @@ impl Udp {
         if off("udp_gro") {
             sock.disable_gro()?;
         }
-        Ok(Udp { dev: Arc::new(dev), sock, tun_offload, port, peers: Peers::default() })
+        Ok(Udp {
+            dev: DevSlot(Arc::new(Mutex::new((0, Arc::new(dev))))),
+            sock,
+            tun_offload,
+            port,
+            peers: Peers::default(),
+        })
+    }
+
+    /// Opens `flannel0` again (it was deleted) with the same offloads; the forwarding
+    /// threads switch to it after their next I/O error on the old one.
+    pub fn reopen(&self) -> io::Result<()> {
+        let d = open_tun(self.tun_offload)?;
+        if self.tun_offload && !d.tcp_gso() {
+            return Err(io::Error::other("the re-opened TUN device lacks the offloads the engine runs with"));
+        }
+        self.dev.set(d);
+        Ok(())
     }
 
     /// Which paths run, for the log and `/metrics`.
@@ -131,7 +218,7 @@ impl Udp {
             "udp engine paths"
         );
         let out = TunToNet {
-            dev: self.dev.clone(),
+            dev: DevHandle::new(self.dev.clone()),
             sock: self.sock.try_clone()?,
             peers: self.peers.clone(),
             stats: Stats::new(metrics),
@@ -140,7 +227,7 @@ impl Udp {
             tun_ip,
         };
         let inb = NetToTun {
-            dev: self.dev.clone(),
+            dev: DevHandle::new(self.dev.clone()),
             sock: self.sock.try_clone()?,
             peers: self.peers.clone(),
             stats: Stats::new(metrics),
@@ -155,7 +242,7 @@ impl Udp {
 
 /// TUN → UDP.
 struct TunToNet {
-    dev: Arc<SyncDevice>,
+    dev: DevHandle,
     sock: Socket,
     peers: Peers,
     stats: Stats,
@@ -174,7 +261,7 @@ struct Group {
 }
 
 impl TunToNet {
-    fn run(self) {
+    fn run(mut self) {
         let mut orig = vec![0u8; BIG];
         let mut bufs: Vec<Vec<u8>> = (0..IDEAL_BATCH_SIZE).map(|_| vec![0u8; PACKET]).collect();
         let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
@@ -183,25 +270,31 @@ impl TunToNet {
         let mut icmp_budget = (Instant::now(), ICMP_PER_SECOND);
         loop {
             let n = if self.offload {
-                match self.dev.recv_multiple(&mut orig, &mut bufs, &mut sizes, 0) {
+                match self.dev.dev.recv_multiple(&mut orig, &mut bufs, &mut sizes, 0) {
                     Ok(n) => n,
                     Err(e) => {
-                        tracing::debug!("TUN read: {e}");
+                        self.dev.failed("reading", &e);
                         continue;
                     }
                 }
             } else {
-                match self.dev.recv(&mut bufs[0]) {
+                match self.dev.dev.recv(&mut bufs[0]) {
+                    // A detached device reads as end of file.
+                    Ok(0) => {
+                        self.dev.failed("reading", &"end of file");
+                        continue;
+                    }
                     Ok(len) => {
                         sizes[0] = len;
                         1
                     }
                     Err(e) => {
-                        tracing::debug!("TUN read: {e}");
+                        self.dev.failed("reading", &e);
                         continue;
                     }
                 }
             };
+            self.dev.ok();
             let table = self.peers.snapshot();
             plain.clear();
             for i in 0..n {
@@ -280,7 +373,7 @@ impl TunToNet {
         let off = if self.offload { VIRTIO_NET_HDR_LEN } else { 0 };
         if let Some(len) = icmp_net_unreachable(pkt, h, self.tun_ip, &mut out[off..]) {
             // With IFF_VNET_HDR every write starts with a header; all zero means "no offload".
-            if self.dev.send(&out[..off + len]).is_ok() {
+            if self.dev.dev.send(&out[..off + len]).is_ok() {
                 self.stats.icmp.inc();
             }
         }
@@ -289,7 +382,7 @@ impl TunToNet {
 
 /// UDP → TUN.
 struct NetToTun {
-    dev: Arc<SyncDevice>,
+    dev: DevHandle,
     sock: Socket,
     peers: Peers,
     stats: Stats,
@@ -298,7 +391,7 @@ struct NetToTun {
 }
 
 impl NetToTun {
-    fn run(self) {
+    fn run(mut self) {
         let off = if self.offload { VIRTIO_NET_HDR_LEN } else { 0 };
         let mut recv = vec![0u8; BIG];
         let mut bufs: Vec<BytesMut> = (0..IDEAL_BATCH_SIZE).map(|_| BytesMut::with_capacity(BIG)).collect();
@@ -343,12 +436,13 @@ impl NetToTun {
                 continue;
             }
             let r = if self.offload {
-                self.dev.send_multiple(&mut gro, &mut bufs[..staged], off).map(|_| ())
+                self.dev.dev.send_multiple(&mut gro, &mut bufs[..staged], off).map(|_| ())
             } else {
-                bufs[..staged].iter().try_for_each(|b| self.dev.send(b).map(|_| ()))
+                bufs[..staged].iter().try_for_each(|b| self.dev.dev.send(b).map(|_| ()))
             };
-            if let Err(e) = r {
-                tracing::debug!("TUN write: {e}");
+            match r {
+                Ok(()) => self.dev.ok(),
+                Err(e) => self.dev.failed("writing", &e),
             }
         }
     }
