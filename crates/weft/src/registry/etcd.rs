@@ -10,7 +10,7 @@
 //!
 //! Watches run on one member and are probed every [`PROBE_EVERY`] with a cheap linearizable
 //! read on that same member: a member that died, lost its leader or was cut off from its
-//! peers stops the watch within [`PROBE_EVERY`] + [`ATTEMPT`], and the caller resumes it on
+//! peers stops the watch within [`PROBE_EVERY`] + [`PROBE_TIMEOUT`], and the caller resumes it on
 //! another member from the revision after the last event delivered.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -35,6 +35,10 @@ pub const ATTEMPT: Duration = Duration::from_secs(3);
 const CONNECT: Duration = Duration::from_secs(2);
 /// How often a watch checks that its member still answers linearizable reads.
 pub const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// Deadline of that check (a healthy member answers in milliseconds).
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often every endpoint is checked for `weft_store_endpoint_up`.
+pub const ENDPOINT_CHECK: Duration = Duration::from_secs(5);
 /// Rounds over all endpoints before a request fails (callers retry further).
 const ROUNDS: usize = 3;
 /// Keys per page of a list; halved while a page is too large for one message.
@@ -267,12 +271,32 @@ impl EtcdRegistry {
         })
     }
 
-    /// Counts retries and endpoint health in `metrics` from now on.
+    /// Counts retries and endpoint health in `metrics` from now on, and checks every
+    /// endpoint every [`ENDPOINT_CHECK`] (a linearizable read: "up" means usable), so
+    /// `weft_store_endpoint_up` also follows members no request went to. Call it inside the
+    /// runtime; the checks end with the last clone of this registry.
     pub fn with_metrics(self, metrics: Arc<Metrics>) -> Self {
         let _ = self.inner.metrics.set(metrics);
-        for e in &self.inner.endpoints {
-            self.set_up(e, true);
-        }
+        let weak = Arc::downgrade(&self.inner);
+        let prefix = self.prefix.clone();
+        tokio::spawn(async move {
+            loop {
+                let Some(inner) = weak.upgrade() else { return };
+                let reg = EtcdRegistry { inner, prefix: prefix.clone() };
+                for i in 0..reg.inner.endpoints.len() {
+                    let up = match reg.conn(i).await {
+                        Err(_) => false,
+                        Ok(mut c) => {
+                            let get = c.kv.get(format!("{prefix}/config"), Some(GetOptions::new().with_count_only()));
+                            matches!(tokio::time::timeout(ATTEMPT, get).await, Ok(Ok(_)))
+                        }
+                    };
+                    reg.set_up(&reg.inner.endpoints[i], up);
+                }
+                drop(reg);
+                tokio::time::sleep(ENDPOINT_CHECK).await;
+            }
+        });
         self
     }
 
@@ -705,10 +729,10 @@ impl Registry for EtcdRegistry {
                         _ = probe.tick() => {
                             let mut kv = conn.kv.clone();
                             let opts = GetOptions::new().with_count_only();
-                            let item = match tokio::time::timeout(ATTEMPT, kv.get(probe_key.clone(), Some(opts))).await {
+                            let item = match tokio::time::timeout(PROBE_TIMEOUT, kv.get(probe_key.clone(), Some(opts))).await {
                                 Ok(Ok(_)) => WatchItem::Progress,
                                 Ok(Err(e)) => WatchItem::Broken(format!("{url} stopped answering: {e}")),
-                                Err(_) => WatchItem::Broken(format!("{url} did not answer within {ATTEMPT:?}")),
+                                Err(_) => WatchItem::Broken(format!("{url} did not answer within {PROBE_TIMEOUT:?}")),
                             };
                             if let WatchItem::Broken(_) = item {
                                 this.set_up(&this.inner.endpoints[at], false);

@@ -1,0 +1,267 @@
+//! `weft daemon` against a real 3-member etcd cluster in namespaces (members on the hosts'
+//! LAN, raft traffic on a peer network of its own), with members killed, cut off from their
+//! peers, and the leader killed, while daemons keep following their peers.
+//!
+//! Prints the figures per fault kind (run with `--nocapture` to see them): the time from the
+//! fault to the next peer event applied on both running hosts, and how long a host that
+//! starts into the fault takes to get its lease.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::cluster::{Daemon, PREFIX};
+use common::wait_for;
+use weft::lab::etcd::EtcdCluster;
+use weft::lab::netns::{Lan, Netns, http_get};
+
+const CONFIG: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"alloc"}}"#;
+const HEALTH_PORT: u16 = 8081;
+
+fn subnet_of(env: &str) -> String {
+    env.lines().find(|l| l.starts_with("FLANNEL_SUBNET=")).unwrap().to_string()
+}
+
+fn metric(host: &Netns, name: &str) -> Option<i64> {
+    let (_, body) = http_get(&host.name, HEALTH_PORT, "/metrics")?;
+    body.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+}
+
+fn readyz(host: &Netns) -> Option<u16> {
+    http_get(&host.name, HEALTH_PORT, "/readyz").map(|(code, _)| code)
+}
+
+/// A running host: its namespace, daemon and subnet file.
+struct Host<'a> {
+    ns: &'a Netns,
+    daemon: Daemon,
+    env: std::path::PathBuf,
+}
+
+fn start_daemon(ns: &Netns, cluster: &EtcdCluster, dir: &Path) -> (Daemon, std::path::PathBuf) {
+    let env = dir.join(format!("{}.env", ns.name));
+    let subnet_file = format!("--subnet-file={}", env.display());
+    let mut args: Vec<String> = cluster.daemon_args();
+    args.extend([subnet_file, "-healthz-port".into(), HEALTH_PORT.to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    (Daemon::start(ns, dir, &args), env)
+}
+
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// Members that answer now (for writing peer leases the way another host would).
+fn healthy(c: &EtcdCluster, skip: Option<usize>) -> Vec<usize> {
+    (0..c.len()).filter(|i| Some(*i) != skip).collect()
+}
+
+/// A peer joins (a lease written through the healthy members, retried every second until the
+/// cluster takes writes again) and then leaves (deleted); returns the time from the fault and
+/// from the write until both hosts applied the join, and asserts they apply the leave.
+fn peer_joins_and_leaves(
+    c: &EtcdCluster,
+    hosts: &[Host<'_>],
+    n: u8,
+    via: &[usize],
+    fault_at: Instant,
+) -> (Duration, Duration) {
+    let key = format!("{PREFIX}/subnets/10.5.{}.0-24", 200 + n);
+    let value = format!(r#"{{"PublicIP":"192.0.2.{}","PublicIPv6":null}}"#, 100 + n);
+    let base: Vec<i64> = hosts.iter().map(|h| metric(h.ns, "weft_peers ").unwrap_or(-1)).collect();
+    wait_for(Duration::from_secs(30), "the peer lease to be written", || {
+        c.etcdctl_on(via, &["put", "--command-timeout=1s", &key, &value]).ok()
+    });
+    let written = fault_at.elapsed();
+    wait_for(Duration::from_secs(60), "both hosts to apply the joined peer", || {
+        hosts.iter().zip(&base).all(|(h, b)| metric(h.ns, "weft_peers ") == Some(b + 1)).then_some(())
+    });
+    let joined = fault_at.elapsed();
+    eprintln!(
+        "  peer {n}: written {:.2}s, applied {:.2}s after the fault",
+        written.as_secs_f64(),
+        joined.as_secs_f64()
+    );
+    wait_for(Duration::from_secs(30), "the peer lease to be deleted", || {
+        c.etcdctl_on(via, &["del", "--command-timeout=1s", &key]).ok()
+    });
+    wait_for(Duration::from_secs(60), "both hosts to apply the peer that left", || {
+        hosts.iter().zip(&base).all(|(h, b)| metric(h.ns, "weft_peers ") == Some(*b)).then_some(())
+    });
+    (joined, joined - written)
+}
+
+/// Starts a daemon on `ns` and returns how long it took to write its subnet file.
+fn start_into_fault(ns: &Netns, c: &EtcdCluster, dir: &Path) -> (Daemon, Duration) {
+    // The file of a previous start goes first: wait for a fresh one.
+    let _ = std::fs::remove_file(dir.join(format!("{}.env", ns.name)));
+    let start = Instant::now();
+    let (mut d, env) = start_daemon(ns, c, dir);
+    wait_for(Duration::from_secs(60), "the host started into the fault to get its lease", || {
+        assert!(d.alive(), "the daemon exited: {}", d.log());
+        std::fs::read_to_string(&env).ok()
+    });
+    (d, start.elapsed())
+}
+
+fn assert_steady(hosts: &mut [Host<'_>], subnets: &[String], what: &str) {
+    for (h, s) in hosts.iter_mut().zip(subnets) {
+        assert!(h.daemon.alive(), "{what}: the daemon on {} exited: {}", h.ns.name, h.daemon.log());
+        assert_eq!(&subnet_of(&std::fs::read_to_string(&h.env).unwrap()), s, "{what}: no host changes subnet");
+        assert_eq!(readyz(h.ns), Some(200), "{what}: ready through a degraded cluster");
+    }
+}
+
+#[test]
+fn daemons_follow_peers_through_members_killed_partitioned_and_a_lost_quorum() {
+    let prefix = common::prefix("ecl");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let lan = Lan::new(&prefix, "192.0.2").unwrap();
+    let nss: Vec<Netns> = (1..=4).map(|i| lan.add_host(i).unwrap()).collect();
+    let c = EtcdCluster::create(&prefix, &lan.ns, "192.0.2", 3, &dir.join("etcd"), false).unwrap();
+    c.etcdctl(&["put", &format!("{PREFIX}/config"), CONFIG]).unwrap();
+
+    let mut hosts: Vec<Host<'_>> = nss[..2]
+        .iter()
+        .map(|ns| {
+            let (daemon, env) = start_daemon(ns, &c, dir);
+            Host { ns, daemon, env }
+        })
+        .collect();
+    let subnets: Vec<String> = hosts
+        .iter()
+        .map(|h| {
+            subnet_of(&wait_for(Duration::from_secs(30), "a subnet file", || std::fs::read_to_string(&h.env).ok()))
+        })
+        .collect();
+    assert_ne!(subnets[0], subnets[1]);
+    wait_for(Duration::from_secs(30), "each host to see the other", || {
+        hosts.iter().all(|h| metric(h.ns, "weft_peers ") == Some(1)).then_some(())
+    });
+
+    let (mut killed, mut partitioned, mut leader_killed) = (Vec::new(), Vec::new(), Vec::new());
+    let mut starts: Vec<(&str, Duration)> = Vec::new();
+    let mut n = 0u8;
+    // Each member killed in turn (the daemons' watches start on the first endpoint).
+    for i in 0..3 {
+        c.kill(i).unwrap();
+        let at = Instant::now();
+        n += 1;
+        killed.push(peer_joins_and_leaves(&c, &hosts, n, &healthy(&c, Some(i)), at));
+        if i == 0 {
+            let (mut d, t) = start_into_fault(&nss[2], &c, dir);
+            starts.push(("member killed", t));
+            d.signal(libc::SIGTERM);
+            d.wait_exit(Duration::from_secs(10));
+        }
+        assert_steady(&mut hosts, &subnets, &format!("member m{} killed", i + 1));
+        c.restart(i).unwrap();
+        c.wait_member(i, Duration::from_secs(30)).unwrap();
+    }
+    // Each member cut off from its peers in turn: it stays reachable but has no leader.
+    for i in 0..3 {
+        c.partition(i).unwrap();
+        let at = Instant::now();
+        n += 1;
+        partitioned.push(peer_joins_and_leaves(&c, &hosts, n, &healthy(&c, Some(i)), at));
+        if i == 0 {
+            let (mut d, t) = start_into_fault(&nss[2], &c, dir);
+            starts.push(("member partitioned", t));
+            d.signal(libc::SIGTERM);
+            d.wait_exit(Duration::from_secs(10));
+        }
+        assert_steady(&mut hosts, &subnets, &format!("member m{} partitioned", i + 1));
+        c.heal(i).unwrap();
+        c.wait_member(i, Duration::from_secs(30)).unwrap();
+    }
+    // The leader killed, three times.
+    for round in 0..3 {
+        let leader = wait_for(Duration::from_secs(30), "a leader", || c.leader());
+        c.kill(leader).unwrap();
+        let at = Instant::now();
+        n += 1;
+        leader_killed.push(peer_joins_and_leaves(&c, &hosts, n, &healthy(&c, Some(leader)), at));
+        if round == 0 {
+            let (mut d, t) = start_into_fault(&nss[2], &c, dir);
+            starts.push(("leader killed", t));
+            d.signal(libc::SIGTERM);
+            d.wait_exit(Duration::from_secs(10));
+        }
+        assert_steady(&mut hosts, &subnets, "leader killed");
+        c.restart(leader).unwrap();
+        c.wait_member(leader, Duration::from_secs(30)).unwrap();
+    }
+
+    // Every member down: a starting host waits (alive, not ready) and gets its lease once a
+    // quorum is back; the running hosts survive and follow again.
+    for i in 0..3 {
+        c.kill(i).unwrap();
+    }
+    let (mut waiting, env4) = start_daemon(&nss[3], &c, dir);
+    std::thread::sleep(Duration::from_secs(8));
+    assert!(waiting.alive(), "a host starting with every member down waits: {}", waiting.log());
+    assert_eq!(readyz(&nss[3]), Some(503), "not ready while no member answers");
+    assert!(!env4.exists());
+    let log = waiting.log();
+    assert!(log.contains(&c.client_ip(0)) && log.contains(&c.client_ip(2)), "the log names the endpoints tried: {log}");
+    for h in hosts.iter_mut() {
+        assert!(h.daemon.alive(), "a running host survives losing every member: {}", h.daemon.log());
+    }
+    let back = Instant::now();
+    c.restart(0).unwrap();
+    c.restart(1).unwrap();
+    wait_for(Duration::from_secs(90), "the waiting host to get its lease once a quorum is back", || {
+        assert!(waiting.alive(), "{}", waiting.log());
+        std::fs::read_to_string(&env4).ok()
+    });
+    let quorum_start = back.elapsed();
+    c.restart(2).unwrap();
+    c.wait_member(2, Duration::from_secs(30)).unwrap();
+    n += 1;
+    let all = healthy(&c, None);
+    // The running hosts now also see the hosts that started meanwhile.
+    let keys = || c.etcdctl(&["get", "--prefix", "--keys-only", &format!("{PREFIX}/subnets/")]).unwrap();
+    let expected = keys().lines().filter(|l| !l.is_empty()).count() as i64 - 1;
+    wait_for(Duration::from_secs(60), "the running hosts to catch up after the outage", || {
+        hosts.iter().all(|h| metric(h.ns, "weft_peers ") == Some(expected)).then_some(())
+    });
+    peer_joins_and_leaves(&c, &hosts, n, &all, Instant::now());
+    assert_steady(&mut hosts, &subnets, "after the outage");
+    // Each host's key still holds its own address.
+    for (h, (s, ip)) in hosts.iter().zip(subnets.iter().zip(["192.0.2.11", "192.0.2.12"])) {
+        let third = s.trim_start_matches("FLANNEL_SUBNET=10.5.").trim_end_matches(".1/24");
+        let v = c.etcdctl(&["get", "--print-value-only", &format!("{PREFIX}/subnets/10.5.{third}.0-24")]).unwrap();
+        assert!(v.contains(ip), "{}: {v}", h.ns.name);
+    }
+    // The retries and the endpoint that was down are visible.
+    let (_, body) = http_get(&nss[0].name, HEALTH_PORT, "/metrics").unwrap();
+    assert!(body.contains("weft_store_retries_total{op=\""), "{body}");
+    assert!(body.contains(&format!("weft_store_endpoint_up{{endpoint=\"{}\"}} 1", c.url(0))), "{body}");
+
+    let fmt = |v: &mut Vec<(Duration, Duration)>| {
+        let mut from_fault: Vec<Duration> = v.iter().map(|p| p.0).collect();
+        let mut from_write: Vec<Duration> = v.iter().map(|p| p.1).collect();
+        format!(
+            "from the fault median {:.2}s max {:.2}s; from the write median {:.2}s max {:.2}s (n={})",
+            median(&mut from_fault).as_secs_f64(),
+            from_fault.iter().max().unwrap().as_secs_f64(),
+            median(&mut from_write).as_secs_f64(),
+            from_write.iter().max().unwrap().as_secs_f64(),
+            v.len()
+        )
+    };
+    println!(
+        "fault → next peer event applied on both running hosts (the write is retried until the cluster takes it):"
+    );
+    println!("  member killed:      {}", fmt(&mut killed));
+    println!("  member partitioned: {}", fmt(&mut partitioned));
+    println!("  leader killed:      {}", fmt(&mut leader_killed));
+    println!("host starting into the fault → lease:");
+    for (k, t) in &starts {
+        println!("  {k}: {:.2}s", t.as_secs_f64());
+    }
+    println!("  every member down, then 2 of 3 restarted: {:.2}s after the restart", quorum_start.as_secs_f64());
+}
