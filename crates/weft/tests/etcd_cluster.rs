@@ -265,3 +265,147 @@ fn daemons_follow_peers_through_members_killed_partitioned_and_a_lost_quorum() {
     }
     println!("  every member down, then 2 of 3 restarted: {:.2}s after the restart", quorum_start.as_secs_f64());
 }
+
+#[test]
+fn with_credentials_and_the_store_down_at_start_the_daemon_waits() {
+    let c = common::cluster::cluster("ecs", 1, CONFIG);
+    c.etcd.etcdctl(&["user", "add", "root:s3cret"]).unwrap();
+    c.etcd.etcdctl(&["auth", "enable"]).unwrap();
+    // The store refuses connections from the host (as a stopped store does).
+    let block = ["OUTPUT", "-p", "tcp", "--dport", "2379", "-j", "REJECT", "--reject-with", "tcp-reset"];
+    c.hosts[0].exec("iptables", &[&["-I"][..], &block[..]].concat()).unwrap();
+    let mut d = c.daemon(0, &["--etcd-username=root", "--etcd-password=s3cret"]);
+    wait_for(Duration::from_secs(30), "a few attempts in the log", || {
+        (d.log().matches("Couldn't fetch network config").count() >= 3).then_some(())
+    });
+    assert!(d.alive(), "retries instead of exiting: {}", d.log());
+    assert_eq!(c.http(0, "/readyz").0, "503");
+    assert!(d.log().contains(&c.etcd.url()), "each attempt names the endpoint tried: {}", d.log());
+    assert!(!d.log().contains("s3cret"), "the password never reaches the log");
+    c.hosts[0].exec("iptables", &[&["-D"][..], &block[..]].concat()).unwrap();
+    c.wait_env(0);
+    assert_eq!(c.http(0, "/readyz").0, "200");
+}
+
+/// Which store the partition test runs against.
+#[derive(Clone, Copy, Debug)]
+enum Store {
+    Etcd,
+    Local,
+}
+
+/// Host A holds the only subnet; it is frozen (no renewal, no watch: a partition as long as
+/// it lasts) for longer than the (test-only, short) lease TTL; the lease expires and host B
+/// takes the subnet. When A runs again it must give the subnet up (exit), never take it back.
+fn partition_longer_than_the_ttl(tag: &str, store: Store, v6_only: bool) {
+    let prefix = common::prefix(tag);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let lan = Lan::new(&prefix, "192.0.2").unwrap();
+    let hosts: Vec<Netns> = (1..=2).map(|i| lan.add_host(i).unwrap()).collect();
+    let config = if v6_only {
+        for (i, h) in hosts.iter().enumerate() {
+            h.ip(&["addr", "add", &format!("fd00:2::{}/64", 11 + i), "dev", "eth0", "nodad"]).unwrap();
+        }
+        r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd05::/48","IPv6SubnetLen":64,"IPv6SubnetMin":"fd05:0:0:7::","IPv6SubnetMax":"fd05:0:0:7::","Backend":{"Type":"alloc"}}"#
+    } else {
+        r#"{"Network":"10.5.0.0/16","SubnetMin":"10.5.7.0","SubnetMax":"10.5.7.0","Backend":{"Type":"alloc"}}"#
+    };
+    let etcd = match store {
+        Store::Etcd => {
+            let e = weft::lab::etcd::Etcd::start(Some(&lan.ns), &lan.gateway(), 2379, 2380, &dir.join("etcd"), None)
+                .unwrap();
+            e.etcdctl(&["put", &format!("{PREFIX}/config"), config]).unwrap();
+            Some(e)
+        }
+        Store::Local => {
+            std::fs::write(dir.join("net-conf.json"), config).unwrap();
+            None
+        }
+    };
+    let store_args: Vec<String> = match &etcd {
+        Some(e) => vec![format!("--etcd-endpoints={}", e.url())],
+        None => vec![
+            "--store=local".into(),
+            format!("--local-store={}", dir.join("leases.db").display()),
+            format!("--net-config-path={}", dir.join("net-conf.json").display()),
+        ],
+    };
+    let start = |i: usize| -> Daemon {
+        let mut args = store_args.clone();
+        args.push(format!("--subnet-file={}", dir.join(format!("h{i}.env")).display()));
+        args.push("--iface=eth0".into());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Daemon::start_with_env(&hosts[i], dir, &args, &[(weft::registry::TEST_LEASE_TTL_ENV, "4")])
+    };
+    let env_of = |i: usize, d: &mut Daemon| {
+        wait_for(Duration::from_secs(30), "a subnet file", || {
+            assert!(d.alive(), "the daemon exited: {}", d.log());
+            std::fs::read_to_string(dir.join(format!("h{i}.env"))).ok()
+        })
+    };
+    let subnet_line = |env: &str| {
+        let key = if v6_only { "FLANNEL_IPV6_SUBNET=" } else { "FLANNEL_SUBNET=" };
+        env.lines().find(|l| l.starts_with(key)).unwrap_or_else(|| panic!("{key} in {env}")).to_string()
+    };
+    let key = if v6_only { "0.0.0.0-0&fd05:0:0:7::-64" } else { "10.5.7.0-24" };
+    let stored = || -> Option<String> {
+        match &etcd {
+            Some(e) => {
+                let v = e.etcdctl(&["get", "--print-value-only", &format!("{PREFIX}/subnets/{key}")]).unwrap();
+                (!v.trim().is_empty()).then(|| v.trim().to_string())
+            }
+            None => {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                rt.block_on(async {
+                    use weft::registry::Registry;
+                    let reg = weft::registry::local::LocalRegistry::open(
+                        &dir.join("leases.db"),
+                        PREFIX,
+                        &dir.join("net-conf.json"),
+                    )
+                    .unwrap();
+                    let leases = reg.list().await.unwrap().leases;
+                    leases.into_iter().find(|l| l.key.to_string() == key).map(|l| l.attrs.to_json())
+                })
+            }
+        }
+    };
+    let (a_id, b_id) = if v6_only { ("fd00:2::11", "fd00:2::12") } else { ("192.0.2.11", "192.0.2.12") };
+
+    let mut a = start(0);
+    let a_subnet = subnet_line(&env_of(0, &mut a));
+    assert!(stored().unwrap().contains(a_id));
+    // The partition: A cannot renew or watch.
+    a.signal(libc::SIGSTOP);
+    wait_for(Duration::from_secs(30), "A's lease to expire in the store", || stored().is_none().then_some(()));
+    let mut b = start(1);
+    let b_subnet = subnet_line(&env_of(1, &mut b));
+    assert_eq!(a_subnet, b_subnet, "the only subnet went to B once A's lease expired");
+    assert!(stored().unwrap().contains(b_id));
+    // The partition heals: A must stop using the subnet, and must not take it back.
+    a.signal(libc::SIGCONT);
+    let status = a.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "{status}: {}", a.log());
+    let log = a.log();
+    assert!(
+        log.contains("expired while the store could not be reached")
+            || log.contains("held by another host")
+            || log.contains("overwritten by another host"),
+        "A says why it stopped: {log}"
+    );
+    std::thread::sleep(Duration::from_secs(6));
+    let v = stored().expect("B's lease is still there");
+    assert!(v.contains(b_id) && !v.contains(a_id), "the subnet stays B's: {v}");
+    assert!(b.alive(), "B keeps its subnet: {}", b.log());
+    assert_eq!(subnet_line(&env_of(1, &mut b)), b_subnet);
+}
+
+#[test]
+fn a_partition_longer_than_the_ttl_never_leaves_two_hosts_on_one_subnet() {
+    // One tag, so the variants run one after the other.
+    for (store, v6_only) in [(Store::Etcd, false), (Store::Etcd, true), (Store::Local, false), (Store::Local, true)] {
+        eprintln!("variant: {store:?}, IPv6-only: {v6_only}");
+        partition_longer_than_the_ttl("ecp", store, v6_only);
+    }
+}
