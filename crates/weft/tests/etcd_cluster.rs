@@ -152,6 +152,11 @@ fn daemons_follow_peers_through_members_killed_partitioned_and_a_lost_quorum() {
         n += 1;
         killed.push(peer_joins_and_leaves(&c, &hosts, n, &healthy(&c, Some(i)), at));
         if i == 0 {
+            // `weft leases` reads through the members that answer, every time.
+            let endpoints = format!("--etcd-endpoints={}", c.endpoints());
+            let ok =
+                (0..20).filter(|_| nss[0].exec(common::weft_bin(), &["leases", &endpoints, "--json"]).is_ok()).count();
+            assert_eq!(ok, 20, "weft leases with the first member down");
             let (mut d, t) = start_into_fault(&nss[2], &c, dir);
             starts.push(("member killed", t));
             d.signal(libc::SIGTERM);
@@ -408,4 +413,47 @@ fn a_partition_longer_than_the_ttl_never_leaves_two_hosts_on_one_subnet() {
         eprintln!("variant: {store:?}, IPv6-only: {v6_only}");
         partition_longer_than_the_ttl("ecp", store, v6_only);
     }
+}
+
+#[test]
+fn a_tls_cluster_with_a_certificate_per_member_survives_a_dead_member() {
+    let prefix = common::prefix("ect");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let lan = Lan::new(&prefix, "192.0.2").unwrap();
+    let nss: Vec<Netns> = (1..=2).map(|i| lan.add_host(i).unwrap()).collect();
+    let c = EtcdCluster::create(&prefix, &lan.ns, "192.0.2", 3, &dir.join("etcd"), true).unwrap();
+    c.etcdctl(&["put", &format!("{PREFIX}/config"), CONFIG]).unwrap();
+    // Each member presents its own certificate, for its own address.
+    for i in 0..3 {
+        let pem = dir.join(format!("etcd/m{}.pem", i + 1));
+        let san = weft::lab::netns::run(
+            std::process::Command::new("openssl").args(["x509", "-noout", "-ext", "subjectAltName", "-in"]).arg(&pem),
+        )
+        .unwrap();
+        assert!(san.contains(&format!("IP Address:{}", c.client_ip(i))), "m{}: {san}", i + 1);
+        // etcdctl checks the member's certificate against its address.
+        c.etcdctl_on(&[i], &["get", "/weft-check"]).unwrap();
+    }
+    assert!(c.url(0).starts_with("https://"));
+    let (mut d1, env1) = start_daemon(&nss[0], &c, dir);
+    let s1 = subnet_of(&wait_for(Duration::from_secs(30), "h1's lease", || std::fs::read_to_string(&env1).ok()));
+    // The first member dies; a host starting now still gets its lease, and both follow.
+    c.kill(0).unwrap();
+    let (mut d2, _) = start_into_fault(&nss[1], &c, dir);
+    let hosts = [&nss[0], &nss[1]];
+    wait_for(Duration::from_secs(30), "each host to see the other", || {
+        hosts.iter().all(|h| metric(h, "weft_peers ") == Some(1)).then_some(())
+    });
+    let leader = wait_for(Duration::from_secs(30), "a leader", || c.leader());
+    c.kill(leader).unwrap();
+    c.restart(0).unwrap();
+    c.wait_member(0, Duration::from_secs(30)).unwrap();
+    let key = format!("{PREFIX}/subnets/10.5.250.0-24");
+    c.etcdctl_on(&[0], &["put", &key, r#"{"PublicIP":"192.0.2.99","PublicIPv6":null}"#]).unwrap();
+    wait_for(Duration::from_secs(30), "both hosts to see the new peer", || {
+        hosts.iter().all(|h| metric(h, "weft_peers ") == Some(2)).then_some(())
+    });
+    assert!(d1.alive() && d2.alive(), "{}{}", d1.log(), d2.log());
+    assert_eq!(subnet_of(&std::fs::read_to_string(&env1).unwrap()), s1);
 }
