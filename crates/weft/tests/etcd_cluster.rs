@@ -274,6 +274,14 @@ fn daemons_follow_peers_through_members_killed_partitioned_and_a_lost_quorum() {
 #[test]
 fn with_credentials_and_the_store_down_at_start_the_daemon_waits() {
     let c = common::cluster::cluster("ecs", 1, CONFIG);
+    // The daemon starts with a soft open-files limit below the hard one (inherited).
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit read and write the struct we own.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        lim.rlim_cur = lim.rlim_max.min(1024);
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+    }
     c.etcd.etcdctl(&["user", "add", "root:s3cret"]).unwrap();
     c.etcd.etcdctl(&["auth", "enable"]).unwrap();
     // The store refuses connections from the host (as a stopped store does).
@@ -287,6 +295,12 @@ fn with_credentials_and_the_store_down_at_start_the_daemon_waits() {
     assert_eq!(c.http(0, "/readyz").0, "503");
     assert!(d.log().contains(&c.etcd.url()), "each attempt names the endpoint tried: {}", d.log());
     assert!(!d.log().contains("s3cret"), "the password never reaches the log");
+    // The daemon raised its soft open-files limit to the hard one, as flanneld does.
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", d.child.id())).unwrap();
+    let nofile: Vec<&str> =
+        limits.lines().find(|l| l.starts_with("Max open files")).unwrap().split_whitespace().collect();
+    assert_eq!(nofile[3], nofile[4], "soft = hard: {limits}");
+    assert_ne!(nofile[3], "1024", "{limits}");
     c.hosts[0].exec("iptables", &[&["-D"][..], &block[..]].concat()).unwrap();
     c.wait_env(0);
     assert_eq!(c.http(0, "/readyz").0, "200");

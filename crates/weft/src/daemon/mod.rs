@@ -286,6 +286,7 @@ async fn run_with<R: Registry>(
     let mut expiry = acquired.lease.expiry;
     // When the next renewal is due after a failed one (else: `margin` before expiry).
     let mut retry_renew: Option<SystemTime> = None;
+    let mut renewing: Option<tokio::task::JoinHandle<(SystemTime, Result<(), RegistryError>)>> = None;
     let mut shutdown = shutdown;
     // Kernel changes behind our back wake the reconciler; a periodic pass catches the rest.
     let wake = Arc::new(Notify::new());
@@ -357,9 +358,19 @@ async fn run_with<R: Registry>(
                     tracing::warn!("{e}");
                 }
             }
-            _ = tokio::time::sleep(renew_in) => {
+            _ = tokio::time::sleep(renew_in), if renewing.is_none() => {
+                // Renewal runs beside the loop: a slow store never holds up peer events.
+                let (reg, attrs) = (reg.clone(), prepared.attrs.clone());
                 let started = SystemTime::now();
-                match reg.renew(&own, &prepared.attrs, Some(ttl)).await {
+                renewing = Some(tokio::spawn(async move { (started, reg.renew(&own, &attrs, Some(ttl)).await) }));
+            }
+            done = async { renewing.as_mut().expect("guarded by the condition").await }, if renewing.is_some() => {
+                renewing = None;
+                let (started, outcome) = match done {
+                    Ok(r) => r,
+                    Err(e) => (SystemTime::now(), Err(RegistryError::Unavailable { store: "renewal", detail: e.to_string() })),
+                };
+                match outcome {
                     Ok(()) => {
                         expiry = Expiry::At(started + ttl);
                         retry_renew = None;
