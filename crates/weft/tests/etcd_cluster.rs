@@ -45,8 +45,13 @@ fn start_daemon(ns: &Netns, cluster: &EtcdCluster, dir: &Path) -> (Daemon, std::
     let mut args: Vec<String> = cluster.daemon_args();
     args.extend([subnet_file, "-healthz-port".into(), HEALTH_PORT.to_string()]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    (Daemon::start(ns, dir, &args), env)
+    // Short leases (test-only), so renewals happen during the faults too.
+    (Daemon::start_with_env(ns, dir, &args, &[(weft::registry::TEST_LEASE_TTL_ENV, TTL_SECS)]), env)
 }
+
+/// The lease lifetime of the daemons of these tests: renewed every 15 s, and long enough to
+/// outlast the 10 s without any member.
+const TTL_SECS: &str = "30";
 
 fn median(v: &mut [Duration]) -> Duration {
     v.sort();
@@ -241,6 +246,22 @@ fn daemons_follow_peers_through_members_killed_partitioned_and_a_lost_quorum() {
         let v = c.etcdctl(&["get", "--print-value-only", &format!("{PREFIX}/subnets/10.5.{third}.0-24")]).unwrap();
         assert!(v.contains(ip), "{}: {v}", h.ns.name);
     }
+    // One etcd lease per subnet, through every fault: every etcd lease is attached to a key
+    // (orphans of an attempt that could not be revoked would expire within a TTL).
+    wait_for(Duration::from_secs(45), "no etcd lease without its subnet key", || {
+        let leases = c.etcdctl(&["lease", "list"]).ok()?;
+        let mut ids: Vec<i64> = leases.lines().skip(1).filter_map(|l| i64::from_str_radix(l.trim(), 16).ok()).collect();
+        let fields = c.etcdctl(&["get", "--prefix", &format!("{PREFIX}/subnets/"), "-w", "fields"]).ok()?;
+        let mut attached: Vec<i64> = fields
+            .lines()
+            .filter(|l| l.starts_with("\"Lease\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .filter(|id| *id != 0)
+            .collect();
+        ids.sort();
+        attached.sort();
+        (ids == attached).then_some(())
+    });
     // The retries and the endpoint that was down are visible.
     let (_, body) = http_get(&nss[0].name, HEALTH_PORT, "/metrics").unwrap();
     assert!(body.contains("weft_store_retries_total{op=\""), "{body}");
