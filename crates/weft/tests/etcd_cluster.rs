@@ -431,7 +431,8 @@ fn partition_longer_than_the_ttl(tag: &str, store: Store, v6_only: bool) {
     assert!(
         log.contains("expired while the store could not be reached")
             || log.contains("held by another host")
-            || log.contains("overwritten by another host"),
+            || log.contains("overwritten by another host")
+            || log.contains("Lease has been revoked"),
         "A says why it stopped: {log}"
     );
     std::thread::sleep(Duration::from_secs(6));

@@ -707,6 +707,13 @@ impl Registry for EtcdRegistry {
                     let first = stream.next().await.unwrap_or_else(|| {
                         Err(etcd_client::Error::WatchError("the watch ended before it started".into()))
                     })?;
+                    if first.canceled() && first.compact_revision() == 0 {
+                        // e.g. "no leader": another member may do better, right away.
+                        return Err(etcd_client::Error::WatchError(format!(
+                            "watch canceled: {}",
+                            first.cancel_reason()
+                        )));
+                    }
                     Ok((stream, first))
                 }
             })
