@@ -452,7 +452,7 @@ fn a_partition_longer_than_the_ttl_never_leaves_two_hosts_on_one_subnet() {
 }
 
 #[test]
-fn a_tls_cluster_with_a_certificate_per_member_survives_a_dead_member() {
+fn a_tls_cluster_with_a_certificate_per_member_survives_dead_and_frozen_members() {
     let prefix = common::prefix("ect");
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
@@ -490,6 +490,27 @@ fn a_tls_cluster_with_a_certificate_per_member_survives_a_dead_member() {
     wait_for(Duration::from_secs(30), "both hosts to see the new peer", || {
         hosts.iter().all(|h| metric(h, "weft_peers ") == Some(2)).then_some(())
     });
+    // A frozen member (connections open, no answers): only deadlines get past it.
+    c.restart(leader).unwrap();
+    c.wait_member(leader, Duration::from_secs(30)).unwrap();
+    let now_leader = wait_for(Duration::from_secs(30), "a leader", || c.leader());
+    let frozen = (0..3).find(|i| *i != now_leader).unwrap();
+    c.freeze(frozen).unwrap();
+    let others: Vec<usize> = (0..3).filter(|i| *i != frozen).collect();
+    let key = format!("{PREFIX}/subnets/10.5.251.0-24");
+    wait_for(Duration::from_secs(30), "the write", || {
+        c.etcdctl_on(&others, &["put", "--command-timeout=1s", &key, r#"{"PublicIP":"192.0.2.98","PublicIPv6":null}"#])
+            .ok()
+    });
+    wait_for(Duration::from_secs(30), "both hosts to see the peer past a frozen member", || {
+        hosts.iter().all(|h| metric(h, "weft_peers ") == Some(3)).then_some(())
+    });
+    let _ = std::fs::remove_file(dir.join(format!("{}.env", nss[1].name)));
+    d2.signal(libc::SIGTERM);
+    d2.wait_exit(Duration::from_secs(10));
+    let (mut d2, t) = start_into_fault(&nss[1], &c, dir);
+    eprintln!("a host starting with a frozen member got its lease in {:.2}s", t.as_secs_f64());
+    c.thaw(frozen).unwrap();
     assert!(d1.alive() && d2.alive(), "{}{}", d1.log(), d2.log());
     assert_eq!(subnet_of(&std::fs::read_to_string(&env1).unwrap()), s1);
 }

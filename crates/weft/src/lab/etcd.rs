@@ -434,6 +434,27 @@ impl EtcdCluster {
         self.spawn(i, false)
     }
 
+    /// Freezes member `i` (SIGSTOP): its connections stay open but nothing answers, the way a
+    /// hung machine behaves. Only deadlines get a client past it.
+    pub fn freeze(&self, i: usize) -> io::Result<()> {
+        self.signal(i, libc::SIGSTOP)
+    }
+
+    /// Undoes [`EtcdCluster::freeze`] (SIGCONT).
+    pub fn thaw(&self, i: usize) -> io::Result<()> {
+        self.signal(i, libc::SIGCONT)
+    }
+
+    fn signal(&self, i: usize, sig: i32) -> io::Result<()> {
+        let pids = super::netns::ip(&["netns", "pids", &self.member_ns(i)])?;
+        for pid in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+            // SAFETY: kill(2) with a pid read from `ip netns pids` of the member's own
+            // namespace (only its etcd runs there); no memory is involved.
+            unsafe { libc::kill(pid, sig) };
+        }
+        Ok(())
+    }
+
     /// Cuts member `i` off from its peers (its peer link goes down); clients still reach it.
     pub fn partition(&self, i: usize) -> io::Result<()> {
         super::netns::ip(&["-n", &self.member_ns(i), "link", "set", "peer0", "down"]).map(|_| ())
