@@ -267,3 +267,115 @@ async fn basic_auth_with_username_and_password() {
     let err = refusal(&bad).await;
     assert!(err.contains("authentication failed") || err.contains("invalid"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefix_larger_than_a_grpc_message_is_listed_in_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = start(dir.path());
+    let reg = Arc::new(connect(&etcd).await);
+    let cfg = scenarios::wide_config();
+    let me =
+        acquire(&*reg, &cfg, &LeaseAttrs::new(Ipv4Addr::new(192, 0, 2, 1)), None, LEASE_TTL).await.unwrap().lease.key;
+    // Junk under the subnets prefix: 14 values of 1.4 MB (etcd takes up to 1.5 MiB per
+    // request), about 19.6 MB in all, more than four times gRPC's default 4 MiB message and
+    // more than our own 16 MiB limit, so one unpaged answer cannot carry them.
+    let mut raw = etcd_client::Client::connect([etcd.url()], None).await.unwrap();
+    let junk = "x".repeat(1_400_000);
+    for i in 0..14 {
+        raw.put(format!("{PREFIX}/subnets/junk-{i:02}"), junk.clone(), None).await.unwrap();
+    }
+    // Real leases among and after the junk.
+    let other = LeaseAttrs::new(Ipv4Addr::new(192, 0, 2, 2));
+    assert!(reg.create(&"10.5.250.0-24".parse().unwrap(), &other, LEASE_TTL).await.unwrap());
+    let listing = reg.list().await.unwrap();
+    let mut keys: Vec<String> = listing.leases.iter().map(|l| l.key.to_string()).collect();
+    keys.sort();
+    let mut want = vec![me.to_string(), "10.5.250.0-24".to_string()];
+    want.sort();
+    assert_eq!(keys, want, "every real lease is listed; the junk is skipped");
+    // A host still acquires, and the watch (which lists first) follows peers.
+    let third =
+        acquire(&*reg, &cfg, &LeaseAttrs::new(Ipv4Addr::new(192, 0, 2, 3)), None, LEASE_TTL).await.unwrap().lease.key;
+    assert!(![me, "10.5.250.0-24".parse().unwrap()].contains(&third));
+    let (mut rx, _metrics) = start_watch(reg.clone(), me);
+    let mut got = describe(&collect(&mut rx, 2).await.0);
+    got.sort();
+    let mut want = vec!["+10.5.250.0-24".to_string(), format!("+{third}")];
+    want.sort();
+    assert_eq!(got, want);
+    etcd.etcdctl(&[
+        "put",
+        &format!("{PREFIX}/subnets/10.5.251.0-24"),
+        &LeaseAttrs::new(Ipv4Addr::new(192, 0, 2, 4)).to_json(),
+    ])
+    .unwrap();
+    assert_eq!(describe(&collect(&mut rx, 1).await.0), ["+10.5.251.0-24"]);
+}
+
+/// The etcd lease ids `etcdctl lease list` shows.
+fn lease_ids(etcd: &Etcd) -> Vec<String> {
+    let out = etcd.etcdctl(&["lease", "list"]).unwrap();
+    out.lines().skip(1).map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect()
+}
+
+#[tokio::test]
+async fn renewal_keeps_one_etcd_lease_per_subnet() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = start(dir.path());
+    let reg = connect(&etcd).await;
+    let me = LeaseAttrs::new(Ipv4Addr::new(192, 0, 2, 1));
+    let key = acquire(&reg, &scenarios::wide_config(), &me, None, LEASE_TTL).await.unwrap().lease.key;
+    assert_eq!(lease_ids(&etcd).len(), 1);
+    for _ in 0..5 {
+        reg.renew(&key, &me, Some(LEASE_TTL)).await.unwrap();
+    }
+    let ids = lease_ids(&etcd);
+    assert_eq!(ids.len(), 1, "no orphan etcd lease per renewal: {ids:?}");
+    let fields = etcd.etcdctl(&["get", &format!("{PREFIX}/subnets/{key}"), "-w", "fields"]).unwrap();
+    let id: i64 = fields
+        .lines()
+        .find(|l| l.starts_with("\"Lease\""))
+        .and_then(|l| l.rsplit(' ').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(ids[0], format!("{id:x}"), "the one etcd lease is the key's");
+    // A create that finds our own key (our identity) is ours, without a second etcd lease.
+    assert!(reg.create(&key, &me, LEASE_TTL).await.unwrap());
+    assert_eq!(lease_ids(&etcd).len(), 1);
+    assert!(!reg.create(&key, &LeaseAttrs::new(Ipv4Addr::new(192, 0, 2, 9)), LEASE_TTL).await.unwrap());
+    assert_eq!(lease_ids(&etcd).len(), 1, "a lost race gives its grant back");
+}
+
+#[tokio::test]
+async fn requests_go_to_a_member_that_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = start(dir.path());
+    etcd.etcdctl(&["put", &format!("{PREFIX}/config"), r#"{"Network":"10.5.0.0/16"}"#]).unwrap();
+    // The first endpoint refuses connections, the second hangs (accepts, never answers).
+    let hang = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let opts = EtcdOptions {
+        endpoints: vec![
+            format!("http://127.0.0.1:{}", free_port()),
+            format!("http://{}", hang.local_addr().unwrap()),
+            etcd.url(),
+        ],
+        prefix: PREFIX.into(),
+        ..Default::default()
+    };
+    let metrics = Arc::new(weft::daemon::metrics::Metrics::new());
+    let reg = EtcdRegistry::connect(&opts).await.unwrap().with_metrics(metrics.clone());
+    for _ in 0..20 {
+        assert!(reg.network_config().await.unwrap().contains("10.5.0.0/16"));
+    }
+    acquire(&reg, &scenarios::wide_config(), &LeaseAttrs::new(Ipv4Addr::new(192, 0, 2, 7)), None, LEASE_TTL)
+        .await
+        .unwrap();
+    let text = metrics.render();
+    assert!(text.contains("weft_store_retries_total{op=\"config\"}"), "{text}");
+    assert!(text.contains(&format!("weft_store_endpoint_up{{endpoint=\"{}\"}} 1", etcd.url())), "{text}");
+    // With no member answering the error names the endpoints tried.
+    let dead = EtcdOptions { endpoints: vec![format!("http://127.0.0.1:{}", free_port())], ..opts };
+    let err = EtcdRegistry::connect(&dead).await.unwrap().list().await.unwrap_err().to_string();
+    assert!(err.contains("no member answered (tried http://127.0.0.1:"), "{err}");
+}

@@ -9,6 +9,13 @@ use prometheus_client::registry::Registry;
 /// Label set of the counters with a `kind`/`type` label.
 pub type Labels = Vec<(&'static str, &'static str)>;
 
+/// Label set of the per-endpoint store gauges.
+pub type EndpointLabels = Vec<(&'static str, String)>;
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
 /// Every metric the daemon exports.
 pub struct Metrics {
     registry: Registry,
@@ -40,6 +47,14 @@ pub struct Metrics {
     pub errors: Family<Labels, Counter>,
     /// Peer leases rejected by validation, by reason.
     pub leases_rejected: Family<Labels, Counter>,
+    /// Store requests retried on another endpoint, by operation.
+    pub store_retries: Family<Labels, Counter>,
+    /// 1 while the last request to an endpoint succeeded, 0 after it failed.
+    pub store_endpoint_up: Family<EndpointLabels, Gauge>,
+    /// Unix time (ms) the store last answered the lease list or watch (0: not yet).
+    pub store_progress_ms: Gauge,
+    /// Unix time (ms) the daemon's main loop last ran (0: not yet).
+    pub main_loop_ms: Gauge,
 }
 
 impl Default for Metrics {
@@ -68,6 +83,10 @@ impl Metrics {
             udp_offload: Family::default(),
             errors: Family::default(),
             leases_rejected: Family::default(),
+            store_retries: Family::default(),
+            store_endpoint_up: Family::default(),
+            store_progress_ms: Gauge::default(),
+            main_loop_ms: Gauge::default(),
         };
         registry.register(
             "weft_lease_expiry_timestamp_seconds",
@@ -103,12 +122,52 @@ impl Metrics {
             "Peer leases rejected (invalid, or losing a conflict to an older lease), by reason",
             m.leases_rejected.clone(),
         );
+        registry.register(
+            "weft_store_retries",
+            "Store requests retried on another endpoint, by operation",
+            m.store_retries.clone(),
+        );
+        registry.register(
+            "weft_store_endpoint_up",
+            "1 while the last request to this store endpoint succeeded",
+            m.store_endpoint_up.clone(),
+        );
+        registry.register(
+            "weft_store_last_progress_milliseconds",
+            "Unix time (ms) the store last answered the lease list or watch",
+            m.store_progress_ms.clone(),
+        );
+        registry.register(
+            "weft_main_loop_last_progress_milliseconds",
+            "Unix time (ms) the daemon main loop last ran",
+            m.main_loop_ms.clone(),
+        );
         Metrics { registry, ..m }
     }
 
     /// Counts one error of `kind`.
     pub fn error(&self, kind: &'static str) {
         self.errors.get_or_create(&vec![("kind", kind)]).inc();
+    }
+
+    /// Marks that the store answered the lease list or watch just now.
+    pub fn store_progress(&self) {
+        self.store_progress_ms.set(unix_ms());
+    }
+
+    /// Marks that the main loop ran just now.
+    pub fn main_loop_progress(&self) {
+        self.main_loop_ms.set(unix_ms());
+    }
+
+    /// How long ago the store last answered the list or watch (`None`: never).
+    pub fn store_progress_age(&self) -> Option<std::time::Duration> {
+        age(self.store_progress_ms.get())
+    }
+
+    /// How long ago the main loop last ran (`None`: not started).
+    pub fn main_loop_age(&self) -> Option<std::time::Duration> {
+        age(self.main_loop_ms.get())
     }
 
     /// The Prometheus text exposition.
@@ -118,4 +177,8 @@ impl Metrics {
         let _ = encode(&mut out, &self.registry);
         out
     }
+}
+
+fn age(ms: i64) -> Option<std::time::Duration> {
+    (ms > 0).then(|| std::time::Duration::from_millis(unix_ms().saturating_sub(ms).max(0) as u64))
 }

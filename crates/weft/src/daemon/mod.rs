@@ -27,7 +27,7 @@ use crate::registry::acquire::{AcquireFailed, acquire};
 use crate::registry::etcd::EtcdRegistry;
 use crate::registry::local::LocalRegistry;
 use crate::registry::watch::{self as lease_watch, WatchEvent};
-use crate::registry::{LEASE_TTL, Registry, RegistryError};
+use crate::registry::{Registry, RegistryError, lease_ttl, same_holder};
 
 /// Why the daemon stopped with an error (exit status 1).
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +114,7 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
 /// Runs the daemon until a signal or the loss of our lease (both: `Ok`).
 pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
     tracing::info!(?opts, "weft daemon starting");
+    raise_nofile_limit();
     let metrics = Arc::new(Metrics::new());
     let (ready_tx, ready_rx) = watch::channel(false);
     let shutdown = shutdown_signal();
@@ -125,7 +126,8 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
     }
     match &opts.store {
         StoreChoice::Etcd(e) => {
-            run_with(Arc::new(EtcdRegistry::connect(e).await?), &opts, metrics, ready_tx, shutdown).await
+            let reg = EtcdRegistry::connect(e).await?.with_metrics(metrics.clone());
+            run_with(Arc::new(reg), &opts, metrics, ready_tx, shutdown).await
         }
         StoreChoice::Local { path, prefix, config } => {
             run_with(Arc::new(LocalRegistry::open(path, prefix, config)?), &opts, metrics, ready_tx, shutdown).await
@@ -133,19 +135,40 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
     }
 }
 
-/// Fetches and validates the config, retrying every second like flanneld; the error is
-/// logged whenever it changes, so an operator sees what to fix.
+/// Raises the soft limit of open files to the hard limit, as flanneld does (many peers and
+/// watches; a low soft limit would fail them one by one).
+fn raise_nofile_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the struct we own and pass by pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 || lim.rlim_cur >= lim.rlim_max {
+        return;
+    }
+    let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+    // SAFETY: setrlimit only reads the struct we own.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        tracing::warn!(
+            soft = lim.rlim_cur,
+            hard = lim.rlim_max,
+            "cannot raise the open-files limit: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// Fetches and validates the config, retrying every second like flanneld. An unreachable
+/// store is logged on every attempt (naming the endpoints tried and the last error); a
+/// config problem whenever it changes, so an operator sees what to fix.
 async fn network_config<R: Registry>(reg: &R, shutdown: &watch::Receiver<bool>) -> Option<NetworkConfig> {
     let mut last = String::new();
     loop {
         let outcome = match reg.network_config().await {
-            Ok(text) => NetworkConfig::parse(&text).map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
+            Ok(text) => NetworkConfig::parse(&text).map_err(|e| (false, e.to_string())),
+            Err(e) => Err((matches!(e, RegistryError::Unavailable { .. }), e.to_string())),
         };
         match outcome {
             Ok(cfg) => return Some(cfg),
-            Err(msg) => {
-                if msg != last {
+            Err((unreachable, msg)) => {
+                if unreachable || msg != last {
                     tracing::error!("Couldn't fetch network config (retrying every second): {msg}");
                     last = msg;
                 }
@@ -215,7 +238,10 @@ async fn run_with<R: Registry>(
         let key = SubnetKey { v4: cfg.v4.and(p.previous_subnet()), v6: cfg.v6.and(p.previous_ipv6_subnet()) };
         (key.v4.is_some() || key.v6.is_some()).then_some(key)
     });
-    let acquired = acquire(&*reg, &cfg, &prepared.attrs, previous, LEASE_TTL).await?;
+    let ttl = lease_ttl();
+    let Some(acquired) = acquire_waiting(&*reg, &cfg, &prepared.attrs, previous, ttl, &shutdown).await? else {
+        return Ok(());
+    };
     let own = acquired.lease.key;
     tracing::info!(subnet = %own, how = ?acquired.choice, store = reg.name(), "acquired lease");
     dataplane
@@ -251,11 +277,16 @@ async fn run_with<R: Registry>(
     tracing::info!(path = %opts.subnet_file.display(), "wrote subnet file; ready");
 
     let (tx, mut rx) = mpsc::channel(256);
-    let watcher = tokio::spawn(lease_watch::run(reg.clone(), own, tx, metrics.clone()));
+    let watcher =
+        tokio::spawn(lease_watch::run_as(reg.clone(), own, Some(prepared.attrs.clone()), tx, metrics.clone()));
     let _stop_watcher = AbortOnDrop(watcher);
 
-    let margin = Duration::from_secs(opts.renew_margin_minutes * 60);
+    // A margin beyond a (test-only) short lease would renew without pause.
+    let margin = Duration::from_secs(opts.renew_margin_minutes * 60).min(ttl / 2);
     let mut expiry = acquired.lease.expiry;
+    // When the next renewal is due after a failed one (else: `margin` before expiry).
+    let mut retry_renew: Option<SystemTime> = None;
+    let mut renewing: Option<tokio::task::JoinHandle<(SystemTime, Result<(), RegistryError>)>> = None;
     let mut shutdown = shutdown;
     // Kernel changes behind our back wake the reconciler; a periodic pass catches the rest.
     let wake = Arc::new(Notify::new());
@@ -280,10 +311,23 @@ async fn run_with<R: Registry>(
     let mut synced = false;
     let mut due: Option<tokio::time::Instant> = None;
     loop {
+        metrics.main_loop_progress();
         let renew_in = match expiry {
+            Expiry::At(t) if t <= SystemTime::now() => {
+                // Renewal kept failing until the lease ran out: the store may have given our
+                // subnet to another host by now. Never share it.
+                tracing::error!(subnet = %own, "our lease expired while the store could not be reached; shutting down rather than risk sharing the subnet with another host");
+                return Ok(());
+            }
             Expiry::At(t) => {
                 metrics.lease_expiry.set(t.duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0));
-                renew_deadline(t, margin, SystemTime::now())
+                match retry_renew {
+                    Some(r) => r
+                        .duration_since(SystemTime::now())
+                        .unwrap_or(Duration::ZERO)
+                        .min(t.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO)),
+                    None => renew_deadline(t, margin, SystemTime::now()),
+                }
             }
             // A reservation never expires; nothing to renew.
             Expiry::Reservation | Expiry::Unknown => Duration::from_secs(365 * 24 * 3600),
@@ -316,10 +360,22 @@ async fn run_with<R: Registry>(
                     tracing::warn!("{e}");
                 }
             }
-            _ = tokio::time::sleep(renew_in) => {
-                match reg.renew(&own, &prepared.attrs, Some(LEASE_TTL)).await {
+            _ = tokio::time::sleep(renew_in), if renewing.is_none() => {
+                // Renewal runs beside the loop: a slow store never holds up peer events.
+                let (reg, attrs) = (reg.clone(), prepared.attrs.clone());
+                let started = SystemTime::now();
+                renewing = Some(tokio::spawn(async move { (started, reg.renew(&own, &attrs, Some(ttl)).await) }));
+            }
+            done = async { renewing.as_mut().expect("guarded by the condition").await }, if renewing.is_some() => {
+                renewing = None;
+                let (started, outcome) = match done {
+                    Ok(r) => r,
+                    Err(e) => (SystemTime::now(), Err(RegistryError::Unavailable { store: "renewal", detail: e.to_string() })),
+                };
+                match outcome {
                     Ok(()) => {
-                        expiry = Expiry::At(SystemTime::now() + LEASE_TTL);
+                        expiry = Expiry::At(started + ttl);
+                        retry_renew = None;
                         tracing::info!(subnet = %own, "renewed lease");
                     }
                     Err(RegistryError::Lost(_)) => {
@@ -328,8 +384,11 @@ async fn run_with<R: Registry>(
                     }
                     Err(e) => {
                         metrics.error("renew");
-                        tracing::warn!("renewing the lease failed, retrying in a minute: {e}");
-                        expiry = Expiry::At(SystemTime::now() + margin + Duration::from_secs(60));
+                        // Retry well before the real expiry, which stays what it is.
+                        let left = match expiry { Expiry::At(t) => t.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO), _ => ttl };
+                        let wait = (left / 10).clamp(Duration::from_millis(500), Duration::from_secs(60));
+                        tracing::warn!("renewing the lease failed, retrying in {wait:?}: {e}");
+                        retry_renew = Some(SystemTime::now() + wait);
                     }
                 }
             }
@@ -339,7 +398,7 @@ async fn run_with<R: Registry>(
                     tracing::warn!(subnet = %own, "Lease has been revoked. Shutting down daemon.");
                     return Ok(());
                 }
-                Some(WatchEvent::OwnWritten(l)) if l.attrs.public_ip != prepared.attrs.public_ip => {
+                Some(WatchEvent::OwnWritten(l)) if !same_holder(&prepared.attrs, &l.attrs) => {
                     tracing::warn!(subnet = %own, holder = %l.attrs.public_ip, "our lease was overwritten by another host. Shutting down daemon.");
                     return Ok(());
                 }
@@ -362,6 +421,35 @@ async fn run_with<R: Registry>(
                 }
             }
         }
+    }
+}
+
+/// Takes a lease, waiting (with backoff, one log line per attempt) while the store cannot be
+/// reached; `None` on shutdown. Only a plan that cannot succeed (no free subnet, endless
+/// contention) is an error.
+async fn acquire_waiting<R: Registry>(
+    reg: &R,
+    cfg: &NetworkConfig,
+    attrs: &weft_core::lease::LeaseAttrs,
+    previous: Option<SubnetKey>,
+    ttl: Duration,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<Option<crate::registry::acquire::Acquired>, DaemonError> {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        match acquire(reg, cfg, attrs, previous, ttl).await {
+            Ok(a) => return Ok(Some(a)),
+            Err(AcquireFailed::Registry(e @ RegistryError::Unavailable { .. })) => {
+                tracing::error!("failed to acquire a subnet lease, retrying in {backoff:?}: {e}");
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let mut s = shutdown.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = s.wait_for(|s| *s) => return Ok(None),
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
     }
 }
 

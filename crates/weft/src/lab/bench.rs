@@ -97,6 +97,8 @@ pub fn fresh(name: &str, backends: &[(&str, &str)], seconds: u32) -> Vec<Figures
             pods_per_host: 1,
             backend: backend.into(),
             store: "local".into(),
+            etcd_members: 1,
+            etcd_tls: false,
         };
         let fig = match up(&o) {
             Ok(lab) => {

@@ -25,7 +25,8 @@ pub fn usage() -> String {
     "Usage: weft lab <command> [flags]\n\n\
      Commands:\n  \
      up          build a cluster: LAN, outside host, store, one daemon per host, pods via CNI\n              \
-     [--hosts 3] [--pods-per-host 2] [--backend vxlan|host-gw|udp] [--store local|etcd] [--name weft]\n  \
+     [--hosts 3] [--pods-per-host 2] [--backend vxlan|host-gw|udp] [--store local|etcd] [--name weft]\n              \
+     [--etcd-members 1] [--etcd-tls] (a real etcd cluster, members in their own namespaces)\n  \
      status      hosts, subnets, daemons and pods [--json]\n  \
      check       ping every pod from every pod, and the outside host (masqueraded) [--json]\n  \
      bench       iperf3 and ping between pods on two hosts: of the running lab, or of fresh\n              \
@@ -86,6 +87,8 @@ fn dispatch(args: &[String]) -> Result<u8, LabError> {
                 spec("pods-per-host", Kind::Uint, "2", "pods per host"),
                 spec("backend", Kind::Str, "vxlan", "vxlan, host-gw or udp"),
                 spec("store", Kind::Str, "local", "local (embedded) or etcd (a real etcd server)"),
+                spec("etcd-members", Kind::Uint, "1", "etcd cluster members (--store etcd), each in its own namespace"),
+                spec("etcd-tls", Kind::Bool, "false", "etcd with TLS, each member with its own certificate"),
             ];
             let Some(v) = parse(&specs, &rest)? else {
                 print!("{}", usage());
@@ -98,6 +101,8 @@ fn dispatch(args: &[String]) -> Result<u8, LabError> {
                 pods_per_host: small("pods-per-host")?,
                 backend: v.str("backend").into(),
                 store: v.str("store").into(),
+                etcd_members: small("etcd-members")?,
+                etcd_tls: v.bool("etcd-tls"),
             };
             let lab = topology::up(&o)?;
             print!("{}", check::status_table(&lab));

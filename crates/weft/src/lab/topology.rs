@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::etcd::Etcd;
+use super::etcd::{Etcd, EtcdCluster};
 use super::netns::{self, Netns, http_get, plug};
 use super::state::{self, Host, Lab, Pod};
 
@@ -98,6 +98,24 @@ pub struct UpOptions {
     pub backend: String,
     /// "local" or "etcd".
     pub store: String,
+    /// etcd members (with `store` "etcd"); 1 is a single server on the LAN bridge.
+    pub etcd_members: u8,
+    /// Run etcd with TLS, each member with its own certificate.
+    pub etcd_tls: bool,
+}
+
+/// The file in a lab's directory that records its etcd cluster (members, TLS).
+const CLUSTER_FILE: &str = "etcd-cluster.json";
+
+/// The lab's multi-member (or TLS) etcd cluster, when `weft lab up` made one: kill, restart,
+/// partition and heal members through it (see [`EtcdCluster`]). `None` for a lab with the
+/// local store or a single plain etcd on the LAN bridge.
+pub fn etcd_cluster(lab: &Lab) -> Option<EtcdCluster> {
+    let text = std::fs::read_to_string(lab.dir().join(CLUSTER_FILE)).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let members = usize::try_from(v["members"].as_u64()?).ok()?;
+    let tls = v["tls"].as_bool().unwrap_or(false);
+    Some(EtcdCluster::attach(&format!("{}-", lab.name), &lab.lan_ns(), LAN, members, &lab.dir().join("etcd"), tls))
 }
 
 /// Progress goes to stderr: stdout carries only results (tables, JSON).
@@ -115,7 +133,9 @@ fn daemon_args(lab: &Lab, index: u8) -> Vec<String> {
         format!("--subnet-file={}", d.join(format!("h{index}/subnet.env")).display()),
         format!("--healthz-port={HEALTH_PORT}"),
     ];
-    if lab.store == "etcd" {
+    if let Some(c) = etcd_cluster(lab) {
+        args.extend(c.daemon_args());
+    } else if lab.store == "etcd" {
         args.push(format!("--etcd-endpoints=http://{LAN}.1:2379"));
     } else {
         args.push("--store=local".into());
@@ -263,6 +283,9 @@ pub fn up(o: &UpOptions) -> Result<Lab, LabError> {
     if !["local", "etcd"].contains(&o.store.as_str()) {
         return Err(LabError::Usage(format!("unknown --store {:?}: use local or etcd", o.store)));
     }
+    if !(1..=9).contains(&o.etcd_members) || ((o.etcd_members > 1 || o.etcd_tls) && o.store != "etcd") {
+        return Err(LabError::Usage("--etcd-members (1 to 9) and --etcd-tls need --store etcd".into()));
+    }
     if exists(&o.name) {
         return Err(LabError::Exists(o.name.clone()));
     }
@@ -298,7 +321,28 @@ fn build(lab: &mut Lab, o: &UpOptions) -> Result<(), LabError> {
     let lan_ns = lan.ns;
     eprintln!("ok");
     let config = json!({"Network": NETWORK, "Backend": {"Type": o.backend}}).to_string();
-    if o.store == "etcd" {
+    if o.store == "etcd" && (o.etcd_members > 1 || o.etcd_tls) {
+        progress(&format!(
+            "  store: etcd cluster of {} member(s){}, clients on {LAN}.201.., peers on their own network ... ",
+            o.etcd_members,
+            if o.etcd_tls { " with TLS" } else { "" }
+        ));
+        let c = step(
+            "starting the etcd cluster",
+            EtcdCluster::create(
+                &format!("{}-", o.name),
+                &lan_ns,
+                LAN,
+                usize::from(o.etcd_members),
+                &lab.dir().join("etcd"),
+                o.etcd_tls,
+            ),
+        )?;
+        step("writing the network config", c.etcdctl(&["put", "/coreos.com/network/config", &config]))?;
+        let layout = json!({"members": o.etcd_members, "tls": o.etcd_tls}).to_string();
+        step("saving the cluster layout", std::fs::write(lab.dir().join(CLUSTER_FILE), layout))?;
+        c.persist();
+    } else if o.store == "etcd" {
         progress(&format!("  store: etcd on {LAN}.1:2379 ... "));
         let etcd = step(
             "starting etcd",
@@ -436,7 +480,10 @@ pub fn remove_host(name: &str, index: u8) -> Result<Lab, LabError> {
 }
 
 fn delete_lease(lab: &Lab, key: &str) -> Result<(), LabError> {
-    if lab.store == "etcd" {
+    if let Some(c) = etcd_cluster(lab) {
+        let r = c.etcdctl(&["del", &format!("/coreos.com/network/subnets/{key}")]);
+        step("deleting the host's lease", r.map(|_| ()))
+    } else if lab.store == "etcd" {
         let lan = Netns::existing(&lab.lan_ns());
         let r = lan.exec(
             "etcdctl",

@@ -9,7 +9,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::mpsc;
 use weft_core::lease::{Expiry, Lease, LeaseAttrs, SubnetKey};
 
-use super::{Change, Listing, Registry, RegistryError, WatchItem, parse_entry};
+use super::{Change, Listing, Registry, RegistryError, WatchItem, parse_entry, same_holder};
 
 /// Change rows kept for watchers; older ones are compacted away (watchers then re-list).
 const HISTORY: i64 = 10_000;
@@ -268,13 +268,13 @@ impl Registry for LocalRegistry {
     async fn renew(&self, key: &SubnetKey, attrs: &LeaseAttrs, ttl: Option<Duration>) -> Result<(), RegistryError> {
         let (k, v) = (self.key(key), attrs.to_json());
         let expires = ttl.map(|t| now_ms() + t.as_millis() as i64);
-        let ours = attrs.public_ip;
+        let ours = attrs.clone();
         let held_by_us = self
             .write(move |tx| {
                 let current: Option<String> =
                     tx.query_row("SELECT value FROM leases WHERE key = ?1", [&k], |r| r.get(0)).optional()?;
                 if let Some(cur) = current
-                    && LeaseAttrs::from_json(&cur).map(|a| a.public_ip) != Ok(ours)
+                    && !LeaseAttrs::from_json(&cur).is_ok_and(|a| same_holder(&ours, &a))
                 {
                     return Ok(false);
                 }
@@ -317,7 +317,13 @@ impl Registry for LocalRegistry {
                     Err(e) => WatchItem::Broken(e.to_string()),
                 };
                 match item {
-                    WatchItem::Changes { revision, changes } if changes.is_empty() => after = revision,
+                    WatchItem::Changes { revision, changes } if changes.is_empty() => {
+                        after = revision;
+                        // The store answered: progress (advisory, skipped when the reader is busy).
+                        if ticks.is_multiple_of(10) && tx.try_send(WatchItem::Progress).is_err() && tx.is_closed() {
+                            return;
+                        }
+                    }
                     WatchItem::Changes { revision, changes } => {
                         after = revision;
                         if tx.send(WatchItem::Changes { revision, changes }).await.is_err() {

@@ -16,6 +16,27 @@ use weft_core::lease::{Lease, LeaseAttrs, SubnetKey};
 /// flannel's lease lifetime: 24 hours.
 pub const LEASE_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 
+/// The environment variable that shortens the lease lifetime, in seconds, for tests of
+/// expiry and partitions only (never set it in production: a host whose lease runs out while
+/// it cannot reach the store shuts down).
+pub const TEST_LEASE_TTL_ENV: &str = "WEFT_TEST_LEASE_TTL_SECS";
+
+/// The lease lifetime: [`LEASE_TTL`], or the test-only [`TEST_LEASE_TTL_ENV`] (at least 2 s).
+pub fn lease_ttl() -> Duration {
+    std::env::var(TEST_LEASE_TTL_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|s| Duration::from_secs(s.max(2)))
+        .unwrap_or(LEASE_TTL)
+}
+
+/// Whether a stored lease's attributes `theirs` name the same host as `ours`: the same
+/// PublicIP and, when we have one, the same PublicIPv6 (in an IPv6-only network every host's
+/// PublicIP may be the same placeholder, so PublicIPv6 is what tells hosts apart).
+pub fn same_holder(ours: &LeaseAttrs, theirs: &LeaseAttrs) -> bool {
+    ours.public_ip == theirs.public_ip && (ours.public_ipv6.is_none() || ours.public_ipv6 == theirs.public_ipv6)
+}
+
 /// A store problem, with what the operator can do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -72,6 +93,8 @@ pub enum WatchItem {
     Compacted,
     /// The watch broke (connection lost); reconnect from the last revision.
     Broken(String),
+    /// The store answered (no change): the watch is alive and following.
+    Progress,
 }
 
 /// The store operations weft needs, in lease terms.

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 use weft_core::cache::{LeaseCache, LeaseEvent};
-use weft_core::lease::{Lease, SubnetKey};
+use weft_core::lease::{Lease, LeaseAttrs, SubnetKey};
 
-use super::{Change, Registry, WatchItem};
+use super::{Change, Registry, WatchItem, same_holder};
 use crate::daemon::metrics::Metrics;
 
 /// What the watch tells the daemon.
@@ -31,6 +31,19 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// Watches all leases until `tx` is closed.
 pub async fn run<R: Registry>(reg: Arc<R>, own: SubnetKey, tx: mpsc::Sender<WatchEvent>, metrics: Arc<Metrics>) {
+    run_as(reg, own, None, tx, metrics).await
+}
+
+/// [`run`], for the holder `identity`: a listing that finds our key held by another host
+/// reports it (as `OwnWritten` with the other holder), not only a key that is gone. Every
+/// answer of the store marks progress in `metrics` (for `/healthz`).
+pub async fn run_as<R: Registry>(
+    reg: Arc<R>,
+    own: SubnetKey,
+    identity: Option<LeaseAttrs>,
+    tx: mpsc::Sender<WatchEvent>,
+    metrics: Arc<Metrics>,
+) {
     let mut cache = LeaseCache::new(Some(own));
     let mut backoff = BACKOFF_MIN;
     let sleep_backoff = async |backoff: &mut Duration| {
@@ -48,7 +61,10 @@ pub async fn run<R: Registry>(reg: Arc<R>, own: SubnetKey, tx: mpsc::Sender<Watc
             }
         };
         backoff = BACKOFF_MIN;
-        let own_present = listing.leases.iter().any(|l| l.key == own);
+        metrics.store_progress();
+        let own_lease = listing.leases.iter().find(|l| l.key == own).cloned();
+        let own_present = own_lease.is_some();
+        let foreign = own_lease.filter(|l| identity.as_ref().is_some_and(|me| !same_holder(me, &l.attrs)));
         let events = cache.replace_all(listing.leases);
         if !events.is_empty() && tx.send(WatchEvent::Peers(events)).await.is_err() {
             return;
@@ -58,6 +74,11 @@ pub async fn run<R: Registry>(reg: Arc<R>, own: SubnetKey, tx: mpsc::Sender<Watc
             return;
         }
         if !own_present && tx.send(WatchEvent::OwnGone).await.is_err() {
+            return;
+        }
+        if let Some(l) = foreign
+            && tx.send(WatchEvent::OwnWritten(l)).await.is_err()
+        {
             return;
         }
         let mut revision = listing.revision;
@@ -72,8 +93,13 @@ pub async fn run<R: Registry>(reg: Arc<R>, own: SubnetKey, tx: mpsc::Sender<Watc
             };
             while let Some(item) = rx.recv().await {
                 match item {
+                    WatchItem::Progress => {
+                        backoff = BACKOFF_MIN;
+                        metrics.store_progress();
+                    }
                     WatchItem::Changes { revision: r, changes } => {
                         backoff = BACKOFF_MIN;
+                        metrics.store_progress();
                         revision = r;
                         let mut events = Vec::new();
                         for c in changes {
@@ -113,5 +139,132 @@ pub async fn run<R: Registry>(reg: Arc<R>, own: SubnetKey, tx: mpsc::Sender<Watc
             }
             sleep_backoff(&mut backoff).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use weft_core::lease::{Expiry, LeaseAttrs};
+
+    use super::*;
+    use crate::registry::{Listing, RegistryError};
+
+    /// A store whose watches deliver scripted items, recording where each watch started.
+    struct Fake {
+        listing: Vec<Lease>,
+        scripts: Mutex<Vec<Vec<WatchItem>>>,
+        starts: Mutex<Vec<i64>>,
+    }
+
+    fn lease(k: &str, ip: u8) -> Lease {
+        Lease {
+            key: k.parse().unwrap(),
+            attrs: LeaseAttrs::new(Ipv4Addr::new(192, 0, 2, ip)),
+            expiry: Expiry::Unknown,
+            revision: 0,
+        }
+    }
+
+    impl Registry for Fake {
+        fn name(&self) -> &'static str {
+            "fake"
+        }
+        async fn network_config(&self) -> Result<String, RegistryError> {
+            Ok(String::new())
+        }
+        async fn list(&self) -> Result<Listing, RegistryError> {
+            Ok(Listing { leases: self.listing.clone(), revision: 10 })
+        }
+        async fn create(&self, _: &SubnetKey, _: &LeaseAttrs, _: Duration) -> Result<bool, RegistryError> {
+            Ok(false)
+        }
+        async fn renew(&self, _: &SubnetKey, _: &LeaseAttrs, _: Option<Duration>) -> Result<(), RegistryError> {
+            Ok(())
+        }
+        async fn delete(&self, _: &SubnetKey) -> Result<(), RegistryError> {
+            Ok(())
+        }
+        async fn watch(&self, from: i64) -> Result<mpsc::Receiver<WatchItem>, RegistryError> {
+            self.starts.lock().unwrap().push(from);
+            let (tx, rx) = mpsc::channel(16);
+            let script = {
+                let mut s = self.scripts.lock().unwrap();
+                if s.is_empty() { Vec::new() } else { s.remove(0) }
+            };
+            tokio::spawn(async move {
+                for item in script {
+                    let _ = tx.send(item).await;
+                }
+                // Then silence, as a healthy watch without changes.
+                tx.closed().await;
+            });
+            Ok(rx)
+        }
+        async fn resolve_expiry(&self, _: &mut [Lease]) -> Result<(), RegistryError> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_watch_broken_mid_catch_up_resumes_after_the_last_delivered_event() {
+        let own = lease("10.5.1.0-24", 1);
+        let a = lease("10.5.2.0-24", 2);
+        let b = lease("10.5.3.0-24", 3);
+        let fake = Arc::new(Fake {
+            listing: vec![own.clone()],
+            scripts: Mutex::new(vec![
+                // Catch-up, part one (events up to 12), then the member dies.
+                vec![
+                    WatchItem::Changes { revision: 12, changes: vec![Change::Put(a.clone()), Change::Put(b.clone())] },
+                    WatchItem::Broken("h2 protocol error".into()),
+                ],
+                // The rest of the history, from another member.
+                vec![WatchItem::Changes { revision: 13, changes: vec![Change::Delete(a.key)] }],
+            ]),
+            starts: Mutex::new(Vec::new()),
+        });
+        let (tx, mut rx) = mpsc::channel(16);
+        let metrics = Arc::new(Metrics::new());
+        let task = tokio::spawn(run_as(fake.clone(), own.key, Some(own.attrs.clone()), tx, metrics.clone()));
+        let mut seen = Vec::new();
+        while seen.len() < 3 {
+            match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap() {
+                WatchEvent::Peers(evs) => seen.extend(evs.into_iter().map(|e| match e {
+                    LeaseEvent::Added(l) => format!("+{}", l.key),
+                    LeaseEvent::Removed(l) => format!("-{}", l.key),
+                })),
+                WatchEvent::Synced | WatchEvent::OwnWritten(_) => {}
+                WatchEvent::OwnGone => panic!("our lease is in the listing"),
+            }
+        }
+        assert_eq!(seen, ["+10.5.2.0-24", "+10.5.3.0-24", "-10.5.2.0-24"]);
+        assert_eq!(*fake.starts.lock().unwrap(), [11, 13], "resumed after revision 12, the last one delivered");
+        assert!(metrics.store_progress_age().is_some());
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_listing_that_finds_our_key_held_by_another_host_says_so() {
+        let own = lease("10.5.1.0-24", 1);
+        let usurper = Lease { attrs: LeaseAttrs::new(Ipv4Addr::new(192, 0, 2, 99)), ..own.clone() };
+        let fake =
+            Arc::new(Fake { listing: vec![usurper], scripts: Mutex::new(Vec::new()), starts: Mutex::new(Vec::new()) });
+        let (tx, mut rx) = mpsc::channel(16);
+        let task = tokio::spawn(run_as(fake, own.key, Some(own.attrs.clone()), tx, Arc::new(Metrics::new())));
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap() {
+                WatchEvent::OwnWritten(l) => {
+                    assert_eq!(l.attrs.public_ip, Ipv4Addr::new(192, 0, 2, 99));
+                    break;
+                }
+                WatchEvent::OwnGone => panic!("the key exists; it is held by another host"),
+                _ => {}
+            }
+        }
+        task.abort();
     }
 }

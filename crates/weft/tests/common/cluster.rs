@@ -35,6 +35,28 @@ impl Daemon {
         Daemon { child, log }
     }
 
+    /// [`Daemon::start`] with extra environment variables.
+    pub fn start_with_env(host: &Netns, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        let log = dir.join(format!("{}.log", host.name));
+        let err = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let child = host
+            .command(weft_bin())
+            .arg("daemon")
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .unwrap();
+        Daemon { child, log }
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
     pub fn signal(&self, sig: i32) {
         // SAFETY: kill(2) on our own child's pid; no memory is involved.
         unsafe { libc::kill(self.child.id() as i32, sig) };
