@@ -159,7 +159,8 @@ pub struct Event {
     pub detail: String,
     /// When it started, since the run started.
     pub at: Duration,
-    /// Time from injection until the lab was whole again; `None`: not within the limit.
+    /// Time from the end of the fault (its injection, for an instant one; its undo, for one
+    /// that lasts) until the lab was whole again; `None`: not within the limit.
     pub repair: Option<Duration>,
     /// Pings lost from its start until the next fault started (or the run ended).
     pub lost: u64,
@@ -830,6 +831,49 @@ fn start_store(lab: &mut Lab) -> Result<(), LabError> {
     lab.save().map_err(|e| lab_err("saving the lab state", e))
 }
 
+/// The lab daemons' --healthz-port (health and metrics).
+const METRICS_PORT: u16 = 8081;
+
+fn peers_known(h: &super::state::Host) -> Option<u64> {
+    let (_, body) = super::netns::http_get(&h.ns, METRICS_PORT, "/metrics")?;
+    body.lines()
+        .find_map(|l| l.strip_prefix("weft_peers ").and_then(|v| v.trim().parse::<f64>().ok()))
+        .map(|v| v as u64)
+}
+
+/// Writes a valid lease of a host that does not exist and waits until every daemon counts
+/// it as a peer, then deletes it and waits until every daemon has forgotten it: proof that
+/// every daemon hears from the store. Returns when all had seen it.
+fn store_probe(lab: &Lab) -> Result<Instant, String> {
+    let subnet = unused_subnet(lab, 230);
+    let suffix = subnet.to_string().replace('/', "-");
+    let data = if lab.backend == "vxlan" { r#","BackendData":{"VNI":1,"VtepMAC":"02:00:00:c4:a0:96"}"# } else { "" };
+    let value = format!(r#"{{"PublicIP":"{LAN}.96","PublicIPv6":null,"BackendType":"{}"{data}}}"#, lab.backend);
+    let peers = lab.hosts.len().saturating_sub(1) as u64;
+    let wait = |want: u64, what: &str| -> Result<Instant, String> {
+        let limit = Instant::now() + REPAIR_LIMIT;
+        loop {
+            let counts: Vec<Option<u64>> = lab.hosts.iter().map(peers_known).collect();
+            if counts.iter().all(|c| *c == Some(want)) {
+                return Ok(Instant::now());
+            }
+            if Instant::now() > limit {
+                return Err(format!(
+                    "a probe lease {suffix} {what} within {} s: peers known per host {counts:?}, want {want}",
+                    REPAIR_LIMIT.as_secs()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    store_put(lab, &suffix, &value).map_err(|e| e.to_string())?;
+    let seen = wait(peers + 1, "was not seen by every daemon");
+    store_delete(lab, &suffix).map_err(|e| e.to_string())?;
+    let seen = seen?;
+    wait(peers, "was not forgotten by every daemon after its deletion")?;
+    Ok(seen)
+}
+
 fn ip_in(ns: &str, args: &[&str]) -> Result<String, LabError> {
     Netns::existing(ns).ip(args).map_err(|e| lab_err("ip", e))
 }
@@ -1134,12 +1178,26 @@ pub fn run(o: &ChaosOptions) -> Result<Report, LabError> {
             }
         };
         watch.hold(&mut lab, kind.name(), t0 + pause);
+        // Repair is timed from the end of the fault: the injection for an instant one, the
+        // undo (link up, store started, lease deleted) for one that lasts.
+        let from = if pause.is_zero() { t0 } else { Instant::now() };
         if let Err(e) = undo(&mut lab, &to_undo) {
             watch.note_broken(kind.name(), vec![format!("the harness could not undo {}: {e}", kind.name())]);
         }
         let undone = Instant::now();
-        let whole = watch.until_whole(&mut lab, kind.name(), t0, undone);
-        let repair = whole.map(|w| w.saturating_duration_since(t0));
+        let mut whole = watch.until_whole(&mut lab, kind.name(), from, undone);
+        if whole.is_some() && kind == Fault::StoreKill {
+            // Whole kernels only show that nothing was lost while the store was away; the
+            // daemons must also hear from it again.
+            whole = match store_probe(&lab) {
+                Ok(seen) => whole.max(Some(seen)),
+                Err(e) => {
+                    watch.last_problems = vec![e];
+                    None
+                }
+            };
+        }
+        let repair = whole.map(|w| w.saturating_duration_since(from));
         match repair {
             Some(r) => eprintln!("repaired in {:.2} s   {detail}", r.as_secs_f64()),
             None => {
