@@ -889,7 +889,17 @@ fn inject(lab: &mut Lab, kind: Fault, rng: &mut StdRng) -> Result<(String, Undo)
     match kind {
         Fault::DaemonKill => {
             let old = host.pid;
-            *lab = topology::restart(&lab.name, host.index)?;
+            match topology::restart(&lab.name, host.index) {
+                Ok(l) => *lab = l,
+                // Killed, and not back: a fault like any other, for the watch to judge.
+                Err(e) => {
+                    *lab = topology::load(&lab.name)?;
+                    return Ok((
+                        format!("{hn}'s daemon (pid {old}) SIGKILLed; starting it failed: {e}"),
+                        Undo::Nothing,
+                    ));
+                }
+            }
             Ok((format!("{hn}'s daemon (pid {old}) SIGKILLed and started again"), Undo::Nothing))
         }
         Fault::StoreKill => Ok((kill_store(lab)?, Undo::StartStore)),
@@ -1178,13 +1188,13 @@ pub fn run(o: &ChaosOptions) -> Result<Report, LabError> {
             }
         };
         watch.hold(&mut lab, kind.name(), t0 + pause);
-        // Repair is timed from the end of the fault: the injection for an instant one, the
-        // undo (link up, store started, lease deleted) for one that lasts.
-        let from = if pause.is_zero() { t0 } else { Instant::now() };
         if let Err(e) = undo(&mut lab, &to_undo) {
             watch.note_broken(kind.name(), vec![format!("the harness could not undo {}: {e}", kind.name())]);
         }
         let undone = Instant::now();
+        // Repair is timed from the end of the fault: the injection for an instant one, the
+        // undo (link up, store answering again, lease deleted) for one that lasts.
+        let from = if pause.is_zero() { t0 } else { undone };
         let mut whole = watch.until_whole(&mut lab, kind.name(), from, undone);
         if whole.is_some() && kind == Fault::StoreKill {
             // Whole kernels only show that nothing was lost while the store was away; the
