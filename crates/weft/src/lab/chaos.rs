@@ -43,6 +43,8 @@ const OVERDUE: Duration = Duration::from_millis(300);
 const PINGS_TO_CONVERGE: usize = 3;
 /// How often kernel state and daemons are inspected while a fault runs.
 const INSPECT_EVERY: Duration = Duration::from_millis(250);
+/// How often right after a fault (an inspection itself takes a few tens of ms).
+const INSPECT_SOON: Duration = Duration::from_millis(20);
 /// A daemon using more than this share of a core while the lab is idle is spinning.
 const IDLE_CPU_LIMIT: f64 = 0.5;
 
@@ -1075,7 +1077,10 @@ impl Watch<'_> {
                 }
                 return None;
             }
-            std::thread::sleep(INSPECT_EVERY.saturating_sub(started.elapsed()));
+            // Close watch right after the fault (repair times to a few tens of ms), then
+            // at the usual pace.
+            let pace = if started < after + Duration::from_secs(2) { INSPECT_SOON } else { INSPECT_EVERY };
+            std::thread::sleep(pace.saturating_sub(started.elapsed()));
         }
     }
 }
