@@ -190,7 +190,14 @@ fn dispatch(args: &[String]) -> Result<u8, LabError> {
                 spec("seed", Kind::Str, "", "RNG seed (default: from the clock; printed)"),
                 spec("faults", Kind::Str, "", "only these fault kinds, comma-separated (default: all)"),
             ];
-            let Some(v) = parse(&specs, &rest)? else { return Ok(0) };
+            let Some(v) = parse(&specs, &rest)? else {
+                // `weft lab` reads no FLANNELD_* variables: leave that note of the daemon's out.
+                let text = flags::usage("weft lab chaos", &specs);
+                print!("{}", text.replace("; every flag can be set by FLANNELD_<NAME>", ""));
+                let kinds: Vec<&str> = chaos::Fault::ALL.iter().map(|k| k.name()).collect();
+                println!("\nFault kinds: {}", kinds.join(", "));
+                return Ok(0);
+            };
             let seed = match v.str("seed") {
                 "" => std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
