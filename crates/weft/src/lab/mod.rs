@@ -3,6 +3,7 @@
 //! created here; the machine's own network namespace is never changed.
 
 pub mod bench;
+pub mod chaos;
 pub mod check;
 pub mod etcd;
 pub mod netns;
@@ -32,6 +33,8 @@ pub fn usage() -> String {
      bench       iperf3 and ping between pods on two hosts: of the running lab, or of fresh\n              \
      labs with [--backend B | --all] [--seconds 5] [--json]\n  \
      restart N   kill host N's daemon (as a crash) and start it again\n  \
+     chaos       inject random faults while every pod pings every pod; report repair times\n              \
+     [--seconds 60] [--seed S] [--faults kind,...] [--json]\n  \
      add-host    add a host with its pods\n  \
      remove-host N  take host N out of the cluster (its lease is deleted)\n  \
      down        remove every namespace, process and file of the lab\n\n\
@@ -183,6 +186,43 @@ fn dispatch(args: &[String]) -> Result<u8, LabError> {
             };
             print!("{}", check::status_table(&lab));
             Ok(0)
+        }
+        "chaos" => {
+            let specs = [
+                NAME,
+                JSON,
+                spec("seconds", Kind::Uint, "60", "start new faults during this many seconds"),
+                spec("seed", Kind::Str, "", "RNG seed (default: from the clock; printed)"),
+                spec("faults", Kind::Str, "", "only these fault kinds, comma-separated (default: all)"),
+            ];
+            let Some(v) = parse(&specs, &rest)? else {
+                // `weft lab` reads no FLANNELD_* variables: leave that note of the daemon's out.
+                let text = flags::usage("weft lab chaos", &specs);
+                print!("{}", text.replace("; every flag can be set by FLANNELD_<NAME>", ""));
+                let kinds: Vec<&str> = chaos::Fault::ALL.iter().map(|k| k.name()).collect();
+                println!("\nFault kinds: {}", kinds.join(", "));
+                return Ok(0);
+            };
+            let seed = match v.str("seed") {
+                "" => std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs() % 1_000_000)
+                    .unwrap_or(1),
+                s => s.parse().map_err(|_| LabError::Usage(format!("--seed {s:?} is not a number")))?,
+            };
+            let o = chaos::ChaosOptions {
+                name: v.str("name").into(),
+                seconds: v.uint("seconds").clamp(1, 3600),
+                seed,
+                faults: chaos::parse_faults(v.str("faults"))?,
+            };
+            let report = chaos::run(&o)?;
+            if v.bool("json") {
+                print_json(&chaos::to_json(&report));
+            } else {
+                print!("{}", chaos::render(&report));
+            }
+            Ok(if report.ok() { 0 } else { 1 })
         }
         "add-host" => {
             let Some(v) = parse(&[NAME], &rest)? else { return Ok(0) };
