@@ -87,3 +87,165 @@ async fn renewal_refuses_a_subnet_held_by_another_host() {
     reg.renew(&key, &me, Some(LEASE_TTL)).await.unwrap();
     assert_eq!(reg.list().await.unwrap().leases[0].attrs, me);
 }
+
+/// Rows of a store file of the schema before create revisions (weft ≤ the first release).
+const OLD_SCHEMA: &str = "
+CREATE TABLE meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT INTO meta VALUES ('revision', 6), ('compacted', 0);
+CREATE TABLE leases (key TEXT PRIMARY KEY, value TEXT NOT NULL, expires_ms INTEGER, mod_revision INTEGER NOT NULL);
+CREATE TABLE changes (revision INTEGER PRIMARY KEY, key TEXT NOT NULL, value TEXT);
+INSERT INTO changes VALUES
+    (5, '/coreos.com/network/subnets/10.5.60.0-24', '{\"PublicIP\":\"192.0.2.60\",\"PublicIPv6\":null}'),
+    (6, '/coreos.com/network/subnets/10.5.50.0-24', '{\"PublicIP\":\"192.0.2.50\",\"PublicIPv6\":null}');
+INSERT INTO leases VALUES
+    ('/coreos.com/network/subnets/10.5.60.0-24', '{\"PublicIP\":\"192.0.2.60\",\"PublicIPv6\":null}', NULL, 5),
+    ('/coreos.com/network/subnets/10.5.50.0-24', '{\"PublicIP\":\"192.0.2.50\",\"PublicIPv6\":null}', NULL, 6);
+";
+
+fn revisions(leases: &[weft_core::lease::Lease]) -> Vec<(String, i64)> {
+    leases.iter().map(|l| (l.key.to_string(), l.revision)).collect()
+}
+
+/// Collects watch puts as (key, create revision) until `n` arrived.
+async fn watched_puts(rx: &mut tokio::sync::mpsc::Receiver<WatchItem>, n: usize) -> Vec<(String, i64)> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap() {
+            WatchItem::Changes { changes, .. } => out.extend(changes.into_iter().filter_map(|c| match c {
+                weft::registry::Change::Put(l) => Some((l.key.to_string(), l.revision)),
+                weft::registry::Change::Delete(_) => None,
+            })),
+            WatchItem::Progress => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_key_keeps_its_create_revision_through_rewrites_in_list_and_watch() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = open(dir.path());
+    let start = reg.list().await.unwrap().revision;
+    let v = |ip: u8| format!(r#"{{"PublicIP":"192.0.2.{ip}","PublicIPv6":null}}"#);
+    // The older key sorts last, so an order by key (or by last write) picks the wrong one.
+    reg.put_raw("10.5.60.0-24", &v(60)).await.unwrap();
+    reg.put_raw("10.5.50.0-24", &v(50)).await.unwrap();
+    reg.put_raw("10.5.60.0-24", &v(61)).await.unwrap();
+    let listed = revisions(&reg.list().await.unwrap().leases);
+    assert_eq!(listed, [("10.5.50.0-24".to_string(), start + 2), ("10.5.60.0-24".to_string(), start + 1)]);
+    let mut rx = reg.watch(start + 1).await.unwrap();
+    let watched = watched_puts(&mut rx, 3).await;
+    let expect: Vec<(String, i64)> =
+        [("10.5.60.0-24", start + 1), ("10.5.50.0-24", start + 2), ("10.5.60.0-24", start + 1)]
+            .iter()
+            .map(|(k, r)| (k.to_string(), *r))
+            .collect();
+    assert_eq!(watched, expect, "a watched rewrite carries the create revision, not its own");
+    // Deleted and written again: a new key, a new create revision (as in etcd).
+    reg.delete(&"10.5.60.0-24".parse().unwrap()).await.unwrap();
+    reg.put_raw("10.5.60.0-24", &v(60)).await.unwrap();
+    let listed = revisions(&reg.list().await.unwrap().leases);
+    assert_eq!(listed[1], ("10.5.60.0-24".to_string(), start + 5));
+}
+
+#[tokio::test]
+async fn a_store_file_of_the_old_schema_opens_and_works() {
+    let dir = tempfile::tempdir().unwrap();
+    rusqlite::Connection::open(dir.path().join("leases.db")).unwrap().execute_batch(OLD_SCHEMA).unwrap();
+    let reg = open(dir.path());
+    // Old rows: their last revision stands in for the create revision.
+    let listing = reg.list().await.unwrap();
+    assert_eq!(listing.revision, 6);
+    assert_eq!(revisions(&listing.leases), [("10.5.50.0-24".to_string(), 6), ("10.5.60.0-24".to_string(), 5)]);
+    // Rewriting an old row keeps it; new keys get theirs; the old history still replays.
+    let other = open(dir.path());
+    other.put_raw("10.5.60.0-24", r#"{"PublicIP":"192.0.2.61","PublicIPv6":null}"#).await.unwrap();
+    assert!(
+        other
+            .create(&"10.5.70.0-24".parse().unwrap(), &LeaseAttrs::new(Ipv4Addr::new(192, 0, 2, 70)), LEASE_TTL)
+            .await
+            .unwrap()
+    );
+    let mut rx = reg.watch(5).await.unwrap();
+    let watched = watched_puts(&mut rx, 4).await;
+    let expect: Vec<(String, i64)> =
+        [("10.5.60.0-24", 5), ("10.5.50.0-24", 6), ("10.5.60.0-24", 5), ("10.5.70.0-24", 8)]
+            .iter()
+            .map(|(k, r)| (k.to_string(), *r))
+            .collect();
+    assert_eq!(watched, expect);
+    drop((reg, other));
+    // Opening the migrated file again changes nothing.
+    let again = open(dir.path());
+    assert_eq!(
+        revisions(&again.list().await.unwrap().leases),
+        [("10.5.50.0-24".to_string(), 6), ("10.5.60.0-24".to_string(), 5), ("10.5.70.0-24".to_string(), 8)]
+    );
+}
+
+/// The daemon's log lines that reject `key` as a peer (since byte `from` of the log).
+fn rejections(log: &str, from: usize, key: &str) -> usize {
+    log[from..].lines().filter(|l| l.contains("rejecting peer lease") && l.contains(&format!("peer={key}"))).count()
+}
+
+#[test]
+fn of_two_conflicting_local_leases_the_older_wins_live_and_after_a_restart() {
+    use common::cluster::{Daemon, PREFIX};
+    use common::{wait_for, weft_bin};
+    let prefix = common::prefix("fxl");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::write(dir.join("net-conf.json"), r#"{"Network":"10.5.0.0/16","Backend":{"Type":"alloc"}}"#).unwrap();
+    let lan = weft::lab::netns::Lan::new(&prefix, "192.0.2").unwrap();
+    let host = lan.add_host(1).unwrap();
+    let store = format!("--local-store={}", dir.join("leases.db").display());
+    let conf = format!("--net-config-path={}", dir.join("net-conf.json").display());
+    let sf = format!("--subnet-file={}", dir.join("h1.env").display());
+    let args = ["--store=local", store.as_str(), conf.as_str(), sf.as_str(), "--healthz-port=8081"];
+    let mut d = Daemon::start(&host, dir, &args);
+    wait_for(Duration::from_secs(20), "subnet file", || std::fs::read_to_string(dir.join("h1.env")).ok());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let admin = LocalRegistry::open(&dir.join("leases.db"), PREFIX, &dir.join("net-conf.json")).unwrap();
+    let put = |suffix: &str, ip: u8| {
+        let v = format!(r#"{{"PublicIP":"192.0.2.{ip}","PublicIPv6":null}}"#);
+        rt.block_on(admin.put_raw(suffix, &v)).unwrap()
+    };
+    // 10.5.60.0/24 first, then 10.5.50.0/24 claiming the same PublicIP. The older one sorts
+    // last by key, and is rewritten after the younger one (its last write is the newest):
+    // only its create revision says it is older. Other keys are written in between.
+    put("10.5.60.0-24", 50);
+    put("10.5.77.0-24", 77);
+    put("10.5.50.0-24", 50);
+    put("10.5.60.0-24", 50);
+    put("10.5.77.0-24", 77);
+    put("10.5.90.0-24", 90);
+    let wait_marker = |from: usize| {
+        wait_for(Duration::from_secs(20), "the daemon to see the last key", || {
+            d_log(dir, &host.name)[from..].contains("subnet=10.5.90.0-24").then_some(())
+        })
+    };
+    wait_marker(0);
+    let log = d.log();
+    assert!(rejections(&log, 0, "10.5.50.0-24") >= 1, "the younger lease is rejected:\n{log}");
+    assert_eq!(rejections(&log, 0, "10.5.60.0-24"), 0, "the older lease is never rejected:\n{log}");
+    // After a restart the listing alone must give the same answer.
+    let from = log.len();
+    d.signal(libc::SIGTERM);
+    assert!(d.wait_exit(Duration::from_secs(10)).success());
+    let d = Daemon::start(&host, dir, &args);
+    wait_marker(from);
+    let log = d.log();
+    assert_eq!(rejections(&log, from, "10.5.50.0-24"), 1, "the younger lease is rejected:\n{}", &log[from..]);
+    assert_eq!(rejections(&log, from, "10.5.60.0-24"), 0, "the older lease wins:\n{}", &log[from..]);
+    let table =
+        std::process::Command::new(weft_bin()).args(["leases", "--store=local", &store, &conf]).output().unwrap();
+    let table = String::from_utf8_lossy(&table.stdout).to_string();
+    let row = |k: &str| table.lines().find(|l| l.starts_with(k)).unwrap_or_default().to_string();
+    assert!(row("10.5.50.0/24").contains("rejected (conflict)"), "{table}");
+    assert!(!row("10.5.60.0/24").contains("rejected"), "{table}");
+}
+
+fn d_log(dir: &Path, host: &str) -> String {
+    std::fs::read_to_string(dir.join(format!("{host}.log"))).unwrap_or_default()
+}

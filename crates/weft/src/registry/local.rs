@@ -40,20 +40,60 @@ CREATE TABLE IF NOT EXISTS leases (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL,
     expires_ms INTEGER,            -- NULL: a reservation, never expires
-    mod_revision INTEGER NOT NULL
+    mod_revision INTEGER NOT NULL,
+    create_revision INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS changes (
     revision INTEGER PRIMARY KEY,
     key TEXT NOT NULL,
-    value TEXT                     -- NULL: deleted
+    value TEXT,                    -- NULL: deleted
+    create_revision INTEGER        -- of the key, for a put
 );
 ";
 
-/// Runs inside a write transaction: bumps the revision and records one change.
-fn record(tx: &rusqlite::Transaction<'_>, key: &str, value: Option<&str>) -> rusqlite::Result<i64> {
+/// Adds `create_revision` to a file written before it existed (in one write transaction, so
+/// daemons opening the file together migrate it once). Older rows get their last revision
+/// as their create revision: the best the file knows.
+fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let has = |table: &str| -> rusqlite::Result<bool> {
+        let n: i64 = tx.query_row(
+            &format!("SELECT count(*) FROM pragma_table_info('{table}') WHERE name = 'create_revision'"),
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(n > 0)
+    };
+    if !has("leases")? {
+        tx.execute_batch(
+            "ALTER TABLE leases ADD COLUMN create_revision INTEGER NOT NULL DEFAULT 0;
+             UPDATE leases SET create_revision = mod_revision;",
+        )?;
+    }
+    if !has("changes")? {
+        tx.execute_batch(
+            "ALTER TABLE changes ADD COLUMN create_revision INTEGER;
+             UPDATE changes SET create_revision = revision WHERE value IS NOT NULL;",
+        )?;
+    }
+    tx.commit()
+}
+
+/// Runs inside a write transaction: bumps the revision and records one change. A put
+/// carries the key's create revision (`None`: the key is new, created by this change).
+fn record(
+    tx: &rusqlite::Transaction<'_>,
+    key: &str,
+    value: Option<&str>,
+    created: Option<i64>,
+) -> rusqlite::Result<i64> {
     let rev: i64 =
         tx.query_row("UPDATE meta SET value = value + 1 WHERE name = 'revision' RETURNING value", [], |r| r.get(0))?;
-    tx.execute("INSERT INTO changes (revision, key, value) VALUES (?1, ?2, ?3)", params![rev, key, value])?;
+    let created = value.map(|_| created.unwrap_or(rev));
+    tx.execute(
+        "INSERT INTO changes (revision, key, value, create_revision) VALUES (?1, ?2, ?3, ?4)",
+        params![rev, key, value, created],
+    )?;
     if rev % 1000 == 0 {
         tx.execute("DELETE FROM changes WHERE revision <= ?1", [rev - HISTORY])?;
         tx.execute("UPDATE meta SET value = max(value, ?1) WHERE name = 'compacted'", [rev - HISTORY])?;
@@ -61,11 +101,14 @@ fn record(tx: &rusqlite::Transaction<'_>, key: &str, value: Option<&str>) -> rus
     Ok(rev)
 }
 
-/// Writes `key` (recording the change) with an expiry, or none for a reservation.
+/// Writes `key` (recording the change) with an expiry, or none for a reservation. An
+/// existing key keeps its create revision, as in etcd.
 fn upsert(tx: &rusqlite::Transaction<'_>, key: &str, value: &str, expires_ms: Option<i64>) -> rusqlite::Result<()> {
-    let rev = record(tx, key, Some(value))?;
+    let created: Option<i64> =
+        tx.query_row("SELECT create_revision FROM leases WHERE key = ?1", [key], |r| r.get(0)).optional()?;
+    let rev = record(tx, key, Some(value), created)?;
     tx.execute(
-        "INSERT INTO leases (key, value, expires_ms, mod_revision) VALUES (?1, ?2, ?3, ?4)
+        "INSERT INTO leases (key, value, expires_ms, mod_revision, create_revision) VALUES (?1, ?2, ?3, ?4, ?4)
          ON CONFLICT(key) DO UPDATE SET value = ?2, expires_ms = ?3, mod_revision = ?4",
         params![key, value, expires_ms, rev],
     )?;
@@ -81,7 +124,7 @@ fn expire(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
         .collect::<Result<_, _>>()?;
     for key in expired {
         tx.execute("DELETE FROM leases WHERE key = ?1", [&key])?;
-        record(tx, &key, None)?;
+        record(tx, &key, None, None)?;
     }
     Ok(())
 }
@@ -94,13 +137,14 @@ impl LocalRegistry {
                 RegistryError::Setup(format!("cannot create local store directory {}: {e}", dir.display()))
             })?;
         }
-        let conn = Connection::open(path)
+        let mut conn = Connection::open(path)
             .map_err(|e| RegistryError::Setup(format!("cannot open local store {}: {e}", path.display())))?;
         conn.busy_timeout(Duration::from_secs(10)).map_err(err)?;
         // WAL lets watchers read while another daemon writes.
         conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
         conn.pragma_update(None, "synchronous", "NORMAL").map_err(err)?;
         conn.execute_batch(SCHEMA)
+            .and_then(|()| migrate(&mut conn))
             .map_err(|e| RegistryError::Setup(format!("local store {} is not usable: {e}", path.display())))?;
         Ok(LocalRegistry {
             conn: Arc::new(Mutex::new(conn)),
@@ -141,14 +185,14 @@ impl LocalRegistry {
         .map_err(err)?
     }
 
-    fn parse_row(&self, key: &str, value: &str, expires_ms: Option<i64>) -> Option<Lease> {
+    fn parse_row(&self, key: &str, value: &str, expires_ms: Option<i64>, revision: i64) -> Option<Lease> {
         let suffix = key.strip_prefix(&self.subnets_prefix())?;
         let (key, attrs) = parse_entry("local", suffix, value)?;
         let expiry = match expires_ms {
             None => Expiry::Reservation,
             Some(ms) => Expiry::At(UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)),
         };
-        Some(Lease { key, attrs, expiry, revision: 0 })
+        Some(Lease { key, attrs, expiry, revision })
     }
 
     /// Writes a reservation (a lease without expiry) for `key`: what an operator does with
@@ -185,19 +229,28 @@ impl LocalRegistry {
             return Ok(WatchItem::Compacted);
         }
         let mut stmt = c
-            .prepare_cached("SELECT revision, key, value FROM changes WHERE revision > ?1 ORDER BY revision LIMIT 5000")
+            .prepare_cached(
+                "SELECT revision, key, value, create_revision FROM changes WHERE revision > ?1 ORDER BY revision LIMIT 5000",
+            )
             .map_err(err)?;
         let rows = stmt
-            .query_map([after], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, Option<String>>(2)?)))
+            .query_map([after], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                    r.get::<_, Option<i64>>(3)?,
+                ))
+            })
             .map_err(err)?;
         let mut revision = after;
         let mut changes = Vec::new();
         for row in rows {
-            let (rev, key, value) = row.map_err(err)?;
+            let (rev, key, value, created) = row.map_err(err)?;
             revision = rev;
             let Some(suffix) = key.strip_prefix(&self.subnets_prefix()) else { continue };
             match value {
-                Some(v) => changes.extend(self.parse_row(&key, &v, Some(0)).map(|mut l| {
+                Some(v) => changes.extend(self.parse_row(&key, &v, Some(0), created.unwrap_or(rev)).map(|mut l| {
                     // The expiry of a watched put is not needed by watchers; mark it unknown.
                     l.expiry = Expiry::Unknown;
                     Change::Put(l)
@@ -233,17 +286,23 @@ impl Registry for LocalRegistry {
                 let revision: i64 = tx.query_row("SELECT value FROM meta WHERE name = 'revision'", [], |r| r.get(0))?;
                 let rows = tx
                     .prepare(
-                        "SELECT key, value, expires_ms FROM leases WHERE substr(key, 1, length(?1)) = ?1 ORDER BY key",
+                        "SELECT key, value, expires_ms, create_revision FROM leases
+                         WHERE substr(key, 1, length(?1)) = ?1 ORDER BY key",
                     )?
                     .query_map([&prefix], |r| {
-                        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, Option<i64>>(2)?))
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, Option<i64>>(2)?,
+                            r.get::<_, i64>(3)?,
+                        ))
                     })?
                     .collect::<Result<Vec<_>, _>>()?;
                 Ok((revision, rows))
             })
             .await?;
         let (revision, rows) = rows;
-        let leases = rows.iter().filter_map(|(k, v, e)| self.parse_row(k, v, *e)).collect();
+        let leases = rows.iter().filter_map(|(k, v, e, c)| self.parse_row(k, v, *e, *c)).collect();
         Ok(Listing { leases, revision })
     }
 
@@ -255,9 +314,9 @@ impl Registry for LocalRegistry {
             if exists {
                 return Ok(false);
             }
-            let rev = record(tx, &k, Some(&v))?;
+            let rev = record(tx, &k, Some(&v), None)?;
             tx.execute(
-                "INSERT INTO leases (key, value, expires_ms, mod_revision) VALUES (?1, ?2, ?3, ?4)",
+                "INSERT INTO leases (key, value, expires_ms, mod_revision, create_revision) VALUES (?1, ?2, ?3, ?4, ?4)",
                 params![k, v, expires, rev],
             )?;
             Ok(true)
@@ -289,7 +348,7 @@ impl Registry for LocalRegistry {
         let k = self.key(key);
         self.write(move |tx| {
             if tx.execute("DELETE FROM leases WHERE key = ?1", [&k])? > 0 {
-                record(tx, &k, None)?;
+                record(tx, &k, None, None)?;
             }
             Ok(())
         })
