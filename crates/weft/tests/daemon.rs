@@ -233,3 +233,27 @@ fn daemons_share_the_local_store() {
     let table = Command::new(weft_bin()).args(["leases", "--store=local", &store]).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&table.stdout).lines().count(), 4, "header + three leases");
 }
+
+#[test]
+fn weft_peers_counts_accepted_peers_not_rejected_leases() {
+    let c = common::cluster::cluster("fxp", 1, CONFIG);
+    let _d = c.daemon(0, &[]);
+    c.wait_env(0);
+    let rejected = r#"weft_leases_rejected_total{reason="outside_network"} "#;
+    let added = r#"weft_lease_events_total{type="added"} "#;
+    // A lease for the LAN itself (outside the Network), then a valid peer.
+    let put = |k: &str, ip: &str| {
+        let v = format!(r#"{{"PublicIP":"{ip}","PublicIPv6":null}}"#);
+        c.etcd.etcdctl(&["put", &format!("{PREFIX}/subnets/{k}"), &v]).unwrap();
+    };
+    put("192.0.2.0-24", "192.0.2.99");
+    wait_for(Duration::from_secs(10), "the rejection", || (c.metric(0, rejected) == Some(1)).then_some(()));
+    put("10.5.200.0-24", "192.0.2.12");
+    wait_for(Duration::from_secs(10), "both leases seen", || (c.metric(0, added) == Some(2)).then_some(()));
+    assert_eq!(c.metric(0, "weft_peers "), Some(1), "one peer in use; the rejected lease is not one");
+    assert_eq!(c.metric(0, rejected), Some(1), "counted once");
+    // The valid one gone: no peer, though the invalid lease is still in the store.
+    c.etcd.etcdctl(&["del", &format!("{PREFIX}/subnets/10.5.200.0-24")]).unwrap();
+    wait_for(Duration::from_secs(10), "no peer", || (c.metric(0, "weft_peers ") == Some(0)).then_some(()));
+    assert_eq!(c.metric(0, rejected), Some(1));
+}

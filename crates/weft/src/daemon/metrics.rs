@@ -21,7 +21,7 @@ pub struct Metrics {
     registry: Registry,
     /// Unix time at which our lease expires (0 for a reservation).
     pub lease_expiry: Gauge,
-    /// Peer leases known.
+    /// Peer leases in use (valid, not lost to an older conflicting lease).
     pub peers: Gauge,
     /// 1 once subnet.env is written.
     pub ready: Gauge,
@@ -93,7 +93,7 @@ impl Metrics {
             "Unix time our subnet lease expires (0: reservation)",
             m.lease_expiry.clone(),
         );
-        registry.register("weft_peers", "Peer subnet leases known", m.peers.clone());
+        registry.register("weft_peers", "Peer subnet leases in use (rejected leases are not counted)", m.peers.clone());
         registry.register("weft_ready", "1 once subnet.env is written", m.ready.clone());
         registry.register(
             "weft_store_reconnects",

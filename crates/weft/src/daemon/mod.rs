@@ -310,6 +310,7 @@ async fn run_with<R: Registry>(
     // route of a restarted daemon.
     let mut synced = false;
     let mut due: Option<tokio::time::Instant> = None;
+    let mut known = std::collections::BTreeSet::new(); // peer keys in the store; weft_peers: those not rejected
     loop {
         metrics.main_loop_progress();
         let renew_in = match expiry {
@@ -415,9 +416,11 @@ async fn run_with<R: Registry>(
                             LeaseEvent::Added(l) => ("added", l),
                             LeaseEvent::Removed(l) => ("removed", l),
                         };
+                        let _ = if kind == "added" { known.insert(lease.key) } else { known.remove(&lease.key) };
                         metrics.lease_events.get_or_create(&vec![("type", kind)]).inc();
                         tracing::info!(subnet = %lease.key, public_ip = %lease.attrs.public_ip, "peer lease {kind}");
                     }
+                    metrics.peers.set(known.len().saturating_sub(dataplane.rejected().len()) as i64);
                 }
             }
         }

@@ -69,7 +69,6 @@ pub async fn run_as<R: Registry>(
         if !events.is_empty() && tx.send(WatchEvent::Peers(events)).await.is_err() {
             return;
         }
-        metrics.peers.set(cache.len() as i64);
         if tx.send(WatchEvent::Synced).await.is_err() {
             return;
         }
@@ -118,7 +117,6 @@ pub async fn run_as<R: Registry>(
                                 Change::Delete(k) => events.extend(cache.delete(&k)),
                             }
                         }
-                        metrics.peers.set(cache.len() as i64);
                         if !events.is_empty() && tx.send(WatchEvent::Peers(events)).await.is_err() {
                             return;
                         }
