@@ -27,6 +27,16 @@ fn init_logging(verbosity: u64) {
         .init();
 }
 
+/// Sets what a write to a closed pipe does: `true` kills us quietly by SIGPIPE, as it does
+/// any Unix tool (`weft leases | head` must not panic); `false` (Rust's default) makes it an
+/// EPIPE error, which the daemon needs (a closed socket or child pipe must not kill it).
+fn die_on_broken_pipe(die: bool) {
+    let action = if die { libc::SIG_DFL } else { libc::SIG_IGN };
+    // SAFETY: signal(2) with SIG_DFL or SIG_IGN installs no handler code; nothing else in
+    // the process sets SIGPIPE's disposition concurrently (single-threaded here).
+    unsafe { libc::signal(libc::SIGPIPE, action) };
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     // Two cores here; the daemon's work is I/O bound, a small runtime is plenty.
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime")
@@ -52,6 +62,7 @@ fn daemon(args: &[String]) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    die_on_broken_pipe(false);
     init_logging(opts.verbosity);
     match runtime().block_on(weft::daemon::run(opts)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -105,6 +116,7 @@ fn main() -> ExitCode {
     if std::env::var_os("CNI_COMMAND").is_some() {
         return cni_plugin();
     }
+    die_on_broken_pipe(true);
     let args: Vec<String> = std::env::args().collect();
     let invoked_as = args
         .first()

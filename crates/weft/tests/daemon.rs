@@ -235,6 +235,42 @@ fn daemons_share_the_local_store() {
 }
 
 #[test]
+fn cli_output_into_a_closed_pipe_ends_quietly_and_every_lab_command_has_help() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = format!("--local-store={}", tmp.path().join("leases.db").display());
+    let conf = format!("--net-config-path={}", tmp.path().join("net-conf.json").display());
+    std::fs::write(tmp.path().join("net-conf.json"), CONFIG).unwrap();
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["leases", "--store=local", &store, &conf],
+        vec!["leases", "--store=local", &store, &conf, "--json"],
+        vec!["leases", "--help"],
+        vec!["daemon", "--help"],
+        vec!["lab", "--help"],
+        vec!["lab", "up", "--help"],
+        vec!["lab", "status", "--help"],
+        vec!["version"],
+        vec!["help"],
+    ];
+    for args in &cases {
+        // The reader is gone before weft writes a byte: as `weft … | head -c0` at worst.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = Command::new(weft_bin()).args(args).stdout(writer).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked") && out.status.code() != Some(101), "{args:?}: {:?} {err}", out.status);
+    }
+    for cmd in ["up", "status", "check", "bench", "restart", "chaos", "add-host", "remove-host", "down"] {
+        for help in ["--help", "-h"] {
+            let out = Command::new(weft_bin()).args(["lab", cmd, help]).output().unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success(), "weft lab {cmd} {help}: {:?}", out.status);
+            assert!(text.starts_with(&format!("Usage: weft lab {cmd}")) && text.contains("--name"), "{cmd}: {text:?}");
+            assert!(!text.contains("FLANNELD_"), "weft lab reads no FLANNELD_ variables: {text}");
+        }
+    }
+}
+
+#[test]
 fn weft_peers_counts_accepted_peers_not_rejected_leases() {
     let c = common::cluster::cluster("fxp", 1, CONFIG);
     let _d = c.daemon(0, &[]);

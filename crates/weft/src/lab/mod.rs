@@ -50,6 +50,18 @@ fn parse(specs: &[Spec], args: &[String]) -> Result<Option<flags::Values>, LabEr
     }
 }
 
+/// Usage of one lab command: its flags. `weft lab` reads no FLANNELD_* variables: that
+/// note of the daemon's is left out.
+fn command_usage(cmd: &str, specs: &[Spec]) -> String {
+    flags::usage(&format!("weft lab {cmd}"), specs).replace("; every flag can be set by FLANNELD_<NAME>", "")
+}
+
+/// Prints the usage of a lab command (for `--help`); its exit status is 0.
+fn help(cmd: &str, specs: &[Spec]) -> Result<u8, LabError> {
+    print!("{}", command_usage(cmd, specs));
+    Ok(0)
+}
+
 fn host_number(args: &[String]) -> Result<(u8, Vec<String>), LabError> {
     let (n, rest): (Vec<&String>, Vec<&String>) = args.iter().partition(|a| a.parse::<u8>().is_ok());
     match n.as_slice() {
@@ -93,10 +105,7 @@ fn dispatch(args: &[String]) -> Result<u8, LabError> {
                 spec("etcd-members", Kind::Uint, "1", "etcd cluster members (--store etcd), each in its own namespace"),
                 spec("etcd-tls", Kind::Bool, "false", "etcd with TLS, each member with its own certificate"),
             ];
-            let Some(v) = parse(&specs, &rest)? else {
-                print!("{}", usage());
-                return Ok(0);
-            };
+            let Some(v) = parse(&specs, &rest)? else { return help("up", &specs) };
             let small = |n: &str| u8::try_from(v.uint(n)).map_err(|_| LabError::Usage(format!("--{n} is too large")));
             let o = UpOptions {
                 name: v.str("name").into(),
@@ -116,7 +125,7 @@ fn dispatch(args: &[String]) -> Result<u8, LabError> {
             Ok(0)
         }
         "status" => {
-            let Some(v) = parse(&[NAME, JSON], &rest)? else { return Ok(0) };
+            let Some(v) = parse(&[NAME, JSON], &rest)? else { return help("status", &[NAME, JSON]) };
             let lab = topology::load(v.str("name"))?;
             if v.bool("json") {
                 print_json(&check::status_json(&lab));
@@ -126,7 +135,7 @@ fn dispatch(args: &[String]) -> Result<u8, LabError> {
             Ok(0)
         }
         "check" => {
-            let Some(v) = parse(&[NAME, JSON], &rest)? else { return Ok(0) };
+            let Some(v) = parse(&[NAME, JSON], &rest)? else { return help("check", &[NAME, JSON]) };
             let lab = topology::load(v.str("name"))?;
             let probes = check::check(&lab);
             let failed = probes.iter().filter(|p| !p.ok).count();
@@ -154,7 +163,7 @@ fn dispatch(args: &[String]) -> Result<u8, LabError> {
                 spec("backend", Kind::Str, "", "measure this backend in a lab of its own (default: the running lab)"),
                 spec("seconds", Kind::Uint, "5", "iperf3 duration"),
             ];
-            let Some(v) = parse(&specs, &rest)? else { return Ok(0) };
+            let Some(v) = parse(&specs, &rest)? else { return help("bench", &specs) };
             let seconds = v.uint("seconds").clamp(1, 60) as u32;
             let results = if v.bool("all") {
                 bench::fresh(v.str("name"), &bench::BACKENDS, seconds)
@@ -177,8 +186,11 @@ fn dispatch(args: &[String]) -> Result<u8, LabError> {
             Ok(0)
         }
         "restart" | "remove-host" => {
+            if rest.iter().any(|a| matches!(a.trim_start_matches('-'), "h" | "help")) {
+                return help(&format!("{cmd} N"), &[NAME]);
+            }
             let (n, rest) = host_number(&rest)?;
-            let Some(v) = parse(&[NAME], &rest)? else { return Ok(0) };
+            let Some(v) = parse(&[NAME], &rest)? else { return help(&format!("{cmd} N"), &[NAME]) };
             let lab = if cmd == "restart" {
                 topology::restart(v.str("name"), n)?
             } else {
@@ -196,9 +208,7 @@ fn dispatch(args: &[String]) -> Result<u8, LabError> {
                 spec("faults", Kind::Str, "", "only these fault kinds, comma-separated (default: all)"),
             ];
             let Some(v) = parse(&specs, &rest)? else {
-                // `weft lab` reads no FLANNELD_* variables: leave that note of the daemon's out.
-                let text = flags::usage("weft lab chaos", &specs);
-                print!("{}", text.replace("; every flag can be set by FLANNELD_<NAME>", ""));
+                print!("{}", command_usage("chaos", &specs));
                 let kinds: Vec<&str> = chaos::Fault::ALL.iter().map(|k| k.name()).collect();
                 println!("\nFault kinds: {}", kinds.join(", "));
                 return Ok(0);
@@ -225,13 +235,13 @@ fn dispatch(args: &[String]) -> Result<u8, LabError> {
             Ok(if report.ok() { 0 } else { 1 })
         }
         "add-host" => {
-            let Some(v) = parse(&[NAME], &rest)? else { return Ok(0) };
+            let Some(v) = parse(&[NAME], &rest)? else { return help("add-host", &[NAME]) };
             let lab = topology::add_host(v.str("name"))?;
             print!("{}", check::status_table(&lab));
             Ok(0)
         }
         "down" => {
-            let Some(v) = parse(&[NAME], &rest)? else { return Ok(0) };
+            let Some(v) = parse(&[NAME], &rest)? else { return help("down", &[NAME]) };
             topology::check_name(v.str("name"))?;
             let (processes, namespaces) = topology::down(v.str("name"));
             println!(
