@@ -131,6 +131,13 @@ pub struct DataPlane {
     ext_missing: bool,
 }
 
+impl Drop for DataPlane {
+    /// A stopped daemon leaves no engine thread behind (SIGTERM, a lost lease, an error).
+    fn drop(&mut self) {
+        self.backend.stop();
+    }
+}
+
 /// What `prepare` hands back before the lease exists.
 pub struct Prepared {
     /// Our lease attributes.

@@ -143,4 +143,8 @@ impl Backend for UdpBackend {
     fn peers_changed(&self, peers: &mut dyn Iterator<Item = &Lease>) {
         self.set_peers(peers);
     }
+
+    fn stop(&mut self) {
+        self.engine.stop();
+    }
 }
