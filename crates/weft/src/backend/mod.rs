@@ -21,6 +21,7 @@ use weft_core::plan::{self, Plan};
 use weft_core::validate::{Outcome, Rules, Validator};
 
 use crate::daemon::metrics::Metrics;
+use crate::kernel::monitor::{Interest, SharedInterest};
 use crate::kernel::{Kernel, KernelError, Links};
 
 /// A backend that cannot start.
@@ -87,6 +88,12 @@ pub trait Backend: Send {
     /// The links per-peer entries live on (after [`Backend::ensure_devices`]).
     fn links(&self, _links: &mut Links) {}
 
+    /// The backend's devices as they are now (name, index): what the netlink monitor
+    /// watches for the reconciler.
+    fn devices(&self) -> Vec<(String, u32)> {
+        Vec::new()
+    }
+
     /// The per-peer kernel entries wanted for `peers` (the accepted leases), from the pure
     /// planner; `None` when the backend keeps no per-peer kernel entries (alloc, udp), so
     /// nothing is read or diffed.
@@ -127,6 +134,10 @@ pub struct DataPlane {
     blocked: std::collections::BTreeSet<IpNet>,
     /// The external interface's name: found again by it when the interface is re-created.
     ext_name: String,
+    /// Keep `blackhole <own subnet>` routes (`--ip-blackhole-route`).
+    blackhole: bool,
+    /// What we own and want, for the netlink monitor's filter (updated on every pass).
+    interest: SharedInterest,
     /// Whether the external interface is missing (logged once).
     ext_missing: bool,
 }
@@ -201,9 +212,27 @@ impl DataPlane {
                 rules,
                 blocked: Default::default(),
                 ext_name: ext.name.clone(),
+                blackhole: false,
+                interest: Default::default(),
                 ext_missing: false,
             },
         })
+    }
+
+    /// Keeps `blackhole <own subnet>` routes as part of the desired state
+    /// (`--ip-blackhole-route`); call before [`DataPlane::set_own`].
+    pub fn set_blackhole(&mut self, on: bool) {
+        self.blackhole = on;
+    }
+
+    /// The filter the netlink monitor applies, kept current by every pass.
+    pub fn interest(&self) -> SharedInterest {
+        self.interest.clone()
+    }
+
+    fn set_interest(&self, f: impl FnOnce(&mut Interest)) {
+        let mut g = self.interest.write().unwrap_or_else(|p| p.into_inner());
+        f(&mut g);
     }
 
     /// Whether this backend programs the kernel at all.
@@ -219,7 +248,16 @@ impl DataPlane {
         self.own_key = *own;
         self.absorb(outcome);
         self.backend.peers_changed(&mut self.validator.accepted());
-        self.backend.start(&self.kernel, own, &self.metrics).await
+        self.backend.start(&self.kernel, own, &self.metrics).await?;
+        let (own, networks, blackhole) = (self.own.clone(), self.networks.clone(), self.blackhole);
+        self.set_interest(move |i| (i.own, i.networks, i.blackhole) = (own, networks, blackhole));
+        // In place before subnet.env is written, as flanneld orders it.
+        if self.blackhole
+            && let Err(e) = self.kernel.ensure_blackholes(&self.own).await
+        {
+            tracing::warn!("{e}");
+        }
+        Ok(())
     }
 
     /// Our lease subnets.
@@ -286,6 +324,11 @@ impl DataPlane {
     /// back are re-created first (same MAC). Failures are reported, not fatal.
     pub async fn reconcile(&mut self) -> Report {
         let mut report = Report::default();
+        if self.blackhole
+            && let Err(e) = self.kernel.ensure_blackholes(&self.own).await
+        {
+            report.errors.push(e);
+        }
         if !self.programs_kernel() {
             return report;
         }
@@ -305,6 +348,12 @@ impl DataPlane {
                     report.changes += 1;
                 }
                 self.backend.links(&mut self.links);
+                let (links, devices, own) = (self.links, self.backend.devices(), self.own.clone());
+                let (networks, ext_name, blackhole) = (self.networks.clone(), self.ext_name.clone(), self.blackhole);
+                self.set_interest(move |i| {
+                    (i.links, i.devices, i.own, i.networks, i.ext_name, i.blackhole) =
+                        (links, devices, own, networks, ext_name, blackhole);
+                });
             }
             Err(e) => {
                 report.errors.push(e);
@@ -340,6 +389,8 @@ impl DataPlane {
             }
         }
         let ops = plan::diff(&p.state, &actual);
+        // Before applying: the echoes of this pass then match what is wanted.
+        self.set_interest(move |i| i.desired = p.state);
         if !ops.is_empty() {
             // Routes known to be blocked by someone else's are retried quietly on every pass.
             let quiet = ops.len() == ops.routes_add.iter().filter(|r| self.blocked.contains(&r.dst)).count();

@@ -25,6 +25,8 @@ pub struct UdpBackend {
     network: Ipv4Net,
     subnet_len: u8,
     own: Option<Ipv4Net>,
+    /// `flannel0`'s index, as of the last repair.
+    index: Option<u32>,
 }
 
 impl UdpBackend {
@@ -46,7 +48,7 @@ impl UdpBackend {
                 s.port
             ))
         })?;
-        Ok(UdpBackend { engine, mtu, network, subnet_len, own: None })
+        Ok(UdpBackend { engine, mtu, network, subnet_len, own: None, index: None })
     }
 
     /// Addresses and routes `flannel0` for our lease and starts forwarding.
@@ -62,7 +64,7 @@ impl UdpBackend {
     /// `flannel0` up with our MTU, our base address /32, and `<Network> dev flannel0`;
     /// re-opened when it was deleted. Idempotent and quiet: the reconciler calls it on every
     /// pass, and it changes only what is wrong (each change wakes the reconciler again).
-    pub async fn ensure(&self, kernel: &Kernel) -> Result<(), KernelError> {
+    pub async fn ensure(&mut self, kernel: &Kernel) -> Result<(), KernelError> {
         let Some(own) = self.own else { return Ok(()) };
         let link = match kernel.link(DEVICE).await? {
             Some(l) => l,
@@ -78,6 +80,7 @@ impl UdpBackend {
                 })?
             }
         };
+        self.index = Some(link.index);
         if !link.up || link.mtu != Some(self.mtu) {
             tracing::warn!("{DEVICE} was down or had another MTU; restoring it");
             kernel.set_up(link.index, self.mtu, DEVICE).await?;
@@ -133,6 +136,10 @@ impl Backend for UdpBackend {
         _own: &'a SubnetKey,
     ) -> BoxFuture<'a, Result<bool, KernelError>> {
         Box::pin(async move { self.ensure(kernel).await.map(|()| false) })
+    }
+
+    fn devices(&self) -> Vec<(String, u32)> {
+        self.index.map(|i| (DEVICE.to_string(), i)).into_iter().collect()
     }
 
     /// The engine forwards by its own peer table; the kernel holds no per-peer entries.

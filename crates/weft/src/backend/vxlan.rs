@@ -173,6 +173,13 @@ impl Backend for Vxlan {
         Box::pin(self.repair(kernel, own))
     }
 
+    fn devices(&self) -> Vec<(String, u32)> {
+        [(&self.p4, self.v4), (&self.p6, self.v6)]
+            .into_iter()
+            .filter_map(|(p, d)| Some((p.as_ref()?.name.clone(), d?.index)))
+            .collect()
+    }
+
     fn links(&self, links: &mut Links) {
         links.vxlan4 = self.v4.map(|d| d.index);
         links.vxlan6 = self.v6.map(|d| d.index);
