@@ -1,15 +1,12 @@
 //! host-gw: a route to each peer subnet via the peer's public IP. Needs every host on one L2
 //! segment, so the public IP must be the interface's own address.
 
-use futures::future::BoxFuture;
 use weft_core::backend::BackendSpec;
 use weft_core::iface::External;
-use weft_core::lease::{Lease, SubnetKey};
+use weft_core::lease::Lease;
 use weft_core::plan::{self, HostFacts, Plan};
 
 use super::{Backend, BackendError};
-use crate::daemon::metrics::Metrics;
-use crate::kernel::{Kernel, KernelError};
 
 /// The host-gw backend: no device of its own; routes on the external interface.
 pub struct HostGw;
@@ -25,15 +22,6 @@ impl HostGw {
 impl Backend for HostGw {
     fn name(&self) -> &'static str {
         "host-gw"
-    }
-
-    fn start<'a>(
-        &'a mut self,
-        _kernel: &'a Kernel,
-        _own: &'a SubnetKey,
-        _metrics: &'a Metrics,
-    ) -> BoxFuture<'a, Result<(), KernelError>> {
-        Box::pin(async { Ok(()) })
     }
 
     fn plan(&self, peers: &mut dyn Iterator<Item = &Lease>) -> Option<Plan> {
