@@ -95,11 +95,9 @@ impl Bench {
     /// Writes `n` peer leases (vxlan attributes when `vxlan`) from a thread that enters the
     /// LAN namespace, 64 requests in flight.
     fn write_peers(&self, n: u32, vxlan: bool) -> Duration {
-        let ns = std::fs::File::open(format!("/run/netns/{}", self.lan.ns.name)).unwrap();
         let url = self.etcd.url();
         let start = Instant::now();
-        std::thread::spawn(move || {
-            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        weft::lab::netns::in_netns(&self.lan.ns.name, move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(async move {
                 use futures::StreamExt;
@@ -127,7 +125,6 @@ impl Bench {
                 }
             });
         })
-        .join()
         .unwrap();
         start.elapsed()
     }

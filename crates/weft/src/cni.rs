@@ -351,19 +351,19 @@ fn gc(conf: &NetConf, env: &CniEnv) -> Result<String, CniError> {
 /// Reads what CHECK needs (links, addresses, main-table routes) over netlink in the
 /// network namespace at `netns_path`, or in ours when `None`.
 fn ns_view(netns_path: Option<&str>) -> Result<cni::NsView, String> {
-    let path = netns_path.map(String::from);
-    // Namespace membership is per thread: enter it on a thread of our own.
-    std::thread::spawn(move || -> Result<cni::NsView, String> {
-        if let Some(path) = &path {
-            let f = std::fs::File::open(path).map_err(|e| format!("cannot open CNI_NETNS {path}: {e}"))?;
-            nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(|e| format!("cannot enter CNI_NETNS {path}: {e}"))?;
-        }
+    // The view is read on a runtime of its own, so on a thread of its own either way.
+    let work = || -> Result<cni::NsView, String> {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
         rt.block_on(read_view())
-    })
-    .join()
-    .map_err(|_| "checking the namespace failed".to_string())?
+    };
+    let Some(path) = netns_path else {
+        return std::thread::spawn(work).join().map_err(|_| "checking the namespace failed".to_string())?;
+    };
+    crate::nsenter::run_in(std::path::Path::new(path), work).map_err(|e| match e {
+        crate::nsenter::NsError::Open { source, .. } => format!("cannot open CNI_NETNS {path}: {source}"),
+        crate::nsenter::NsError::Enter { source, .. } => format!("cannot enter CNI_NETNS {path}: {source}"),
+        other => format!("checking the namespace failed: {other}"),
+    })?
 }
 
 async fn read_view() -> Result<cni::NsView, String> {

@@ -459,3 +459,40 @@ fn dual_stack_vxlan_programs_both_families() {
     let nat6 = c.hosts[0].exec("ip6tables", &["-t", "nat", "-S", "FLANNEL-POSTRTG"]).unwrap();
     assert!(nat6.contains("! -d ff00::/8"), "{nat6}");
 }
+
+/// Neighbour and route churn on the host that is not weft's (ARP entries and routes on the
+/// external interface, outside the Network) wakes no reconcile pass: each would otherwise
+/// cost three dumps. Spread over two seconds, the old monitor ran a pass per burst.
+#[test]
+fn kernel_events_about_things_weft_does_not_own_cause_no_pass() {
+    let c = cluster("dqu", 2, VXLAN);
+    let (_daemons, hosts) = start_all(&c, &[]);
+    assert_full_mesh(&c, &hosts);
+    let h = &c.hosts[0];
+    let dir = tempfile::tempdir().unwrap();
+    let batch = dir.path().join("churn");
+    let mut lines = String::new();
+    for i in 1..=20 {
+        lines += &format!("neigh replace 203.0.113.{i} lladdr 02:00:00:00:00:{i:02x} dev eth0 nud permanent\n");
+        lines += &format!("route add 198.51.100.{}/32 dev eth0\n", i);
+        lines += &format!("neigh del 203.0.113.{i} dev eth0\n");
+        lines += &format!("route del 198.51.100.{}/32 dev eth0\n", i);
+    }
+    std::fs::write(&batch, lines).unwrap();
+    // Settle: the passes of the start are over.
+    std::thread::sleep(Duration::from_millis(500));
+    let before = c.metric(0, "weft_reconciles_total ").unwrap();
+    for _ in 0..10 {
+        h.ip(&["-batch", batch.to_str().unwrap()]).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let after = c.metric(0, "weft_reconciles_total ").unwrap();
+    // The periodic resync (every 10 s) may fall into the window: one pass at most.
+    assert!(after - before <= 1, "{} reconcile passes for churn weft does not own", after - before);
+    // A deletion of an entry weft wants still wakes it at once.
+    let peer_route = hosts[1].subnet.clone();
+    h.ip(&["route", "del", &peer_route, "dev", "flannel.1"]).unwrap();
+    wait_for(Duration::from_secs(3), "the deleted route to come back", || {
+        json(h, "ip", &["-j", "route", "show", &peer_route]).as_array().is_some_and(|a| a.len() == 1).then_some(())
+    });
+}

@@ -153,3 +153,57 @@ fn flannel_wire_format_both_ways_and_untrusted_datagrams_are_dropped() {
     .unwrap();
     assert!(ok);
 }
+
+/// The engine's threads in this process, by name.
+fn engine_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .flatten()
+        .filter(|t| {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            matches!(comm.trim_end(), "udp-tun-to-net" | "udp-net-to-tun")
+        })
+        .count()
+}
+
+/// Stopping the engine (what SIGTERM and a restart do) ends and joins both forwarding
+/// threads, idle or not; a restarted engine forwards with two threads again, and dropping
+/// it leaves none behind.
+#[test]
+fn the_udp_engine_stops_and_restarts_without_leaving_threads() {
+    let prefix = common::prefix("uen");
+    let ns = weft::lab::netns::Netns::add(&format!("{prefix}e")).unwrap();
+    ns.ip(&["link", "set", "lo", "up"]).unwrap();
+    let own: ipnet::Ipv4Net = "10.5.1.0/24".parse().unwrap();
+    in_netns(&ns.name, move || {
+        let metrics = weft::daemon::metrics::Metrics::new();
+        let mut engine = weft::udp::Udp::open(Ipv4Addr::LOCALHOST, 8285).unwrap();
+        assert_eq!(engine_threads(), 0);
+        for round in 0..3 {
+            engine.start(own, own.network(), &metrics).unwrap();
+            wait_for(Duration::from_secs(5), "two engine threads", || (engine_threads() == 2).then_some(()));
+            if round == 1 {
+                // Busy: a datagram in flight while it stops.
+                let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+                s.send_to(&[0x45; 40], "127.0.0.1:8285").unwrap();
+            }
+            let started = std::time::Instant::now();
+            engine.stop();
+            assert!(started.elapsed() < Duration::from_secs(5), "stop took {:?}", started.elapsed());
+            assert_eq!(engine_threads(), 0, "threads left after stop {round}");
+            assert!(!engine.is_running());
+        }
+        engine.start(own, own.network(), &metrics).unwrap();
+        // A restart without a stop in between replaces the threads, never adds to them.
+        engine.start(own, own.network(), &metrics).unwrap();
+        wait_for(Duration::from_secs(5), "two engine threads after a restart", || {
+            (engine_threads() == 2).then_some(())
+        });
+        // Named threads appear when they run: give a third one time to show up.
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(engine_threads(), 2);
+        drop(engine);
+        assert_eq!(engine_threads(), 0, "threads left after drop");
+    })
+    .unwrap();
+}

@@ -1,9 +1,33 @@
 //! host-gw: a route to each peer subnet via the peer's public IP. Needs every host on one L2
 //! segment, so the public IP must be the interface's own address.
 
+use weft_core::backend::BackendSpec;
 use weft_core::iface::External;
+use weft_core::lease::Lease;
+use weft_core::plan::{self, HostFacts, Plan};
 
-use super::BackendError;
+use super::{Backend, BackendError};
+
+/// The host-gw backend: no device of its own; routes on the external interface.
+pub struct HostGw;
+
+impl HostGw {
+    /// Refuses to start behind NAT, as flanneld does.
+    pub fn new(ext: &External) -> Result<HostGw, BackendError> {
+        check(ext)?;
+        Ok(HostGw)
+    }
+}
+
+impl Backend for HostGw {
+    fn name(&self) -> &'static str {
+        "host-gw"
+    }
+
+    fn plan(&self, peers: &mut dyn Iterator<Item = &Lease>) -> Option<Plan> {
+        Some(plan::plan(&BackendSpec::HostGw, peers, &HostFacts::default()))
+    }
+}
 
 /// Refuses to start behind NAT, as flanneld does.
 pub fn check(ext: &External) -> Result<(), BackendError> {

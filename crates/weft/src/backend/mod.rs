@@ -1,6 +1,7 @@
 //! Backends with effects: what a host advertises in its lease, the devices it needs, and
 //! the reconciler that keeps the kernel equal to the plan for the current peers.
 
+pub mod alloc;
 pub mod host_gw;
 pub mod udp;
 pub mod vxlan;
@@ -9,16 +10,18 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
+use futures::future::BoxFuture;
 use ipnet::IpNet;
-use weft_core::backend::{BackendSpec, Mac};
+use weft_core::backend::BackendSpec;
 use weft_core::cache::LeaseEvent;
 use weft_core::config::NetworkConfig;
 use weft_core::iface::External;
 use weft_core::lease::{Lease, LeaseAttrs, SubnetKey};
-use weft_core::plan::{self, HostFacts};
+use weft_core::plan::{self, Plan};
 use weft_core::validate::{Outcome, Rules, Validator};
 
 use crate::daemon::metrics::Metrics;
+use crate::kernel::monitor::{Interest, SharedInterest};
 use crate::kernel::{Kernel, KernelError, Links};
 
 /// A backend that cannot start.
@@ -40,6 +43,72 @@ pub enum BackendError {
     },
 }
 
+/// What a backend is: each backend (alloc, host-gw, vxlan, udp) implements it in its own
+/// file, and the [`DataPlane`] holds exactly one. Every kernel change goes through the
+/// [`Kernel`] in plan terms; the reconciler calls these on every pass.
+pub trait Backend: Send {
+    /// The backend's name, as in the network config.
+    fn name(&self) -> &'static str;
+
+    /// Puts what peers need to reach us into our lease (vxlan: `VtepMAC`).
+    fn advertise(&self, _attrs: &mut LeaseAttrs) {}
+
+    /// Whether the backend programs the kernel at all (alloc does not).
+    fn programs_kernel(&self) -> bool {
+        true
+    }
+
+    /// Whether the backend's entries sit on the external interface, which the reconciler
+    /// then follows by name when it is re-created.
+    fn uses_underlay(&self) -> bool {
+        true
+    }
+
+    /// The external interface has a new index: the devices must sit on it.
+    fn set_underlay(&mut self, _index: u32) {}
+
+    /// Our lease is known: address the devices for it and start the engine, if any.
+    fn start<'a>(
+        &'a mut self,
+        _kernel: &'a Kernel,
+        _own: &'a SubnetKey,
+        _metrics: &'a Metrics,
+    ) -> BoxFuture<'a, Result<(), KernelError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// The devices the backend needs, repaired to their desired state whatever happened to
+    /// them; `Ok(true)` when something had to change.
+    fn ensure_devices<'a>(
+        &'a mut self,
+        _kernel: &'a Kernel,
+        _own: &'a SubnetKey,
+    ) -> BoxFuture<'a, Result<bool, KernelError>> {
+        Box::pin(async { Ok(false) })
+    }
+
+    /// The links per-peer entries live on (after [`Backend::ensure_devices`]).
+    fn links(&self, _links: &mut Links) {}
+
+    /// The backend's devices as they are now (name, index): what the netlink monitor
+    /// watches for the reconciler.
+    fn devices(&self) -> Vec<(String, u32)> {
+        Vec::new()
+    }
+
+    /// The per-peer kernel entries wanted for `peers` (the accepted leases), from the pure
+    /// planner; `None` when the backend keeps no per-peer kernel entries (alloc, udp), so
+    /// nothing is read or diffed.
+    fn plan(&self, peers: &mut dyn Iterator<Item = &Lease>) -> Option<Plan>;
+
+    /// The accepted peers changed (udp: the engine's peer table).
+    fn peers_changed(&self, _peers: &mut dyn Iterator<Item = &Lease>) {}
+
+    /// Stops the engine, if any, and joins its threads. Devices and kernel entries are left
+    /// in place, as flanneld leaves them, so traffic keeps flowing across a restart.
+    fn stop(&mut self) {}
+}
+
 /// Result of one reconciliation.
 #[derive(Debug, Default)]
 pub struct Report {
@@ -51,27 +120,35 @@ pub struct Report {
 
 /// The data plane of one host.
 pub struct DataPlane {
-    spec: BackendSpec,
+    backend: Box<dyn Backend>,
     kernel: Kernel,
     links: Links,
     networks: Vec<IpNet>,
     own: Vec<IpNet>,
-    facts: HostFacts,
-    vxlan: Option<vxlan::Vxlan>,
-    udp: Option<udp::UdpBackend>,
-    subnet_len: u8,
+    own_key: SubnetKey,
     metrics: Arc<Metrics>,
-    peers: BTreeMap<SubnetKey, Lease>,
     warned: BTreeMap<SubnetKey, String>,
-    /// Judges peer leases before they reach the planner or the udp peer table.
+    /// Judges peer leases before they reach the planner or the udp peer table; its
+    /// accepted set is the one copy of the peers the data plane acts on.
     validator: Validator,
     rules: Rules,
     /// Destinations where a route of someone else keeps us from installing ours (logged once).
     blocked: std::collections::BTreeSet<IpNet>,
     /// The external interface's name: found again by it when the interface is re-created.
     ext_name: String,
+    /// Keep `blackhole <own subnet>` routes (`--ip-blackhole-route`).
+    blackhole: bool,
+    /// What we own and want, for the netlink monitor's filter (updated on every pass).
+    interest: SharedInterest,
     /// Whether the external interface is missing (logged once).
     ext_missing: bool,
+}
+
+impl Drop for DataPlane {
+    /// A stopped daemon leaves no engine thread behind (SIGTERM, a lost lease, an error).
+    fn drop(&mut self) {
+        self.backend.stop();
+    }
 }
 
 /// What `prepare` hands back before the lease exists.
@@ -97,34 +174,23 @@ impl DataPlane {
         let mut attrs = LeaseAttrs::new(ext.public_ip.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED));
         attrs.public_ipv6 = ext.public_ipv6;
         attrs.backend_type = spec.lease_type().to_string();
-        let mut links = Links { external: ext.index, ..Links::default() };
-        let mut vx = None;
-        let mut udp_backend = None;
-        match spec {
-            BackendSpec::Alloc => {}
-            BackendSpec::HostGw => host_gw::check(ext)?,
-            BackendSpec::Vxlan(settings) => {
-                let v = vxlan::Vxlan::create(&kernel, cfg, ext, settings).await?;
-                v.fill_lease(&mut attrs);
-                links.vxlan4 = v.v4.map(|d| d.index);
-                links.vxlan6 = v.v6.map(|d| d.index);
-                vx = Some(v);
-            }
-            BackendSpec::Udp(settings) => {
-                udp_backend = Some(udp::UdpBackend::open(ext, settings, spec.mtu(ext.mtu), cfg.v4.map(|r| r.network))?);
-            }
-        }
         let networks: Vec<IpNet> =
             cfg.v4.map(|r| IpNet::V4(r.network)).into_iter().chain(cfg.v6.map(|r| IpNet::V6(r.network))).collect();
-        let connected = if matches!(spec, BackendSpec::Vxlan(v) if v.direct_routing) {
-            kernel
-                .connected_prefixes(ext.index)
-                .await
-                .map_err(|source| BackendError::Kernel { backend: "vxlan", source })?
-        } else {
-            Vec::new()
+        let backend: Box<dyn Backend> = match spec {
+            BackendSpec::Alloc => Box::new(alloc::Alloc),
+            BackendSpec::HostGw => Box::new(host_gw::HostGw::new(ext)?),
+            BackendSpec::Vxlan(settings) => Box::new(vxlan::Vxlan::create(&kernel, cfg, ext, settings).await?),
+            BackendSpec::Udp(settings) => Box::new(udp::UdpBackend::open(
+                ext,
+                settings,
+                spec.mtu(ext.mtu),
+                cfg.v4.map(|r| r.network),
+                cfg.v4.map(|r| r.subnet_len).unwrap_or(24),
+            )?),
         };
-        let facts = HostFacts { connected, vxlan6: links.vxlan6.is_some() };
+        backend.advertise(&mut attrs);
+        let mut links = Links { external: ext.index, ..Links::default() };
+        backend.links(&mut links);
         let mut rules = Rules::from_config(cfg);
         rules.own_ips = [ext.public_ip, ext.iface_addr]
             .into_iter()
@@ -136,30 +202,44 @@ impl DataPlane {
             attrs,
             mtu: spec.mtu(ext.mtu),
             dataplane: DataPlane {
-                spec,
+                backend,
                 kernel,
                 links,
                 networks,
                 own: Vec::new(),
-                facts,
-                vxlan: vx,
-                udp: udp_backend,
-                subnet_len: cfg.v4.map(|r| r.subnet_len).unwrap_or(24),
+                own_key: SubnetKey { v4: None, v6: None },
                 metrics,
-                peers: BTreeMap::new(),
                 warned: BTreeMap::new(),
                 validator: Validator::new(rules.clone()),
                 rules,
                 blocked: Default::default(),
                 ext_name: ext.name.clone(),
+                blackhole: false,
+                interest: Default::default(),
                 ext_missing: false,
             },
         })
     }
 
+    /// Keeps `blackhole <own subnet>` routes as part of the desired state
+    /// (`--ip-blackhole-route`); call before [`DataPlane::set_own`].
+    pub fn set_blackhole(&mut self, on: bool) {
+        self.blackhole = on;
+    }
+
+    /// The filter the netlink monitor applies, kept current by every pass.
+    pub fn interest(&self) -> SharedInterest {
+        self.interest.clone()
+    }
+
+    fn set_interest(&self, f: impl FnOnce(&mut Interest)) {
+        let mut g = self.interest.write().unwrap_or_else(|p| p.into_inner());
+        f(&mut g);
+    }
+
     /// Whether this backend programs the kernel at all.
     pub fn programs_kernel(&self) -> bool {
-        !matches!(self.spec, BackendSpec::Alloc)
+        self.backend.programs_kernel()
     }
 
     /// Records our lease (and gives the vxlan device its address).
@@ -167,12 +247,17 @@ impl DataPlane {
         self.own = own.v4.map(IpNet::V4).into_iter().chain(own.v6.map(IpNet::V6)).collect();
         self.rules.own = Some(*own);
         let outcome = self.validator.set_rules(self.rules.clone());
+        self.own_key = *own;
         self.absorb(outcome);
-        if let Some(v) = &self.vxlan {
-            v.address(&self.kernel, own).await?;
-        }
-        if let (Some(u), Some(v4)) = (&mut self.udp, own.v4) {
-            u.start(&self.kernel, v4, &self.metrics).await?;
+        self.backend.peers_changed(&mut self.validator.accepted());
+        self.backend.start(&self.kernel, own, &self.metrics).await?;
+        let (own, networks, blackhole) = (self.own.clone(), self.networks.clone(), self.blackhole);
+        self.set_interest(move |i| (i.own, i.networks, i.blackhole) = (own, networks, blackhole));
+        // In place before subnet.env is written, as flanneld orders it.
+        if self.blackhole
+            && let Err(e) = self.kernel.ensure_blackholes(&self.own).await
+        {
+            tracing::warn!("{e}");
         }
         Ok(())
     }
@@ -189,9 +274,7 @@ impl DataPlane {
             let outcome = self.validator.apply(e);
             self.absorb(outcome);
         }
-        if let Some(u) = &self.udp {
-            u.set_peers(self.subnet_len, self.peers.values());
-        }
+        self.backend.peers_changed(&mut self.validator.accepted());
     }
 
     /// The peer leases not in use, with why (for `/metrics` and logs).
@@ -205,24 +288,15 @@ impl DataPlane {
             self.metrics.leases_rejected.get_or_create(&vec![("reason", why.label())]).inc();
         }
         for e in &outcome.events {
-            match e {
-                LeaseEvent::Added(l) => {
-                    self.peers.insert(l.key, l.clone());
-                }
-                LeaseEvent::Removed(l) => {
-                    self.peers.remove(&l.key);
-                    self.warned.remove(&l.key);
-                }
+            if let LeaseEvent::Removed(l) = e {
+                self.warned.remove(&l.key);
             }
         }
     }
 
-    /// The MAC(s) we advertise, if vxlan.
-    pub fn vtep_macs(&self) -> (Option<Mac>, Option<Mac>) {
-        match &self.vxlan {
-            Some(v) => (v.v4.map(|d| d.mac), v.v6.map(|d| d.mac)),
-            None => (None, None),
-        }
+    /// The backend's name.
+    pub fn backend(&self) -> &'static str {
+        self.backend.name()
     }
 
     /// Follows the external interface by name: deleted and re-created (a new index), it is
@@ -230,7 +304,7 @@ impl DataPlane {
     /// with its underlay; the repair re-creates it on the new one). `Ok(false)` while the
     /// interface is missing.
     async fn follow_external(&mut self) -> Result<bool, KernelError> {
-        let link = crate::kernel::vxlan::link_by_name(&self.kernel.handle, &self.ext_name).await?;
+        let link = self.kernel.link(&self.ext_name).await?;
         let Some(link) = link else {
             if !self.ext_missing {
                 tracing::warn!(iface = %self.ext_name, "the external interface is gone; waiting for it to come back");
@@ -238,14 +312,12 @@ impl DataPlane {
             }
             return Ok(false);
         };
-        let index = link.header.index;
+        let index = link.index;
         if self.ext_missing || index != self.links.external {
             tracing::info!(iface = %self.ext_name, index, "the external interface is back; re-programming everything on it");
             self.ext_missing = false;
             self.links.external = index;
-            if let Some(v) = &mut self.vxlan {
-                v.set_underlay(index);
-            }
+            self.backend.set_underlay(index);
         }
         Ok(true)
     }
@@ -254,41 +326,45 @@ impl DataPlane {
     /// back are re-created first (same MAC). Failures are reported, not fatal.
     pub async fn reconcile(&mut self) -> Report {
         let mut report = Report::default();
+        if self.blackhole
+            && let Err(e) = self.kernel.ensure_blackholes(&self.own).await
+        {
+            report.errors.push(e);
+        }
         if !self.programs_kernel() {
             return report;
         }
-        if let Some(u) = &self.udp {
-            // The engine forwards by its peer table; the kernel only needs flannel0 in place.
-            if let Err(e) = u.ensure(&self.kernel).await {
-                report.errors.push(e);
-            }
-            return report;
-        }
-        match self.follow_external().await {
-            Ok(true) => {}
-            Ok(false) => return report,
-            Err(e) => {
-                report.errors.push(e);
-                return report;
-            }
-        }
-        if let Some(v) = &mut self.vxlan {
-            match v.repair(&self.kernel, &self.own).await {
-                Ok(changed) => {
-                    if changed {
-                        report.changes += 1;
-                    }
-                    self.links.vxlan4 = v.v4.map(|d| d.index);
-                    self.links.vxlan6 = v.v6.map(|d| d.index);
-                }
+        if self.backend.uses_underlay() {
+            match self.follow_external().await {
+                Ok(true) => {}
+                Ok(false) => return report,
                 Err(e) => {
                     report.errors.push(e);
                     return report;
                 }
             }
         }
+        match self.backend.ensure_devices(&self.kernel, &self.own_key).await {
+            Ok(changed) => {
+                if changed {
+                    report.changes += 1;
+                }
+                self.backend.links(&mut self.links);
+                let (links, devices, own) = (self.links, self.backend.devices(), self.own.clone());
+                let (networks, ext_name, blackhole) = (self.networks.clone(), self.ext_name.clone(), self.blackhole);
+                self.set_interest(move |i| {
+                    (i.links, i.devices, i.own, i.networks, i.ext_name, i.blackhole) =
+                        (links, devices, own, networks, ext_name, blackhole);
+                });
+            }
+            Err(e) => {
+                report.errors.push(e);
+                return report;
+            }
+        }
         let started = Instant::now();
-        let p = plan::plan(&self.spec, self.peers.values(), &self.facts);
+        // Backends without per-peer kernel entries (udp forwards by its own table) are done.
+        let Some(p) = self.backend.plan(&mut self.validator.accepted()) else { return report };
         for (key, why) in p.skipped {
             if self.warned.get(&key) != Some(&why) {
                 tracing::warn!(peer = %key, "ignoring peer lease: {why}");
@@ -315,6 +391,8 @@ impl DataPlane {
             }
         }
         let ops = plan::diff(&p.state, &actual);
+        // Before applying: the echoes of this pass then match what is wanted.
+        self.set_interest(move |i| i.desired = p.state);
         if !ops.is_empty() {
             // Routes known to be blocked by someone else's are retried quietly on every pass.
             let quiet = ops.len() == ops.routes_add.iter().filter(|r| self.blocked.contains(&r.dst)).count();

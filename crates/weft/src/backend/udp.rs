@@ -1,21 +1,21 @@
 //! udp: `flannel0` (a TUN device) carries the whole cluster network; the userspace engine
 //! (`crate::udp`) forwards its packets to peers over UDP.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use ipnet::{IpNet, Ipv4Net};
-use netlink_packet_route::link::{LinkAttribute, LinkFlags};
-use netlink_packet_route::route::{RouteProtocol, RouteScope};
-use rtnetlink::{LinkUnspec, RouteMessageBuilder};
 use weft_core::backend::UdpSettings;
 use weft_core::iface::External;
 use weft_core::lease::Lease;
 use weft_core::packet::PeerTable;
 
-use super::BackendError;
+use futures::future::BoxFuture;
+use weft_core::lease::SubnetKey;
+use weft_core::plan::Plan;
+
+use super::{Backend, BackendError};
 use crate::daemon::metrics::Metrics;
-use crate::kernel::vxlan::{ensure_address, link_by_name};
-use crate::kernel::{Kernel, KernelError, err};
+use crate::kernel::{Kernel, KernelError};
 use crate::udp::{DEVICE, Udp};
 
 /// The udp backend.
@@ -23,7 +23,10 @@ pub struct UdpBackend {
     engine: Udp,
     mtu: u32,
     network: Ipv4Net,
+    subnet_len: u8,
     own: Option<Ipv4Net>,
+    /// `flannel0`'s index, as of the last repair.
+    index: Option<u32>,
 }
 
 impl UdpBackend {
@@ -33,6 +36,7 @@ impl UdpBackend {
         s: UdpSettings,
         mtu: u32,
         network: Option<Ipv4Net>,
+        subnet_len: u8,
     ) -> Result<UdpBackend, BackendError> {
         let network = network.ok_or_else(|| BackendError::Address("udp: the backend needs an IPv4 Network".into()))?;
         let bind = ext
@@ -44,7 +48,7 @@ impl UdpBackend {
                 s.port
             ))
         })?;
-        Ok(UdpBackend { engine, mtu, network, own: None })
+        Ok(UdpBackend { engine, mtu, network, subnet_len, own: None, index: None })
     }
 
     /// Addresses and routes `flannel0` for our lease and starts forwarding.
@@ -60,10 +64,9 @@ impl UdpBackend {
     /// `flannel0` up with our MTU, our base address /32, and `<Network> dev flannel0`;
     /// re-opened when it was deleted. Idempotent and quiet: the reconciler calls it on every
     /// pass, and it changes only what is wrong (each change wakes the reconciler again).
-    pub async fn ensure(&self, kernel: &Kernel) -> Result<(), KernelError> {
+    pub async fn ensure(&mut self, kernel: &Kernel) -> Result<(), KernelError> {
         let Some(own) = self.own else { return Ok(()) };
-        let h = &kernel.handle;
-        let link = match link_by_name(h, DEVICE).await? {
+        let link = match kernel.link(DEVICE).await? {
             Some(l) => l,
             None => {
                 tracing::warn!("{DEVICE} is gone; re-opening it and re-attaching the engine");
@@ -71,45 +74,84 @@ impl UdpBackend {
                     op: format!("re-open {DEVICE}: {e}"),
                     source: rtnetlink::Error::RequestFailed,
                 })?;
-                link_by_name(h, DEVICE).await?.ok_or_else(|| KernelError {
+                kernel.link(DEVICE).await?.ok_or_else(|| KernelError {
                     op: format!("find {DEVICE} after re-opening it"),
                     source: rtnetlink::Error::RequestFailed,
                 })?
             }
         };
-        let idx = link.header.index;
-        let mtu = link.attributes.iter().find_map(|a| if let LinkAttribute::Mtu(m) = a { Some(*m) } else { None });
-        if !link.header.flags.contains(LinkFlags::Up) || mtu != Some(self.mtu) {
+        self.index = Some(link.index);
+        if !link.up || link.mtu != Some(self.mtu) {
             tracing::warn!("{DEVICE} was down or had another MTU; restoring it");
-            h.link()
-                .set(LinkUnspec::new_with_index(idx).mtu(self.mtu).up().build())
-                .execute()
-                .await
-                .map_err(err("set flannel0 up"))?;
+            kernel.set_up(link.index, self.mtu, DEVICE).await?;
         }
-        ensure_address(h, idx, IpNet::new(IpAddr::V4(own.network()), 32).expect("/32"), IpNet::V4(self.network))
+        kernel
+            .ensure_address(
+                link.index,
+                IpNet::new(IpAddr::V4(own.network()), 32).expect("/32"),
+                IpNet::V4(self.network),
+            )
             .await?;
-        let route = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(self.network.network(), self.network.prefix_len())
-            .output_interface(idx)
-            .scope(RouteScope::Link)
-            // flannel's text (`10.5.0.0/16 dev flannel0 scope link`): flannel0 is ours whole.
-            .protocol(RouteProtocol::Boot)
-            .build();
-        match h.route().add(route).execute().await {
-            Ok(()) => Ok(()),
-            // Already there (ours from an earlier pass, or someone else's: left alone).
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => Ok(()),
-            Err(e) => Err(err("route the network to flannel0")(e)),
-        }
+        // flannel's text (`10.5.0.0/16 dev flannel0 scope link`): flannel0 is ours whole.
+        kernel.ensure_device_route(self.network, link.index).await
     }
 
     /// Swaps in a new peer table (udp leases carry no BackendType).
-    pub fn set_peers<'a>(&self, prefix: u8, peers: impl Iterator<Item = &'a Lease>) {
+    pub fn set_peers<'a>(&self, peers: impl Iterator<Item = &'a Lease>) {
         let table = PeerTable::new(
-            prefix,
+            self.subnet_len,
             peers.filter(|l| l.attrs.backend_type.is_empty()).filter_map(|l| l.key.v4.map(|n| (n, l.attrs.public_ip))),
         );
         self.engine.peers.set(table);
+    }
+}
+
+impl Backend for UdpBackend {
+    fn name(&self) -> &'static str {
+        "udp"
+    }
+
+    /// The socket is bound to the interface address; `flannel0` is repaired by name.
+    fn uses_underlay(&self) -> bool {
+        false
+    }
+
+    fn start<'a>(
+        &'a mut self,
+        kernel: &'a Kernel,
+        own: &'a SubnetKey,
+        metrics: &'a Metrics,
+    ) -> BoxFuture<'a, Result<(), KernelError>> {
+        Box::pin(async move {
+            match own.v4 {
+                Some(v4) => UdpBackend::start(self, kernel, v4, metrics).await,
+                None => Ok(()),
+            }
+        })
+    }
+
+    fn ensure_devices<'a>(
+        &'a mut self,
+        kernel: &'a Kernel,
+        _own: &'a SubnetKey,
+    ) -> BoxFuture<'a, Result<bool, KernelError>> {
+        Box::pin(async move { self.ensure(kernel).await.map(|()| false) })
+    }
+
+    fn devices(&self) -> Vec<(String, u32)> {
+        self.index.map(|i| (DEVICE.to_string(), i)).into_iter().collect()
+    }
+
+    /// The engine forwards by its own peer table; the kernel holds no per-peer entries.
+    fn plan(&self, _peers: &mut dyn Iterator<Item = &Lease>) -> Option<Plan> {
+        None
+    }
+
+    fn peers_changed(&self, peers: &mut dyn Iterator<Item = &Lease>) {
+        self.set_peers(peers);
+    }
+
+    fn stop(&mut self) {
+        self.engine.stop();
     }
 }

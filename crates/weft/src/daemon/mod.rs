@@ -244,6 +244,7 @@ async fn run_with<R: Registry>(
     };
     let own = acquired.lease.key;
     tracing::info!(subnet = %own, how = ?acquired.choice, store = reg.name(), "acquired lease");
+    dataplane.set_blackhole(opts.ip_blackhole_route);
     dataplane
         .set_own(&own)
         .await
@@ -256,11 +257,6 @@ async fn run_with<R: Registry>(
     } else {
         None
     };
-    if opts.ip_blackhole_route
-        && let Err(e) = kernel.ensure_blackholes(dataplane.own_subnets()).await
-    {
-        tracing::warn!("{e}");
-    }
 
     let env = SubnetEnv {
         network: cfg.v4.map(|r| r.network),
@@ -290,13 +286,12 @@ async fn run_with<R: Registry>(
     let mut shutdown = shutdown;
     // Kernel changes behind our back wake the reconciler; a periodic pass catches the rest.
     let wake = Arc::new(Notify::new());
-    let _monitor = if dataplane.programs_kernel() {
-        Some(AbortOnDrop(monitor::spawn(wake.clone()).map_err(DaemonError::Netlink)?))
+    let _monitor = if dataplane.programs_kernel() || opts.ip_blackhole_route {
+        Some(AbortOnDrop(monitor::spawn(wake.clone(), dataplane.interest()).map_err(DaemonError::Netlink)?))
     } else {
         None
     };
     let mut resync = tokio::time::interval(RESYNC);
-    let mut fw_resync = tokio::time::interval(Duration::from_secs(opts.iptables_resync_secs));
     // Firewall commands run on a task of their own: a hung iptables never stalls this loop.
     let _firewall = firewall.map(|fw| {
         AbortOnDrop(crate::firewall::spawn_resync(
@@ -356,11 +351,6 @@ async fn run_with<R: Registry>(
                 due.get_or_insert_with(|| tokio::time::Instant::now() + Duration::from_millis(50));
             }
             _ = resync.tick() => { due.get_or_insert_with(tokio::time::Instant::now); }
-            _ = fw_resync.tick() => {
-                if opts.ip_blackhole_route && let Err(e) = kernel.ensure_blackholes(dataplane.own_subnets()).await {
-                    tracing::warn!("{e}");
-                }
-            }
             _ = tokio::time::sleep(renew_in), if renewing.is_none() => {
                 // Renewal runs beside the loop: a slow store never holds up peer events.
                 let (reg, attrs) = (reg.clone(), prepared.attrs.clone());

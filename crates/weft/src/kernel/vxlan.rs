@@ -3,14 +3,12 @@
 
 use std::net::IpAddr;
 
-use futures::TryStreamExt;
-use ipnet::IpNet;
-use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
 use rtnetlink::{Handle, LinkUnspec, LinkVxlan};
 use weft_core::backend::{Mac, derived_vtep_mac, mac_to_string};
 
-use super::{KernelError, err};
+use super::link::{by_name as link_by_name, mac_of, mtu_of};
+use super::{Kernel, KernelError, err};
 
 /// What the device must look like.
 #[derive(Debug, Clone)]
@@ -42,22 +40,6 @@ pub struct VxlanDevice {
     pub mac: Mac,
 }
 
-/// The link called `name`, if any.
-pub async fn link_by_name(h: &Handle, name: &str) -> Result<Option<LinkMessage>, KernelError> {
-    match h.link().get().match_name(name.to_string()).execute().try_next().await {
-        Ok(l) => Ok(l),
-        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
-        Err(e) => Err(err(format!("look up link {name}"))(e)),
-    }
-}
-
-fn mac_of(l: &LinkMessage) -> Option<Mac> {
-    l.attributes.iter().find_map(|a| match a {
-        LinkAttribute::Address(m) if m.len() == 6 => Some([m[0], m[1], m[2], m[3], m[4], m[5]]),
-        _ => None,
-    })
-}
-
 fn vxlan_info(l: &LinkMessage) -> Option<&Vec<InfoVxlan>> {
     let infos = l.attributes.iter().find_map(|a| if let LinkAttribute::LinkInfo(i) = a { Some(i) } else { None })?;
     if !infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Vxlan))) {
@@ -87,7 +69,7 @@ fn compatible(l: &LinkMessage, p: &VxlanParams) -> bool {
 /// device's MAC when there is one (also when it must be re-created), else `preferred` (the
 /// MAC we already advertise), else one derived from `mac_seed` (the public address), which a
 /// re-creation after a reboot derives again.
-pub async fn ensure(
+async fn ensure(
     h: &Handle,
     p: &VxlanParams,
     preferred: Option<Mac>,
@@ -140,15 +122,11 @@ pub async fn ensure(
     Ok(VxlanDevice { index: created.header.index, mac })
 }
 
-fn mtu_of(l: &LinkMessage) -> Option<u32> {
-    l.attributes.iter().find_map(|a| if let LinkAttribute::Mtu(m) = a { Some(*m) } else { None })
-}
-
 /// Puts the device back as `p` says, whatever happened to it: set up again when down; MTU
 /// and MAC restored in place; re-created with the same MAC when it is gone, is no longer a
 /// vxlan device, or its VNI, `local` address, port, underlay or learning changed. Returns
 /// the device and whether anything had to be repaired.
-pub async fn repair(
+async fn repair(
     h: &Handle,
     p: &VxlanParams,
     current: VxlanDevice,
@@ -181,33 +159,24 @@ pub async fn repair(
     Ok((VxlanDevice { index: idx, mac: current.mac }, !fixes.is_empty() || idx != current.index))
 }
 
-/// Gives device `index` the address `addr` and removes its other addresses inside `network`.
-/// Returns whether anything changed.
-pub async fn ensure_address(h: &Handle, index: u32, addr: IpNet, network: IpNet) -> Result<bool, KernelError> {
-    let current: Vec<_> =
-        h.address().get().set_link_index_filter(index).execute().try_collect().await.map_err(err("dump addresses"))?;
-    let mut present = false;
-    let mut changed = false;
-    for a in current {
-        let Some(ip) =
-            a.attributes.iter().find_map(|x| if let AddressAttribute::Address(ip) = x { Some(*ip) } else { None })
-        else {
-            continue;
-        };
-        if ip == addr.addr() && a.header.prefix_len == addr.prefix_len() {
-            present = true;
-        } else if network.contains(&ip) {
-            h.address().del(a).execute().await.map_err(err(format!("remove stale address {ip}")))?;
-            changed = true;
-        }
+impl Kernel {
+    /// Makes sure the vxlan device exists as `p` says (see [`ensure`]).
+    pub async fn vxlan_ensure(
+        &self,
+        p: &VxlanParams,
+        preferred: Option<Mac>,
+        mac_seed: &[u8],
+    ) -> Result<VxlanDevice, KernelError> {
+        ensure(&self.handle, p, preferred, mac_seed).await
     }
-    if !present {
-        h.address()
-            .add(index, addr.addr(), addr.prefix_len())
-            .execute()
-            .await
-            .map_err(err(format!("add address {addr}")))?;
-        changed = true;
+
+    /// Puts the vxlan device back as `p` says (see [`repair`]).
+    pub async fn vxlan_repair(
+        &self,
+        p: &VxlanParams,
+        current: VxlanDevice,
+        mac_seed: &[u8],
+    ) -> Result<(VxlanDevice, bool), KernelError> {
+        repair(&self.handle, p, current, mac_seed).await
     }
-    Ok(changed)
 }

@@ -78,13 +78,7 @@ impl Netns {
 /// Runs `f` on a thread that has entered namespace `name` (namespace membership is per
 /// thread), and returns its result.
 pub fn in_netns<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> io::Result<T> {
-    let file = std::fs::File::open(format!("/run/netns/{name}"))?;
-    std::thread::spawn(move || {
-        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::other)?;
-        Ok(f())
-    })
-    .join()
-    .map_err(|_| io::Error::other("thread in namespace panicked"))?
+    crate::nsenter::run_in(std::path::Path::new(&format!("/run/netns/{name}")), f).map_err(io::Error::other)
 }
 
 /// A plain HTTP GET to `127.0.0.1:port` inside namespace `ns`: status code and body.

@@ -8,8 +8,14 @@ pub mod socket;
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::eventfd::EventFd;
 
 use bytes::BytesMut;
 use ipnet::Ipv4Net;
@@ -144,8 +150,47 @@ impl DevHandle {
     }
 }
 
+/// Opens `flannel0`. Non-blocking: the reader waits in `poll` beside the stop event only
+/// when there is nothing to read, so a busy path costs no extra system call.
 fn open_tun(offload: bool) -> io::Result<SyncDevice> {
-    DeviceBuilder::new().name(DEVICE).offload(offload).build_sync()
+    let d = DeviceBuilder::new().name(DEVICE).offload(offload).build_sync()?;
+    d.set_nonblocking(true)?;
+    Ok(d)
+}
+
+/// How the forwarding threads are told to end: a flag, and an eventfd that wakes a thread
+/// waiting for the TUN device.
+struct Stop {
+    flag: AtomicBool,
+    event: EventFd,
+}
+
+impl Stop {
+    fn new() -> io::Result<Stop> {
+        Ok(Stop { flag: AtomicBool::new(false), event: EventFd::new().map_err(io::Error::from)? })
+    }
+
+    fn stopped(&self) -> bool {
+        self.flag.load(Ordering::Acquire)
+    }
+
+    fn trigger(&self) {
+        self.flag.store(true, Ordering::Release);
+        // The counter stays non-zero, so every waiter wakes, now and later.
+        let _ = self.event.write(1);
+    }
+
+    /// Waits until `fd` is readable (or in error) or the engine is stopped.
+    fn wait_readable(&self, fd: BorrowedFd<'_>) {
+        let mut fds = [PollFd::new(fd, PollFlags::POLLIN), PollFd::new(self.event.as_fd(), PollFlags::POLLIN)];
+        let _ = poll(&mut fds, PollTimeout::NONE);
+    }
+}
+
+/// The forwarding threads of a started engine.
+struct Running {
+    stop: Arc<Stop>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 /// The device and socket, created before the lease is taken.
@@ -157,6 +202,7 @@ pub struct Udp {
     port: u16,
     /// The peer table.
     pub peers: Peers,
+    running: Option<Running>,
 }
 
 impl Udp {
@@ -187,6 +233,7 @@ impl Udp {
             tun_offload,
             port,
             peers: Peers::default(),
+            running: None,
         })
     }
 
@@ -206,8 +253,33 @@ impl Udp {
         [("tun_tso", self.tun_offload), ("udp_gso", self.sock.gso), ("udp_gro", self.sock.gro)]
     }
 
-    /// Starts the two forwarding threads for our subnet `own`, TUN address `tun_ip`.
-    pub fn start(&self, own: Ipv4Net, tun_ip: Ipv4Addr, metrics: &Metrics) -> io::Result<()> {
+    /// Whether the forwarding threads run.
+    pub fn is_running(&self) -> bool {
+        self.running.is_some()
+    }
+
+    /// Stops the forwarding threads and waits for them to end (at most about a second: the
+    /// receiver's timeout when the wake-up datagram cannot be sent).
+    pub fn stop(&mut self) {
+        let Some(r) = self.running.take() else { return };
+        r.stop.trigger();
+        // Wake the receiver with an empty datagram to ourselves (it checks the flag first).
+        if let Ok(std::net::SocketAddr::V4(me)) = self.sock.local_addr() {
+            let _ = self.sock.send_each(&[(&[][..], me)]);
+        }
+        for t in r.threads {
+            if t.join().is_err() {
+                tracing::error!("a udp forwarding thread panicked");
+            }
+        }
+        tracing::info!("udp engine stopped");
+    }
+
+    /// Starts the two forwarding threads for our subnet `own`, TUN address `tun_ip`; a
+    /// running engine is stopped first (a restart).
+    pub fn start(&mut self, own: Ipv4Net, tun_ip: Ipv4Addr, metrics: &Metrics) -> io::Result<()> {
+        self.stop();
+        let stop = Arc::new(Stop::new()?);
         for (feature, on) in self.paths() {
             metrics.udp_offload.get_or_create(&vec![("feature", feature)]).set(i64::from(on));
         }
@@ -225,6 +297,7 @@ impl Udp {
             offload: self.tun_offload,
             port: self.port,
             tun_ip,
+            stop: stop.clone(),
         };
         let inb = NetToTun {
             dev: DevHandle::new(self.dev.clone()),
@@ -233,10 +306,30 @@ impl Udp {
             stats: Stats::new(metrics),
             offload: self.tun_offload,
             own,
+            stop: stop.clone(),
         };
-        std::thread::Builder::new().name("udp-tun-to-net".into()).spawn(move || out.run())?;
-        std::thread::Builder::new().name("udp-net-to-tun".into()).spawn(move || inb.run())?;
+        let mut running = Running { stop, threads: Vec::with_capacity(2) };
+        let spawned = std::thread::Builder::new()
+            .name("udp-tun-to-net".into())
+            .spawn(move || out.run())
+            .and_then(|t| {
+                running.threads.push(t);
+                std::thread::Builder::new().name("udp-net-to-tun".into()).spawn(move || inb.run())
+            })
+            .map(|t| running.threads.push(t));
+        // Kept also when the second spawn failed, so the first thread is stopped and joined.
+        self.running = Some(running);
+        if let Err(e) = spawned {
+            self.stop();
+            return Err(e);
+        }
         Ok(())
+    }
+}
+
+impl Drop for Udp {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -249,6 +342,7 @@ struct TunToNet {
     offload: bool,
     port: u16,
     tun_ip: Ipv4Addr,
+    stop: Arc<Stop>,
 }
 
 /// Consecutive packets for one peer, of one size (the last may be shorter): one GSO send.
@@ -268,10 +362,14 @@ impl TunToNet {
         let mut group = Group { buf: Vec::with_capacity(BIG), peer: None, seg: 0, count: 0, closed: false };
         let mut plain: Vec<(usize, Ipv4Addr)> = Vec::with_capacity(IDEAL_BATCH_SIZE);
         let mut icmp_budget = (Instant::now(), ICMP_PER_SECOND);
-        loop {
+        while !self.stop.stopped() {
             let n = if self.offload {
                 match self.dev.dev.recv_multiple(&mut orig, &mut bufs, &mut sizes, 0) {
                     Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.wait();
+                        continue;
+                    }
                     Err(e) => {
                         self.dev.failed("reading", &e);
                         continue;
@@ -287,6 +385,10 @@ impl TunToNet {
                     Ok(len) => {
                         sizes[0] = len;
                         1
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.wait();
+                        continue;
                     }
                     Err(e) => {
                         self.dev.failed("reading", &e);
@@ -329,6 +431,11 @@ impl TunToNet {
                 }
             }
         }
+    }
+
+    /// Nothing to read: sleeps until there is, or until the engine stops.
+    fn wait(&self) {
+        self.stop.wait_readable(self.dev.dev.as_fd());
     }
 
     fn add(&self, g: &mut Group, pkt: &[u8], peer: Ipv4Addr) {
@@ -388,6 +495,7 @@ struct NetToTun {
     stats: Stats,
     offload: bool,
     own: Ipv4Net,
+    stop: Arc<Stop>,
 }
 
 impl NetToTun {
@@ -397,7 +505,7 @@ impl NetToTun {
         let mut bufs: Vec<BytesMut> = (0..IDEAL_BATCH_SIZE).map(|_| BytesMut::with_capacity(BIG)).collect();
         let mut gro = GROTable::default();
         let _ = self.sock.set_read_timeout(Duration::from_secs(1));
-        loop {
+        while !self.stop.stopped() {
             let mut staged = 0;
             let mut wait = true;
             // One blocking receive, then whatever else is queued, until the batch is full.
@@ -411,6 +519,9 @@ impl NetToTun {
                     }
                 };
                 wait = false;
+                if self.stop.stopped() {
+                    return;
+                }
                 if n == 0 {
                     self.stats.drop(DropReason::Truncated);
                     continue;

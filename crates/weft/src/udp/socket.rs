@@ -8,6 +8,8 @@ use std::mem::{size_of, zeroed};
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsRawFd;
 
+use nix::sys::socket::{setsockopt, sockopt};
+
 const SOL_UDP: libc::c_int = 17;
 const UDP_SEGMENT: libc::c_int = 103;
 const UDP_GRO: libc::c_int = 104;
@@ -24,20 +26,6 @@ pub struct Socket {
     pub gro: bool,
 }
 
-fn setsockopt_int(fd: i32, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
-    // SAFETY: `value` is a live c_int and its size is passed; the kernel only reads it.
-    let r = unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            name,
-            (&value as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
-}
-
 fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
     // SAFETY: sockaddr_in is plain old data; all-zero is a valid value.
     let mut s: libc::sockaddr_in = unsafe { zeroed() };
@@ -51,21 +39,20 @@ impl Socket {
     /// Binds `addr` and probes GSO and GRO.
     pub fn bind(addr: SocketAddrV4, use_offload: bool) -> io::Result<Socket> {
         let sock = UdpSocket::bind(addr)?;
-        let fd = sock.as_raw_fd();
         // Bursts of 64 KiB super-packets need room; failures only cost throughput.
-        let _ = setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, 4 << 20);
-        let _ = setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, 4 << 20);
-        let gro = use_offload && setsockopt_int(fd, SOL_UDP, UDP_GRO, 1).is_ok();
+        let _ = setsockopt(&sock, sockopt::RcvBuf, &(4 << 20));
+        let _ = setsockopt(&sock, sockopt::SndBuf, &(4 << 20));
+        let gro = use_offload && setsockopt(&sock, sockopt::UdpGroSegment, &true).is_ok();
         // GSO is per send (a cmsg); setting a default segment size of 0 tells whether the
         // kernel knows the option at all.
-        let gso = use_offload && setsockopt_int(fd, SOL_UDP, UDP_SEGMENT, 0).is_ok();
+        let gso = use_offload && setsockopt(&sock, sockopt::UdpGsoSegment, &0).is_ok();
         Ok(Socket { sock, gso, gro })
     }
 
     /// Turns UDP GRO off again.
     pub fn disable_gro(&mut self) -> io::Result<()> {
         if self.gro {
-            setsockopt_int(self.sock.as_raw_fd(), SOL_UDP, UDP_GRO, 0)?;
+            setsockopt(&self.sock, sockopt::UdpGroSegment, &false).map_err(io::Error::from)?;
             self.gro = false;
         }
         Ok(())
