@@ -2,7 +2,9 @@
 //! chaos run injects every kind of fault that applies, and the run must end with exit 0: every
 //! fault repaired, no rule broken, the lab whole. The lab is then checked independently
 //! (real pings between all pods, the kernel's routes with `ip -j`). A harness that cannot
-//! fail proves nothing: each test first shows it rejects a lab with a hijacked LAN route.
+//! fail proves nothing: each test first shows it rejects a lab with a hijacked LAN route. On a
+//! multi-member etcd cluster, members are also killed, cut off from their peers, and the
+//! leader killed.
 
 mod common;
 
@@ -122,4 +124,19 @@ fn chaos_on_host_gw_with_etcd_repairs_every_fault() {
 fn chaos_on_udp_repairs_every_fault() {
     // Not applicable: store-kill, neigh-delete, fdb-delete, and the etcd member kinds.
     chaos("udp", "local", &[], "chu", 9, 20, &[]);
+}
+
+#[test]
+fn chaos_on_vxlan_with_a_tls_etcd_cluster_repairs_every_fault() {
+    // Every kind applies: a 3-member cluster with a certificate per member, so the harness
+    // and the daemons reach the store through TLS while members die and are cut off.
+    chaos(
+        "vxlan",
+        "etcd",
+        &["--etcd-members", "3", "--etcd-tls"],
+        "che",
+        15,
+        60,
+        &["store-kill", "member-kill", "member-partition", "leader-kill"],
+    );
 }
