@@ -1,7 +1,8 @@
 //! `weft lab chaos`: while every pod pings every other pod, faults are injected at random
 //! (seeded) into a running lab, one at a time: daemons killed, the store killed, devices
 //! deleted or set down, peer routes, neighbours and FDB entries deleted, host links
-//! flapped, invalid leases written. After each fault the harness measures how long the lab
+//! flapped, invalid leases written, and with a multi-member etcd cluster, members killed, cut
+//! off from their peers, the leader killed. After each fault the harness measures how long the lab
 //! took to be whole again (every pod pair answering, every host's kernel state as the
 //! backend needs it) and how many pings were lost, and it checks rules that must never break
 //! (the LAN's connected route stays the only LAN route, an invalid lease never reaches the
@@ -24,7 +25,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 
-use super::etcd::Etcd;
+use super::etcd::{Etcd, EtcdCluster};
 use super::netns::Netns;
 use super::state::Lab;
 use super::topology::{self, LAN, LabError, NETWORK, health};
@@ -48,9 +49,10 @@ const INSPECT_SOON: Duration = Duration::from_millis(20);
 /// A daemon using more than this share of a core while the lab is idle is spinning.
 const IDLE_CPU_LIMIT: f64 = 0.5;
 
-/// The kinds of fault. A new store (a multi-member etcd: kill, restart or partition one
-/// member) adds a variant here, a line in [`Fault::ALL`], its reason in
-/// [`Fault::not_applicable`] and its injection in [`inject`]; nothing else changes.
+/// The kinds of fault. A new kind adds a variant here, a line in [`Fault::ALL`], its reason
+/// in [`Fault::not_applicable`], its injection in [`inject`] (with its [`Undo`] and
+/// [`pause`] if it lasts) and, if it takes the store or part of it away, a line in
+/// [`Fault::hits_store`]; nothing else changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Fault {
     /// SIGKILL a host's daemon, start it again.
@@ -77,11 +79,18 @@ pub enum Fault {
     LeaseLoopback,
     /// A lease whose value is not JSON.
     LeaseGarbage,
+    /// SIGKILL one member of a multi-member etcd cluster (at random), a pause, start it again.
+    MemberKill,
+    /// Cut one member off from its peers (its peer link down), a pause, heal it; clients
+    /// still reach it, and it has no leader while cut off.
+    MemberPartition,
+    /// SIGKILL the cluster's current leader, a pause, start it again.
+    LeaderKill,
 }
 
 impl Fault {
     /// Every kind, in table order.
-    pub const ALL: [Fault; 12] = [
+    pub const ALL: [Fault; 15] = [
         Fault::DaemonKill,
         Fault::StoreKill,
         Fault::DeviceDelete,
@@ -94,6 +103,9 @@ impl Fault {
         Fault::LeaseOutsideNetwork,
         Fault::LeaseLoopback,
         Fault::LeaseGarbage,
+        Fault::MemberKill,
+        Fault::MemberPartition,
+        Fault::LeaderKill,
     ];
 
     /// The name used on the command line and in reports.
@@ -111,13 +123,27 @@ impl Fault {
             Fault::LeaseOutsideNetwork => "lease-outside-network",
             Fault::LeaseLoopback => "lease-loopback",
             Fault::LeaseGarbage => "lease-garbage",
+            Fault::MemberKill => "member-kill",
+            Fault::MemberPartition => "member-partition",
+            Fault::LeaderKill => "leader-kill",
         }
+    }
+
+    /// Whether this kind takes the store (or part of it) away: its repair includes every
+    /// daemon hearing of a lease written, and deleted, after it.
+    fn hits_store(self) -> bool {
+        matches!(self, Fault::StoreKill | Fault::MemberKill | Fault::MemberPartition | Fault::LeaderKill)
     }
 
     /// Why this kind cannot be injected into `lab`, if it cannot.
     pub fn not_applicable(self, lab: &Lab) -> Option<&'static str> {
         match self {
             Fault::StoreKill if lab.store != "etcd" => Some("the local store is a file: no server to kill"),
+            Fault::MemberKill | Fault::MemberPartition | Fault::LeaderKill
+                if topology::etcd_cluster(lab).is_none_or(|c| c.len() < 2) =>
+            {
+                Some("needs a multi-member etcd cluster (weft lab up --store etcd --etcd-members 3)")
+            }
             Fault::DeviceDelete | Fault::DeviceDown if device(lab).is_none() => Some("host-gw has no overlay device"),
             Fault::NeighDelete | Fault::FdbDelete if lab.backend != "vxlan" => {
                 Some("only vxlan programs neighbour and FDB entries")
@@ -718,6 +744,10 @@ enum Undo {
     LinkUp(String),
     DeleteLease(String),
     StartStore,
+    /// Start etcd member `i` again.
+    RestartMember(usize),
+    /// Bring etcd member `i`'s peer link up again.
+    HealMember(usize),
 }
 
 fn lab_err(what: &str, e: impl std::fmt::Display) -> LabError {
@@ -746,8 +776,27 @@ fn invalid_lease(lab: &Lab, kind: Fault) -> (Ipv4Net, String) {
     }
 }
 
+/// etcdctl through every member of the lab's cluster, retried for a while: right after a
+/// member fault the cluster may still be electing a leader (each retry writes the same
+/// value, so a retry never applies anything twice).
+fn cluster_etcdctl(c: &EtcdCluster, args: &[&str], what: &str) -> Result<(), LabError> {
+    let mut full = vec!["--command-timeout=5s"];
+    full.extend_from_slice(args);
+    let limit = Instant::now() + Duration::from_secs(15);
+    loop {
+        match c.etcdctl(&full) {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() > limit => return Err(lab_err(what, e)),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
 fn store_put(lab: &Lab, suffix: &str, value: &str) -> Result<(), LabError> {
-    if lab.store == "etcd" {
+    if let Some(c) = topology::etcd_cluster(lab) {
+        let key = format!("/coreos.com/network/subnets/{suffix}");
+        cluster_etcdctl(&c, &["put", &key, value], "writing a lease with etcdctl")
+    } else if lab.store == "etcd" {
         let key = format!("/coreos.com/network/subnets/{suffix}");
         Netns::existing(&lab.lan_ns())
             .exec("etcdctl", &[&format!("--endpoints=http://{LAN}.1:2379"), "--command-timeout=5s", "put", &key, value])
@@ -760,7 +809,10 @@ fn store_put(lab: &Lab, suffix: &str, value: &str) -> Result<(), LabError> {
 }
 
 fn store_delete(lab: &Lab, suffix: &str) -> Result<(), LabError> {
-    if lab.store == "etcd" {
+    if let Some(c) = topology::etcd_cluster(lab) {
+        let key = format!("/coreos.com/network/subnets/{suffix}");
+        cluster_etcdctl(&c, &["del", &key], "deleting a lease with etcdctl")
+    } else if lab.store == "etcd" {
         let key = format!("/coreos.com/network/subnets/{suffix}");
         Netns::existing(&lab.lan_ns())
             .exec("etcdctl", &[&format!("--endpoints=http://{LAN}.1:2379"), "--command-timeout=5s", "del", &key])
@@ -815,6 +867,13 @@ fn process_alive(pid: u32) -> bool {
 }
 
 fn kill_store(lab: &mut Lab) -> Result<String, LabError> {
+    if let Some(c) = topology::etcd_cluster(lab) {
+        // The whole store: every member at once.
+        for i in 0..c.len() {
+            c.kill(i).map_err(|e| lab_err("killing an etcd member", e))?;
+        }
+        return Ok(format!("every member of the {}-member etcd cluster SIGKILLed", c.len()));
+    }
     let pid = lab.etcd_pid.ok_or_else(|| LabError::Step("the lab's etcd is not running".into()))?;
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL)
         .map_err(|e| lab_err("killing etcd", e))?;
@@ -826,6 +885,15 @@ fn kill_store(lab: &mut Lab) -> Result<String, LabError> {
 }
 
 fn start_store(lab: &mut Lab) -> Result<(), LabError> {
+    if let Some(c) = topology::etcd_cluster(lab) {
+        for i in 0..c.len() {
+            c.restart(i).map_err(|e| lab_err("restarting an etcd member", e))?;
+        }
+        for i in 0..c.len() {
+            c.wait_member(i, REPAIR_LIMIT).map_err(|e| lab_err("restarting the etcd cluster", e))?;
+        }
+        return Ok(());
+    }
     let lan = Netns::existing(&lab.lan_ns());
     let etcd = Etcd::start(Some(&lan), &format!("{LAN}.1"), 2379, 2380, &lab.dir().join("etcd"), None)
         .map_err(|e| lab_err("restarting etcd", e))?;
@@ -957,6 +1025,23 @@ fn inject(lab: &mut Lab, kind: Fault, rng: &mut StdRng) -> Result<(String, Undo)
             store_put(lab, &suffix, &value)?;
             Ok((format!("lease {suffix} = {value}, then deleted"), Undo::DeleteLease(suffix)))
         }
+        Fault::MemberKill | Fault::MemberPartition | Fault::LeaderKill => {
+            let c = topology::etcd_cluster(lab).ok_or_else(|| LabError::Step("the lab has no etcd cluster".into()))?;
+            let leader = c.leader();
+            let i = match kind {
+                Fault::LeaderKill => leader.ok_or_else(|| LabError::Step("the etcd cluster has no leader".into()))?,
+                _ => rng.random_range(0..c.len()),
+            };
+            let role = if leader == Some(i) { "leader" } else { "follower" };
+            let m = format!("etcd member m{} ({role})", i + 1);
+            if kind == Fault::MemberPartition {
+                c.partition(i).map_err(|e| lab_err("cutting an etcd member off", e))?;
+                Ok((format!("{m} cut off from its peers, then healed"), Undo::HealMember(i)))
+            } else {
+                c.kill(i).map_err(|e| lab_err("killing an etcd member", e))?;
+                Ok((format!("{m} SIGKILLed, then started again"), Undo::RestartMember(i)))
+            }
+        }
     }
 }
 
@@ -970,6 +1055,14 @@ fn undo(lab: &mut Lab, u: &Undo) -> Result<(), LabError> {
         }
         Undo::DeleteLease(suffix) => store_delete(lab, suffix),
         Undo::StartStore => start_store(lab),
+        Undo::RestartMember(i) | Undo::HealMember(i) => {
+            let c = topology::etcd_cluster(lab).ok_or_else(|| LabError::Step("the lab has no etcd cluster".into()))?;
+            let r = if matches!(u, Undo::HealMember(_)) { c.heal(*i) } else { c.restart(*i) };
+            r.map_err(|e| lab_err("undoing an etcd member fault", e))?;
+            // Etcd's own recovery (a member catching up, an election) is not weft's to
+            // measure: the next fault finds a whole cluster.
+            c.wait_member(*i, REPAIR_LIMIT).map_err(|e| lab_err("waiting for the etcd member", e))
+        }
     }
 }
 
@@ -977,7 +1070,9 @@ fn undo(lab: &mut Lab, u: &Undo) -> Result<(), LabError> {
 fn pause(kind: Fault, rng: &mut StdRng) -> Duration {
     match kind {
         Fault::LinkFlap => Duration::from_millis(rng.random_range(500..=2000)),
-        Fault::StoreKill => Duration::from_millis(rng.random_range(1000..=3000)),
+        Fault::StoreKill | Fault::MemberKill | Fault::MemberPartition | Fault::LeaderKill => {
+            Duration::from_millis(rng.random_range(1000..=3000))
+        }
         Fault::LeaseLan | Fault::LeaseOutsideNetwork | Fault::LeaseLoopback | Fault::LeaseGarbage => {
             Duration::from_millis(rng.random_range(1000..=3000))
         }
@@ -1002,6 +1097,8 @@ struct Watch<'a> {
     /// Since when every inspection found the kernel state and daemons whole (the start of
     /// the first of them); reset when a fault starts.
     ok_since: Option<Instant>,
+    /// Each host's subnet when the run started: no fault may make a host change it.
+    subnets: HashMap<u8, String>,
 }
 
 impl Watch<'_> {
@@ -1020,7 +1117,17 @@ impl Watch<'_> {
     /// state and the daemons are whole.
     fn once(&mut self, lab: &mut Lab, during: &str) -> bool {
         let started = Instant::now();
-        let found = inspect(lab, &self.forbidden);
+        let mut found = inspect(lab, &self.forbidden);
+        for h in &lab.hosts {
+            let Some(first) = self.subnets.get(&h.index) else { continue };
+            let env = std::fs::read_to_string(lab.dir().join(format!("h{}/subnet.env", h.index))).unwrap_or_default();
+            let written = weft_core::subnet_env::parse(&env).previous_subnet().map(|s| s.to_string());
+            for now in [Some(h.subnet.clone()), written].into_iter().flatten() {
+                if now != *first {
+                    found.broken.push(format!("h{} changed subnet from {first} to {now}", h.index));
+                }
+            }
+        }
         self.note_broken(during, found.broken.clone());
         for index in &found.down {
             let tail = std::fs::read_to_string(lab.dir().join(format!("h{index}/daemon.log"))).unwrap_or_default();
@@ -1149,6 +1256,7 @@ pub fn run(o: &ChaosOptions) -> Result<Report, LabError> {
         last_problems: Vec::new(),
         midline: false,
         ok_since: None,
+        subnets: lab.hosts.iter().map(|h| (h.index, h.subnet.clone())).collect(),
     };
     let start = Instant::now();
     progress("  waiting for the lab to be whole before the first fault ... ");
@@ -1201,9 +1309,9 @@ pub fn run(o: &ChaosOptions) -> Result<Report, LabError> {
         // undo (link up, store answering again, lease deleted) for one that lasts.
         let from = if pause.is_zero() { t0 } else { undone };
         let mut whole = watch.until_whole(&mut lab, kind.name(), from, undone);
-        if whole.is_some() && kind == Fault::StoreKill {
-            // Whole kernels only show that nothing was lost while the store was away; the
-            // daemons must also hear from it again.
+        if whole.is_some() && kind.hits_store() {
+            // Whole kernels only show that nothing was lost while the store (or a member)
+            // was away; the daemons must also hear from it again.
             whole = match store_probe(&lab) {
                 Ok(seen) => whole.max(Some(seen)),
                 Err(e) => {
