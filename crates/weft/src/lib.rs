@@ -13,6 +13,7 @@ pub mod host;
 pub mod kernel;
 pub mod lab;
 pub mod leases;
+pub mod metrics;
 pub mod nsenter;
 pub mod process;
 pub mod registry;

@@ -362,7 +362,7 @@ async fn requests_go_to_a_member_that_answers() {
         prefix: PREFIX.into(),
         ..Default::default()
     };
-    let metrics = Arc::new(weft::daemon::metrics::Metrics::new());
+    let metrics = Arc::new(weft::metrics::Metrics::new());
     let reg = EtcdRegistry::connect(&opts).await.unwrap().with_metrics(metrics.clone());
     for _ in 0..20 {
         assert!(reg.network_config().await.unwrap().contains("10.5.0.0/16"));

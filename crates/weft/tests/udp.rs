@@ -176,7 +176,7 @@ fn the_udp_engine_stops_and_restarts_without_leaving_threads() {
     ns.ip(&["link", "set", "lo", "up"]).unwrap();
     let own: ipnet::Ipv4Net = "10.5.1.0/24".parse().unwrap();
     in_netns(&ns.name, move || {
-        let metrics = weft::daemon::metrics::Metrics::new();
+        let metrics = weft::metrics::Metrics::new();
         let mut engine = weft::udp::Udp::open(Ipv4Addr::LOCALHOST, 8285).unwrap();
         assert_eq!(engine_threads(), 0);
         for round in 0..3 {

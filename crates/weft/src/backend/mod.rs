@@ -20,9 +20,9 @@ use weft_core::lease::{Lease, LeaseAttrs, SubnetKey};
 use weft_core::plan::{self, Plan};
 use weft_core::validate::{Outcome, Rules, Validator};
 
-use crate::daemon::metrics::Metrics;
 use crate::kernel::monitor::{Interest, SharedInterest};
 use crate::kernel::{Kernel, KernelError, Links};
+use crate::metrics::Metrics;
 
 /// A backend that cannot start.
 #[derive(Debug, thiserror::Error)]

@@ -14,8 +14,8 @@ use weft_core::lease::SubnetKey;
 use weft_core::plan::Plan;
 
 use super::{Backend, BackendError};
-use crate::daemon::metrics::Metrics;
 use crate::kernel::{Kernel, KernelError};
+use crate::metrics::Metrics;
 use crate::udp::{DEVICE, Udp};
 
 /// The udp backend.

@@ -13,9 +13,9 @@ use weft_core::lease::{Lease, LeaseAttrs, SubnetKey};
 use weft_core::plan::{self, HostFacts, Plan};
 
 use super::{Backend, BackendError};
-use crate::daemon::metrics::Metrics;
 use crate::kernel::vxlan::{VxlanDevice, VxlanParams};
 use crate::kernel::{Kernel, KernelError, Links};
+use crate::metrics::Metrics;
 
 /// The vxlan backend's devices.
 pub struct Vxlan {

@@ -22,7 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
-use super::metrics::Metrics;
+use crate::metrics::Metrics;
 
 #[derive(Clone)]
 struct Shared {

@@ -2,7 +2,6 @@
 //! subnet.env, ready), then a loop that follows peer leases and renews our own.
 
 pub mod health;
-pub mod metrics;
 pub mod subnet_file;
 
 use std::net::SocketAddr;
@@ -17,12 +16,12 @@ use weft_core::iface::{self, IfaceError, Selection};
 use weft_core::lease::{Expiry, SubnetKey};
 use weft_core::subnet_env::SubnetEnv;
 
-use self::metrics::Metrics;
 use crate::backend::{BackendError, DataPlane};
 use crate::cli::{DaemonOptions, StoreChoice};
 use crate::firewall::{FamilyRules, Firewall, FirewallSpec};
 use crate::host::{self, HostError};
 use crate::kernel::{Kernel, monitor};
+use crate::metrics::Metrics;
 use crate::registry::acquire::{AcquireFailed, acquire};
 use crate::registry::etcd::EtcdRegistry;
 use crate::registry::local::LocalRegistry;

@@ -111,7 +111,7 @@ pub fn spawn_resync(
     fw: Firewall,
     spec: FirewallSpec,
     every: std::time::Duration,
-    metrics: std::sync::Arc<crate::daemon::metrics::Metrics>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);

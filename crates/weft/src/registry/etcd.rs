@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 use weft_core::lease::{Expiry, Lease, LeaseAttrs, SubnetKey};
 
 use super::{Change, Listing, Registry, RegistryError, WatchItem, parse_entry, same_holder};
-use crate::daemon::metrics::Metrics;
+use crate::metrics::Metrics;
 
 /// Deadline of one attempt of a unary request (and of the start of a watch). A member that
 /// lost its leader holds linearizable requests for up to its own 7 s; we move on sooner.

@@ -10,7 +10,7 @@ use weft_core::cache::{LeaseCache, LeaseEvent};
 use weft_core::lease::{Lease, LeaseAttrs, SubnetKey};
 
 use super::{Change, Registry, WatchItem, same_holder};
-use crate::daemon::metrics::Metrics;
+use crate::metrics::Metrics;
 
 /// What the watch tells the daemon.
 #[derive(Debug)]

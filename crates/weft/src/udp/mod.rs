@@ -24,7 +24,7 @@ use tun_rs::{DeviceBuilder, GROTable, IDEAL_BATCH_SIZE, SyncDevice, VIRTIO_NET_H
 use weft_core::packet::{DropReason, Outbound, PeerTable, icmp_net_unreachable, inbound, outbound};
 
 use self::socket::{MAX_GSO_SEGMENTS, Socket};
-use crate::daemon::metrics::Metrics;
+use crate::metrics::Metrics;
 
 /// The TUN device's name, as flannel's (`flannel%d` → `flannel0`).
 pub const DEVICE: &str = "flannel0";
@@ -47,8 +47,9 @@ impl Stats {
     fn new(m: &Metrics) -> Stats {
         // One statement per handle: `get_or_create` returns a lock guard, and a second call
         // while it is alive would wait for it forever.
-        let counter = |family: &prometheus_client::metrics::family::Family<crate::daemon::metrics::Labels, Counter>,
-                       label| { family.get_or_create(&label).clone() };
+        let counter = |family: &prometheus_client::metrics::family::Family<crate::metrics::Labels, Counter>, label| {
+            family.get_or_create(&label).clone()
+        };
         let tx = counter(&m.udp_packets, vec![("direction", "tx")]);
         let rx = counter(&m.udp_packets, vec![("direction", "rx")]);
         let icmp = counter(&m.udp_packets, vec![("direction", "icmp_unreachable")]);

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use weft::daemon::metrics::Metrics;
+use weft::metrics::Metrics;
 use weft::registry::acquire::{AcquireFailed, acquire};
 use weft::registry::watch::{self, WatchEvent};
 use weft::registry::{LEASE_TTL, Registry};

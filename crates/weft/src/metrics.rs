@@ -1,4 +1,5 @@
-//! The daemon's Prometheus metrics (flanneld has none).
+//! The Prometheus metrics (flanneld has none): a leaf that the store, the data plane and the
+//! udp engine report into through a shared handle; it imports nothing of theirs.
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
