@@ -1,7 +1,7 @@
 //! The daemon's scheduling as a pure state machine: events in, actions and the next deadline
 //! out.
 //!
-//! The daemon loop owns the effects (a reconcile pass, a firewall resync, a lease renewal,
+//! The daemon loop owns the effects (a reconcile pass, the blackhole routes, a lease renewal,
 //! readiness, exit); this module decides when each one is due. The loop sleeps until
 //! [`Scheduler::next_deadline`] or until something happens, tells the scheduler with
 //! [`Scheduler::on`], carries out the returned [`Action`]s in order and reports each outcome
@@ -15,12 +15,16 @@
 //! - one pass at a time; what arrives during a pass is served by one pass after it;
 //! - a pass with errors is retried after `error_retry`, and kernel notifications (often caused
 //!   by the failed pass itself) do not bring that retry forward;
-//! - the kernel is compared with the plan at least every `resync` after the last pass;
+//! - the kernel is compared with the plan at least every `resync` after the last pass; before
+//!   the first list the loop still wakes every `resync`, so a health check sees it alive;
+//! - the blackhole routes are ensured every `blackhole_resync`, when there are any;
 //! - the lease is renewed `renew_margin` before it expires (at once if that is already past);
-//!   a failed renewal is retried after `renew_retry`; a reservation is never renewed;
-//! - ready once started with a live lease; not ready while the lease has expired unrenewed,
-//!   nor once exiting;
-//! - shutdown, our lease revoked, overwritten or lost, or the end of the watch: exit.
+//!   a failed renewal is retried after a tenth of the time left, within
+//!   [`RENEW_RETRY_MIN`]..[`RENEW_RETRY_MAX`]; a reservation is never renewed;
+//! - a lease that expires without a successful renewal ends the daemon: the store may give
+//!   the subnet to another host, and two hosts must never share one;
+//! - ready once started with a live lease; not ready once exiting;
+//! - shutdown, our lease revoked, overwritten, lost or expired, or the end of the watch: exit.
 
 use std::time::{Duration, Instant, SystemTime};
 
@@ -32,25 +36,31 @@ pub const RESYNC: Duration = Duration::from_secs(10);
 pub const DEBOUNCE: Duration = Duration::from_millis(50);
 /// When a pass that had errors is tried again.
 pub const ERROR_RETRY: Duration = Duration::from_secs(1);
-/// When a failed lease renewal is tried again.
-pub const RENEW_RETRY: Duration = Duration::from_secs(60);
+/// The shortest wait before a failed lease renewal is tried again.
+pub const RENEW_RETRY_MIN: Duration = Duration::from_millis(500);
+/// The longest wait before a failed lease renewal is tried again.
+pub const RENEW_RETRY_MAX: Duration = Duration::from_secs(60);
 /// How long a due deadline may go unserved, or an action run, before the loop counts as stalled.
 pub const STALL_AFTER: Duration = Duration::from_secs(60);
 /// The shortest period the scheduler accepts; shorter settings are raised to it, so that no
 /// setting can turn the loop into a busy loop.
 pub const MIN_PERIOD: Duration = Duration::from_millis(10);
 
+/// When a failed renewal is tried again, with `left` until the lease expires: a tenth of it
+/// (several tries before the expiry), within [`RENEW_RETRY_MIN`]..[`RENEW_RETRY_MAX`].
+pub fn renew_retry_after(left: Duration) -> Duration {
+    (left / 10).clamp(RENEW_RETRY_MIN, RENEW_RETRY_MAX)
+}
+
 /// The scheduler's settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Config {
     /// The periodic reconcile pass, counted from the end of the last pass.
     pub resync: Duration,
-    /// The periodic firewall (and blackhole route) resync; `None`: nothing to resync.
-    pub firewall_resync: Option<Duration>,
+    /// The periodic ensuring of the blackhole routes; `None`: there are none.
+    pub blackhole_resync: Option<Duration>,
     /// How long before its expiry the lease is renewed.
     pub renew_margin: Duration,
-    /// When a failed renewal is tried again.
-    pub renew_retry: Duration,
     /// How long kernel notifications are coalesced before a pass.
     pub debounce: Duration,
     /// When a pass with errors is tried again.
@@ -60,14 +70,14 @@ pub struct Config {
 }
 
 impl Config {
-    /// The daemon's settings: the given renewal margin and firewall resync period, the
-    /// module's constants for the rest.
-    pub fn new(renew_margin: Duration, firewall_resync: Option<Duration>) -> Self {
+    /// The daemon's settings: the configured renewal margin (at most half the lease's
+    /// `lease_ttl`: a larger one, possible with a short test lease, would renew without
+    /// pause), the blackhole period, and the module's constants for the rest.
+    pub fn new(renew_margin: Duration, lease_ttl: Duration, blackhole_resync: Option<Duration>) -> Self {
         Config {
             resync: RESYNC,
-            firewall_resync,
-            renew_margin,
-            renew_retry: RENEW_RETRY,
+            blackhole_resync,
+            renew_margin: renew_margin.min(lease_ttl / 2),
             debounce: DEBOUNCE,
             error_retry: ERROR_RETRY,
             stall_after: STALL_AFTER,
@@ -131,8 +141,9 @@ pub enum Event {
         /// Some kernel change failed.
         errors: bool,
     },
-    /// A firewall resync ended (its errors are the caller's to log; the next is periodic).
-    FirewallDone,
+    /// Ensuring the blackhole routes ended (its errors are the caller's to log; the next
+    /// is periodic).
+    BlackholesDone,
     /// A renewal ended.
     RenewDone(Renewal),
     /// Our lease was deleted or expired in the store.
@@ -156,6 +167,8 @@ pub enum ExitReason {
     LeaseOverwritten,
     /// A renewal found our subnet held by another host.
     LeaseLost,
+    /// Our lease ran out while renewals kept failing.
+    LeaseExpired,
     /// The watch stopped for good.
     WatchEnded,
 }
@@ -167,9 +180,9 @@ pub enum Action {
     SetReady(bool),
     /// Run one reconcile pass, then report [`Event::ReconcileDone`].
     Reconcile,
-    /// Resync the firewall rules (and blackhole routes), then report [`Event::FirewallDone`].
-    ResyncFirewall,
-    /// Renew our lease, then report [`Event::RenewDone`].
+    /// Ensure the blackhole routes, then report [`Event::BlackholesDone`].
+    EnsureBlackholes,
+    /// Start renewing our lease, and report [`Event::RenewDone`] when it ends.
     Renew,
     /// Stop the daemon; nothing follows.
     Exit(ExitReason),
@@ -180,8 +193,8 @@ pub enum Action {
 pub enum Busy {
     /// A reconcile pass.
     Reconcile,
-    /// A firewall resync.
-    Firewall,
+    /// Ensuring the blackhole routes.
+    Blackholes,
     /// A lease renewal.
     Renew,
 }
@@ -249,13 +262,13 @@ pub struct Scheduler {
     passing: Option<Instant>,
     /// The kernel changed during the running pass.
     wake_pending: bool,
-    /// When the periodic pass comes.
+    /// When the periodic pass comes (before the first list: a wake-up with nothing to do).
     resync_at: Option<Instant>,
-    firewall_at: Option<Instant>,
-    firewalling: Option<Instant>,
+    blackholes_at: Option<Instant>,
+    blackholing: Option<Instant>,
     renew_at: Option<Instant>,
     renewing: Option<Instant>,
-    /// When the lease expires, while it has not yet been seen to expire.
+    /// When the lease expires (`None`: never).
     expires: Option<Instant>,
     last_store: Option<Instant>,
 }
@@ -266,8 +279,7 @@ impl Scheduler {
     pub fn new(cfg: Config) -> Self {
         let cfg = Config {
             resync: cfg.resync.max(MIN_PERIOD),
-            firewall_resync: cfg.firewall_resync.map(|d| d.max(MIN_PERIOD)),
-            renew_retry: cfg.renew_retry.max(MIN_PERIOD),
+            blackhole_resync: cfg.blackhole_resync.map(|d| d.max(MIN_PERIOD)),
             error_retry: cfg.error_retry.max(MIN_PERIOD),
             ..cfg
         };
@@ -282,8 +294,8 @@ impl Scheduler {
             passing: None,
             wake_pending: false,
             resync_at: None,
-            firewall_at: None,
-            firewalling: None,
+            blackholes_at: None,
+            blackholing: None,
             renew_at: None,
             renewing: None,
             expires: None,
@@ -297,7 +309,8 @@ impl Scheduler {
     }
 
     /// Handles `event` at `now` and returns what to do, in order. Every deadline that has
-    /// come by `now` is served here too, whatever the event.
+    /// come by `now` is served here too, whatever the event; an expiry that has come is
+    /// served first, so nothing (not even a late renewal) revives an expired lease.
     pub fn on(&mut self, now: Instant, event: Event) -> Vec<Action> {
         let now = self.now.map_or(now, |last| now.max(last));
         self.now = Some(now);
@@ -305,11 +318,19 @@ impl Scheduler {
         if self.exited {
             return out;
         }
+        if self.expired(now) {
+            return self.exit(ExitReason::LeaseExpired, out);
+        }
         match event {
             Event::Started { lease } => {
                 self.started = true;
-                self.set_term(lease, now, &mut out);
-                self.firewall_at = self.cfg.firewall_resync.and_then(|p| now.checked_add(p));
+                self.set_term(lease, now);
+                if self.expired(now) {
+                    return self.exit(ExitReason::LeaseExpired, out);
+                }
+                self.set_ready(true, &mut out);
+                self.resync_at = now.checked_add(self.cfg.resync);
+                self.blackholes_at = self.cfg.blackhole_resync.and_then(|p| now.checked_add(p));
             }
             Event::Synced => {
                 self.synced = true;
@@ -347,9 +368,9 @@ impl Scheduler {
                     }
                 }
             }
-            Event::FirewallDone => {
-                if self.firewalling.take().is_some() {
-                    self.firewall_at = self.cfg.firewall_resync.and_then(|p| now.checked_add(p));
+            Event::BlackholesDone => {
+                if self.blackholing.take().is_some() {
+                    self.blackholes_at = self.cfg.blackhole_resync.and_then(|p| now.checked_add(p));
                 }
             }
             Event::RenewDone(outcome) => {
@@ -357,10 +378,19 @@ impl Scheduler {
                 match outcome {
                     Renewal::Renewed(term) => {
                         self.last_store = Some(now);
-                        self.set_term(term, now, &mut out);
+                        self.set_term(term, now);
+                        if self.expired(now) {
+                            return self.exit(ExitReason::LeaseExpired, out);
+                        }
                     }
                     Renewal::Lost => return self.exit(ExitReason::LeaseLost, out),
-                    Renewal::Failed if asked => self.renew_at = now.checked_add(self.cfg.renew_retry),
+                    Renewal::Failed if asked => {
+                        // Retry well before the real expiry, which stays what it is.
+                        self.renew_at = self.expires.map(|t| {
+                            let left = t.saturating_duration_since(now);
+                            now.checked_add(renew_retry_after(left)).map_or(t, |r| r.min(t))
+                        });
+                    }
                     Renewal::Failed => {}
                 }
             }
@@ -382,14 +412,19 @@ impl Scheduler {
         let idle_pass = self.synced && self.passing.is_none();
         [
             self.pass_due.filter(|_| idle_pass),
-            self.resync_at.filter(|_| idle_pass),
-            self.firewall_at.filter(|_| self.firewalling.is_none()),
+            self.resync_at.filter(|_| self.passing.is_none()),
+            self.blackholes_at.filter(|_| self.blackholing.is_none()),
             self.renew_at.filter(|_| self.renewing.is_none()),
             self.expires,
         ]
         .into_iter()
         .flatten()
         .min()
+    }
+
+    /// When the next renewal starts, if one is planned and none runs (for the caller's log).
+    pub fn next_renewal(&self) -> Option<Instant> {
+        self.renew_at.filter(|_| self.renewing.is_none() && !self.exited)
     }
 
     /// Whether the daemon is ready, as last reported with [`Action::SetReady`].
@@ -406,7 +441,7 @@ impl Scheduler {
     pub fn progress(&self) -> Progress {
         let busy = [
             self.passing.map(|t| (Busy::Reconcile, t)),
-            self.firewalling.map(|t| (Busy::Firewall, t)),
+            self.blackholing.map(|t| (Busy::Blackholes, t)),
             self.renewing.map(|t| (Busy::Renew, t)),
         ]
         .into_iter()
@@ -428,18 +463,20 @@ impl Scheduler {
         }
     }
 
+    fn expired(&self, now: Instant) -> bool {
+        self.expires.is_some_and(|t| t <= now)
+    }
+
     /// A new term for our lease: renew `margin` before it ends, never in the past.
-    fn set_term(&mut self, term: LeaseTerm, now: Instant, out: &mut Vec<Action>) {
+    fn set_term(&mut self, term: LeaseTerm, now: Instant) {
         match term {
             LeaseTerm::Expires(t) => {
                 self.renew_at = Some(t.checked_sub(self.cfg.renew_margin).map_or(now, |r| r.max(now)));
-                self.expires = (t > now).then_some(t);
-                self.set_ready(t > now, out);
+                self.expires = Some(t);
             }
             LeaseTerm::Never => {
                 self.renew_at = None;
                 self.expires = None;
-                self.set_ready(true, out);
             }
         }
     }
@@ -451,29 +488,28 @@ impl Scheduler {
         out
     }
 
-    /// Serves every deadline that has come by `now`.
+    /// Serves every deadline (but the expiry, served in [`Scheduler::on`]) that has come by
+    /// `now`.
     fn serve_due(&mut self, now: Instant, out: &mut Vec<Action>) {
         if !self.started {
             return;
         }
         let due = |at: Option<Instant>| at.is_some_and(|t| t <= now);
-        if due(self.expires) {
-            // Renewals kept failing until the store let the lease go; another host may take
-            // the subnet, so do not claim readiness until a renewal succeeds.
-            self.expires = None;
-            self.set_ready(false, out);
-        }
         if self.renewing.is_none() && due(self.renew_at) {
             self.renew_at = None;
             self.renewing = Some(now);
             out.push(Action::Renew);
         }
-        if self.firewalling.is_none() && due(self.firewall_at) {
-            self.firewall_at = None;
-            self.firewalling = Some(now);
-            out.push(Action::ResyncFirewall);
+        if self.blackholing.is_none() && due(self.blackholes_at) {
+            self.blackholes_at = None;
+            self.blackholing = Some(now);
+            out.push(Action::EnsureBlackholes);
         }
         if !self.synced {
+            if due(self.resync_at) {
+                // Nothing to compare yet; only wake again, so the loop is seen alive.
+                self.resync_at = now.checked_add(self.cfg.resync);
+            }
             return;
         }
         if due(self.resync_at) {
@@ -505,7 +541,7 @@ mod tests {
     const DAY: Duration = Duration::from_secs(86400);
 
     fn config() -> Config {
-        Config::new(HOUR, Some(5 * SEC))
+        Config::new(HOUR, DAY, Some(5 * SEC))
     }
 
     /// A started and synced scheduler whose first pass has completed cleanly at `t0`.
@@ -529,7 +565,7 @@ mod tests {
                     seen.push((now - from, a));
                     match a {
                         Action::Reconcile => queue.push(Event::ReconcileDone { errors: false }),
-                        Action::ResyncFirewall => queue.push(Event::FirewallDone),
+                        Action::EnsureBlackholes => queue.push(Event::BlackholesDone),
                         Action::Renew => queue.push(Event::RenewDone(Renewal::Renewed(LeaseTerm::Expires(now + DAY)))),
                         Action::SetReady(_) | Action::Exit(_) => {}
                     }
@@ -543,14 +579,14 @@ mod tests {
     #[test]
     fn renewal_comes_margin_before_expiry() {
         let t0 = Instant::now();
-        let mut s = Scheduler::new(Config::new(HOUR, None));
+        let mut s = Scheduler::new(Config::new(HOUR, DAY, None));
         s.on(t0, Event::Started { lease: LeaseTerm::Expires(t0 + DAY) });
         assert_eq!(s.on(t0 + DAY - HOUR - SEC, Event::Tick), []);
         assert_eq!(s.on(t0 + DAY - HOUR, Event::Tick), [Action::Renew]);
         // The next renewal is counted from the renewed term.
         let t1 = t0 + DAY - HOUR;
         assert_eq!(s.on(t1, Event::RenewDone(Renewal::Renewed(LeaseTerm::Expires(t1 + DAY)))), []);
-        assert_eq!(s.next_deadline(), Some(t1 + DAY - HOUR));
+        assert_eq!(s.next_renewal(), Some(t1 + DAY - HOUR));
         assert!(s.ready());
     }
 
@@ -574,7 +610,7 @@ mod tests {
         let t0 = Instant::now();
         let far = SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(i64::MAX as u64)).unwrap();
         assert_eq!(LeaseTerm::from_expiry(Expiry::At(far), SystemTime::UNIX_EPOCH, t0), LeaseTerm::Never);
-        let mut s = Scheduler::new(Config { renew_retry: Duration::MAX, resync: Duration::MAX, ..config() });
+        let mut s = Scheduler::new(Config { resync: Duration::MAX, ..config() });
         s.on(t0, Event::Started { lease: LeaseTerm::Never });
         s.on(t0, Event::Synced);
         s.on(t0, Event::ReconcileDone { errors: false });
@@ -582,18 +618,54 @@ mod tests {
     }
 
     #[test]
+    fn the_margin_is_at_most_half_the_lease() {
+        let t0 = Instant::now();
+        // A 10 s test lease and the default hour of margin: renew after 5 s, not without pause.
+        let cfg = Config::new(HOUR, 10 * SEC, None);
+        assert_eq!(cfg.renew_margin, 5 * SEC);
+        let mut s = Scheduler::new(cfg);
+        assert_eq!(s.on(t0, Event::Started { lease: LeaseTerm::Expires(t0 + 10 * SEC) }), [Action::SetReady(true)]);
+        assert_eq!(s.next_deadline(), Some(t0 + 5 * SEC));
+        assert_eq!(s.on(t0 + 5 * SEC - MS, Event::Tick), []);
+        assert_eq!(s.on(t0 + 5 * SEC, Event::Tick), [Action::Renew]);
+        // A margin below half the lease stays as configured.
+        assert_eq!(Config::new(HOUR, DAY, None).renew_margin, HOUR);
+    }
+
+    #[test]
+    fn a_failed_renewal_is_retried_after_a_tenth_of_the_time_left() {
+        assert_eq!(renew_retry_after(HOUR), RENEW_RETRY_MAX, "at most a minute");
+        assert_eq!(renew_retry_after(300 * SEC), 30 * SEC);
+        assert_eq!(renew_retry_after(2 * SEC), RENEW_RETRY_MIN, "at least half a second");
+        assert_eq!(renew_retry_after(Duration::ZERO), RENEW_RETRY_MIN);
+        // Ten seconds of a short lease left: retried after one second, not after a minute
+        // (which would come after the expiry).
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(Config::new(HOUR, 20 * SEC, None));
+        assert_eq!(s.on(t0, Event::Started { lease: LeaseTerm::Expires(t0 + 20 * SEC) }), [Action::SetReady(true)]);
+        assert_eq!(s.on(t0 + 10 * SEC, Event::Tick), [Action::Renew]);
+        assert_eq!(s.on(t0 + 10 * SEC, Event::RenewDone(Renewal::Failed)), []);
+        assert_eq!(s.next_renewal(), Some(t0 + 11 * SEC));
+        assert_eq!(s.next_deadline(), Some(t0 + 11 * SEC));
+        // A retry never comes after the expiry.
+        assert_eq!(s.on(t0 + 11 * SEC, Event::Tick), [Action::Renew]);
+        assert_eq!(s.on(t0 + 19 * SEC + 800 * MS, Event::RenewDone(Renewal::Failed)), []);
+        assert_eq!(s.next_deadline(), Some(t0 + 20 * SEC));
+    }
+
+    #[test]
     fn a_failed_renewal_is_retried_in_a_minute_and_a_lost_one_exits() {
         let t0 = Instant::now();
-        let mut s = Scheduler::new(Config::new(HOUR, None));
+        let mut s = Scheduler::new(Config::new(HOUR, DAY, None));
         s.on(t0, Event::Started { lease: LeaseTerm::Expires(t0 + HOUR + SEC) });
         let t1 = t0 + SEC;
         assert_eq!(s.on(t1, Event::Tick), [Action::Renew]);
         assert_eq!(s.on(t1 + SEC, Event::Tick), [], "no second renewal while one runs");
         assert_eq!(s.on(t1 + SEC, Event::RenewDone(Renewal::Failed)), []);
-        assert_eq!(s.next_deadline(), Some(t1 + SEC + RENEW_RETRY));
-        assert_eq!(s.on(t1 + SEC + RENEW_RETRY, Event::Tick), [Action::Renew]);
+        assert_eq!(s.next_renewal(), Some(t1 + SEC + RENEW_RETRY_MAX));
+        assert_eq!(s.on(t1 + SEC + RENEW_RETRY_MAX, Event::Tick), [Action::Renew]);
         assert_eq!(
-            s.on(t1 + SEC + RENEW_RETRY, Event::RenewDone(Renewal::Lost)),
+            s.on(t1 + SEC + RENEW_RETRY_MAX, Event::RenewDone(Renewal::Lost)),
             [Action::SetReady(false), Action::Exit(ExitReason::LeaseLost)]
         );
         assert_eq!(s.next_deadline(), None);
@@ -601,30 +673,60 @@ mod tests {
     }
 
     #[test]
-    fn a_lease_that_expires_unrenewed_is_not_ready_until_renewed() {
+    fn a_lease_that_expires_unrenewed_ends_the_daemon() {
         let t0 = Instant::now();
         let expiry = t0 + HOUR + 90 * SEC;
-        let mut s = Scheduler::new(Config::new(HOUR, None));
+        let mut s = Scheduler::new(Config::new(HOUR, DAY, None));
         s.on(t0, Event::Started { lease: LeaseTerm::Expires(expiry) });
-        let mut now = t0;
-        let mut renewals = 0;
-        while now < t0 + 2 * HOUR {
-            now = s.next_deadline().unwrap();
-            for a in s.on(now, Event::Tick) {
-                match a {
-                    Action::Renew => {
-                        renewals += u32::from(now < expiry);
-                        assert_eq!(s.on(now, Event::RenewDone(Renewal::Failed)), []);
-                    }
-                    Action::SetReady(false) => assert_eq!(now, expiry, "not ready from the expiry on"),
-                    other => panic!("{other:?}"),
-                }
+        let mut renewals = Vec::new();
+        let now = loop {
+            let now = s.next_deadline().unwrap();
+            let out = s.on(now, Event::Tick);
+            if out.is_empty() {
+                // The wake-up that shows the loop alive (no list has come in this test).
+                continue;
             }
-            assert_eq!(s.ready(), now < expiry);
+            if now == expiry {
+                assert_eq!(out, [Action::SetReady(false), Action::Exit(ExitReason::LeaseExpired)]);
+                break now;
+            }
+            assert_eq!(out, [Action::Renew], "at {:?}", now - t0);
+            assert!(s.ready());
+            renewals.push(now);
+            assert_eq!(s.on(now, Event::RenewDone(Renewal::Failed)), []);
+        };
+        assert_eq!(renewals[0], t0 + 90 * SEC, "first at the margin");
+        for w in renewals.windows(2) {
+            assert_eq!(w[1] - w[0], renew_retry_after(expiry - w[0]), "a tenth of the time left");
         }
-        assert_eq!(renewals, 60, "at the margin, then once a minute until the expiry");
-        let out = s.on(now, Event::RenewDone(Renewal::Renewed(LeaseTerm::Expires(now + DAY))));
-        assert_eq!(out, [Action::SetReady(true)]);
+        // A minute apart while time is plenty, then closer, until the last half second.
+        assert!(renewals.len() > 60, "{}", renewals.len());
+        assert!(expiry - *renewals.last().unwrap() <= RENEW_RETRY_MIN);
+        assert_eq!(s.next_deadline(), None);
+        assert_eq!(s.on(now + SEC, Event::RenewDone(Renewal::Renewed(LeaseTerm::Expires(now + DAY)))), []);
+    }
+
+    #[test]
+    fn a_renewal_that_ends_after_the_expiry_does_not_revive_the_lease() {
+        let t0 = Instant::now();
+        let expiry = t0 + 2 * HOUR;
+        let mut s = Scheduler::new(Config::new(HOUR, DAY, None));
+        s.on(t0, Event::Started { lease: LeaseTerm::Expires(expiry) });
+        assert_eq!(s.on(t0 + HOUR, Event::Tick), [Action::Renew]);
+        // The store answers only after the expiry (and before the loop woke for it).
+        let out = s.on(expiry + MS, Event::RenewDone(Renewal::Renewed(LeaseTerm::Expires(t0 + HOUR + DAY))));
+        assert_eq!(out, [Action::SetReady(false), Action::Exit(ExitReason::LeaseExpired)]);
+        // A renewal still running at the expiry: the expiry is due all the same.
+        let mut s = Scheduler::new(Config::new(HOUR, DAY, None));
+        s.on(t0, Event::Started { lease: LeaseTerm::Expires(expiry) });
+        assert_eq!(s.on(t0 + HOUR, Event::Tick), [Action::Renew]);
+        let mut now = t0 + HOUR;
+        while now < expiry {
+            assert_eq!(s.on(now, Event::Tick), [], "at {:?}", now - t0);
+            now = s.next_deadline().unwrap();
+        }
+        assert_eq!(now, expiry, "the loop wakes for the expiry");
+        assert_eq!(s.on(expiry, Event::Tick), [Action::SetReady(false), Action::Exit(ExitReason::LeaseExpired)]);
     }
 
     #[test]
@@ -644,13 +746,15 @@ mod tests {
     #[test]
     fn no_pass_before_the_first_full_list() {
         let t0 = Instant::now();
-        let mut s = Scheduler::new(Config::new(HOUR, None));
+        let mut s = Scheduler::new(Config::new(HOUR, DAY, None));
         s.on(t0, Event::Started { lease: LeaseTerm::Never });
         for i in 0..100u32 {
             let now = t0 + i * SEC;
             let ev = [Event::PeersChanged, Event::KernelChanged, Event::Tick][i as usize % 3];
             assert_eq!(s.on(now, ev), [], "at {i} s");
-            assert_eq!(s.next_deadline(), None, "nothing to wake for before the list");
+            // Only the wake-up that shows the loop alive to a health check.
+            let next = s.next_deadline().unwrap();
+            assert!(next > now && next <= now + RESYNC, "at {i} s: {:?}", next - now);
         }
         assert_eq!(s.on(t0 + 100 * SEC, Event::Synced), [Action::Reconcile]);
     }
@@ -673,7 +777,7 @@ mod tests {
     #[test]
     fn a_burst_of_kernel_notifications_gives_one_pass_after_the_debounce() {
         let t0 = Instant::now();
-        let mut s = running(Config::new(HOUR, None), t0);
+        let mut s = running(Config::new(HOUR, DAY, None), t0);
         let t1 = t0 + SEC;
         for i in 0..200u32 {
             assert_eq!(s.on(t1 + i * Duration::from_micros(200), Event::KernelChanged), []);
@@ -705,13 +809,13 @@ mod tests {
         assert_eq!(s.on(t1 + 2 * MS, Event::PeersChanged), []);
         assert_eq!(s.on(t1 + 3 * MS, Event::ReconcileDone { errors: false }), [Action::Reconcile]);
         assert_eq!(s.on(t1 + 4 * MS, Event::ReconcileDone { errors: false }), []);
-        assert_eq!(s.next_deadline(), Some(t0 + 5 * SEC), "the firewall resync, then the periodic pass");
+        assert_eq!(s.next_deadline(), Some(t0 + 5 * SEC), "the blackhole routes, then the periodic pass");
     }
 
     #[test]
     fn a_failed_pass_is_retried_after_a_second_and_notifications_do_not_hurry_it() {
         let t0 = Instant::now();
-        let mut s = running(Config::new(HOUR, None), t0);
+        let mut s = running(Config::new(HOUR, DAY, None), t0);
         let t1 = t0 + SEC;
         assert_eq!(s.on(t1, Event::PeersChanged), [Action::Reconcile]);
         assert_eq!(s.on(t1 + MS, Event::KernelChanged), []);
@@ -733,7 +837,7 @@ mod tests {
         let seen = drive(&mut s, t0, t0 + 60 * SEC, 100 * MS);
         let passes: Vec<Duration> = seen.iter().filter(|(_, a)| *a == Action::Reconcile).map(|(t, _)| *t).collect();
         assert_eq!(passes, (1..=6).map(|i| i * RESYNC).collect::<Vec<_>>());
-        let fw: Vec<Duration> = seen.iter().filter(|(_, a)| *a == Action::ResyncFirewall).map(|(t, _)| *t).collect();
+        let fw: Vec<Duration> = seen.iter().filter(|(_, a)| *a == Action::EnsureBlackholes).map(|(t, _)| *t).collect();
         assert_eq!(fw, (1..=12).map(|i| i * 5 * SEC).collect::<Vec<_>>());
         // A pass for another reason pushes the periodic one back: it just compared everything.
         let t1 = t0 + 61 * SEC;
@@ -746,7 +850,7 @@ mod tests {
     #[test]
     fn a_slow_pass_does_not_queue_resyncs() {
         let t0 = Instant::now();
-        let mut s = running(Config::new(HOUR, None), t0);
+        let mut s = running(Config::new(HOUR, DAY, None), t0);
         assert_eq!(s.on(t0 + RESYNC, Event::Tick), [Action::Reconcile]);
         // The pass takes a minute; the resyncs that come meanwhile ask for nothing more.
         for i in 1..=6 {
@@ -758,11 +862,11 @@ mod tests {
     }
 
     #[test]
-    fn without_firewall_there_is_no_firewall_resync() {
+    fn without_blackhole_routes_there_is_nothing_to_ensure() {
         let t0 = Instant::now();
-        let mut s = running(Config::new(HOUR, None), t0);
+        let mut s = running(Config::new(HOUR, DAY, None), t0);
         let seen = drive(&mut s, t0, t0 + 600 * SEC, SEC);
-        assert!(!seen.iter().any(|(_, a)| *a == Action::ResyncFirewall), "{seen:?}");
+        assert!(!seen.iter().any(|(_, a)| *a == Action::EnsureBlackholes), "{seen:?}");
     }
 
     #[test]
@@ -795,11 +899,13 @@ mod tests {
         assert_eq!(s.on(t0, Event::Started { lease: LeaseTerm::Expires(t0 + DAY) }), [Action::SetReady(true)]);
         // Readiness does not wait for the peer list (flanneld's order: subnet file, ready).
         assert!(s.ready() && !s.synced());
-        // Started with a lease already expired: renew first, ready when it is renewed.
+        // Started with a lease already expired: never ready, exit at once.
         let mut s = Scheduler::new(config());
-        assert_eq!(s.on(t0, Event::Started { lease: LeaseTerm::Expires(t0) }), [Action::Renew]);
-        let out = s.on(t0 + SEC, Event::RenewDone(Renewal::Renewed(LeaseTerm::Expires(t0 + DAY))));
-        assert_eq!(out, [Action::SetReady(true)]);
+        assert_eq!(
+            s.on(t0, Event::Started { lease: LeaseTerm::Expires(t0) }),
+            [Action::Exit(ExitReason::LeaseExpired)]
+        );
+        assert!(!s.ready());
     }
 
     #[test]
@@ -807,9 +913,8 @@ mod tests {
         let t0 = Instant::now();
         let zero = Config {
             resync: Duration::ZERO,
-            firewall_resync: Some(Duration::ZERO),
+            blackhole_resync: Some(Duration::ZERO),
             renew_margin: Duration::ZERO,
-            renew_retry: Duration::ZERO,
             debounce: Duration::ZERO,
             error_retry: Duration::ZERO,
             stall_after: Duration::ZERO,
@@ -824,7 +929,7 @@ mod tests {
     #[test]
     fn a_stuck_loop_or_action_shows_as_stalled() {
         let t0 = Instant::now();
-        let mut s = running(Config::new(HOUR, None), t0);
+        let mut s = running(Config::new(HOUR, DAY, None), t0);
         assert_eq!(s.stalled(t0 + RESYNC + STALL_AFTER), None, "a deadline just missed is not a stall");
         assert_eq!(s.stalled(t0 + RESYNC + STALL_AFTER + MS), Some(Stall::Overdue { since: t0 + RESYNC }));
         let t1 = t0 + SEC;
@@ -840,7 +945,7 @@ mod tests {
     #[test]
     fn an_earlier_now_is_taken_as_the_latest_one() {
         let t0 = Instant::now();
-        let mut s = running(Config::new(HOUR, None), t0 + SEC);
+        let mut s = running(Config::new(HOUR, DAY, None), t0 + SEC);
         assert_eq!(s.on(t0, Event::KernelChanged), []);
         assert_eq!(s.next_deadline(), Some(t0 + SEC + DEBOUNCE));
     }
@@ -859,7 +964,7 @@ mod tests {
             2 => Just(Event::PeersChanged),
             1 => Just(Event::Synced),
             3 => any::<bool>().prop_map(|errors| Event::ReconcileDone { errors }),
-            2 => Just(Event::FirewallDone),
+            2 => Just(Event::BlackholesDone),
             2 => arb_term().prop_map(|t| Event::RenewDone(Renewal::Renewed(t))),
             2 => Just(Event::RenewDone(Renewal::Failed)),
             1 => arb_term().prop_map(|lease| Event::Started { lease }),
@@ -888,12 +993,11 @@ mod tests {
 
     fn arb_config() -> impl Strategy<Value = Config> {
         let d = |max: u64| (0..max).prop_map(Duration::from_millis);
-        (d(20_000), proptest::option::of(d(10_000)), d(100_000), d(90_000), d(200), d(2_000)).prop_map(
-            |(resync, firewall_resync, renew_margin, renew_retry, debounce, error_retry)| Config {
+        (d(20_000), proptest::option::of(d(10_000)), d(100_000), d(200), d(2_000)).prop_map(
+            |(resync, blackhole_resync, renew_margin, debounce, error_retry)| Config {
                 resync,
-                firewall_resync,
+                blackhole_resync,
                 renew_margin,
-                renew_retry,
                 debounce,
                 error_retry,
                 stall_after: STALL_AFTER,
@@ -906,9 +1010,10 @@ mod tests {
 
         /// For any sequence of events: the next deadline is always after the last `now`
         /// (the loop never spins on a past deadline), no pass before a full list, one pass,
-        /// one renewal and one firewall resync at a time, nothing after an exit, readiness
-        /// reported only on change, and a lease that was only ever a reservation is never
-        /// renewed.
+        /// one renewal and one blackhole ensure at a time, nothing after an exit, readiness
+        /// reported only on change, a lease that was only ever a reservation is never
+        /// renewed, and a lease past its expiry ends the daemon at once (and only then is
+        /// the expiry the reason).
         #[test]
         fn any_event_sequence_keeps_the_invariants(
             cfg in arb_config(),
@@ -917,14 +1022,26 @@ mod tests {
             let mut s = Scheduler::new(cfg);
             let mut now = base();
             let (mut synced, mut passing, mut exited, mut ready) = (false, false, false, false);
-            let (mut renewing, mut firewalling) = (false, false);
+            let (mut renewing, mut blackholing) = (false, false);
             let mut only_reservations = true;
+            // The lease's expiry as the scheduler last accepted it.
+            let mut expiry: Option<Instant> = None;
             for (adv, ev) in steps {
                 now += adv;
+                let was_exited = exited;
+                if !exited && expiry.is_none_or(|t| t > now)
+                    && let Event::Started { lease: term } | Event::RenewDone(Renewal::Renewed(term)) = ev
+                {
+                    expiry = match term {
+                        LeaseTerm::Expires(t) => Some(t),
+                        LeaseTerm::Never => None,
+                    };
+                }
+                let must_expire = !was_exited && expiry.is_some_and(|t| t <= now);
                 match ev {
                     Event::Synced => synced = true,
                     Event::ReconcileDone { .. } => passing = false,
-                    Event::FirewallDone => firewalling = false,
+                    Event::BlackholesDone => blackholing = false,
                     Event::Started { lease: LeaseTerm::Expires(_) }
                     | Event::RenewDone(Renewal::Renewed(LeaseTerm::Expires(_))) => only_reservations = false,
                     _ => {}
@@ -947,7 +1064,8 @@ mod tests {
                             prop_assert_ne!(r, ready, "readiness reported without a change");
                             ready = r;
                         }
-                        Action::Exit(_) => {
+                        Action::Exit(reason) => {
+                            prop_assert_eq!(reason == ExitReason::LeaseExpired, must_expire, "{:?}", reason);
                             prop_assert_eq!(i, out.len() - 1, "an action after the exit");
                             prop_assert!(!ready);
                             exited = true;
@@ -957,14 +1075,17 @@ mod tests {
                             prop_assert!(!renewing, "a second renewal while one runs");
                             renewing = true;
                         }
-                        Action::ResyncFirewall => {
-                            prop_assert!(cfg.firewall_resync.is_some());
-                            prop_assert!(!firewalling, "a second firewall resync while one runs");
-                            firewalling = true;
+                        Action::EnsureBlackholes => {
+                            prop_assert!(cfg.blackhole_resync.is_some());
+                            prop_assert!(!blackholing, "a second blackhole ensure while one runs");
+                            blackholing = true;
                         }
                     }
                 }
                 prop_assert_eq!(s.ready(), ready);
+                if must_expire {
+                    prop_assert_eq!(out.last(), Some(&Action::Exit(ExitReason::LeaseExpired)), "a lease past its expiry lives on");
+                }
                 if let Some(d) = s.next_deadline() {
                     prop_assert!(d > now, "next deadline {:?} not after now", d - base());
                     prop_assert!(!exited);
@@ -1027,7 +1148,7 @@ mod tests {
                             last_pass = Some(now);
                             pending.push_back(Event::ReconcileDone { errors: false });
                         }
-                        Action::ResyncFirewall => pending.push_back(Event::FirewallDone),
+                        Action::EnsureBlackholes => pending.push_back(Event::BlackholesDone),
                         Action::Renew => {
                             pending.push_back(Event::RenewDone(Renewal::Renewed(LeaseTerm::Expires(now + ttl))));
                         }

@@ -2,20 +2,22 @@
 //! subnet.env, ready), then a loop that follows peer leases and renews our own.
 
 pub mod health;
+mod main_loop;
 pub mod subnet_file;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::{Notify, mpsc, watch};
-use weft_core::cache::LeaseEvent;
 use weft_core::config::NetworkConfig;
 use weft_core::firewall::Family;
 use weft_core::iface::{self, IfaceError, Selection};
 use weft_core::lease::{Expiry, SubnetKey};
+use weft_core::schedule::{self, Event, LeaseTerm, Scheduler};
 use weft_core::subnet_env::SubnetEnv;
 
+use self::main_loop::Running;
 use crate::backend::{BackendError, DataPlane};
 use crate::cli::{DaemonOptions, StoreChoice};
 use crate::firewall::{FamilyRules, Firewall, FirewallSpec};
@@ -25,8 +27,8 @@ use crate::metrics::Metrics;
 use crate::registry::acquire::{AcquireFailed, acquire};
 use crate::registry::etcd::EtcdRegistry;
 use crate::registry::local::LocalRegistry;
-use crate::registry::watch::{self as lease_watch, WatchEvent};
-use crate::registry::{Registry, RegistryError, lease_ttl, same_holder};
+use crate::registry::watch as lease_watch;
+use crate::registry::{Registry, RegistryError, lease_ttl};
 
 /// Why the daemon stopped with an error (exit status 1).
 #[derive(Debug, thiserror::Error)]
@@ -78,14 +80,6 @@ pub enum DaemonError {
     /// Firewall rules could not be installed.
     #[error("installing firewall rules failed: {0}")]
     Firewall(#[from] crate::firewall::FirewallError),
-}
-
-/// How often the kernel is compared with the plan even when nothing was noticed.
-const RESYNC: Duration = Duration::from_secs(10);
-
-/// When to renew a lease that expires at `expiry`: `margin` before it, and never in the past.
-pub fn renew_deadline(expiry: SystemTime, margin: Duration, now: SystemTime) -> Duration {
-    expiry.checked_sub(margin).and_then(|t| t.duration_since(now).ok()).unwrap_or(Duration::ZERO)
 }
 
 /// Resolves when SIGINT or SIGTERM arrives; a second signal ends the process at once.
@@ -267,30 +261,47 @@ async fn run_with<R: Registry>(
     };
     subnet_file::write_atomic(&opts.subnet_file, &env.render())
         .map_err(|source| DaemonError::SubnetFile { path: opts.subnet_file.display().to_string(), source })?;
-    let _ = ready.send(true);
-    metrics.ready.set(1);
-    tracing::info!(path = %opts.subnet_file.display(), "wrote subnet file; ready");
 
-    let (tx, mut rx) = mpsc::channel(256);
-    let watcher =
-        tokio::spawn(lease_watch::run_as(reg.clone(), own, Some(prepared.attrs.clone()), tx, metrics.clone()));
-    let _stop_watcher = AbortOnDrop(watcher);
-
-    // A margin beyond a (test-only) short lease would renew without pause.
-    let margin = Duration::from_secs(opts.renew_margin_minutes * 60).min(ttl / 2);
-    let mut expiry = acquired.lease.expiry;
-    // When the next renewal is due after a failed one (else: `margin` before expiry).
-    let mut retry_renew: Option<SystemTime> = None;
-    let mut renewing: Option<tokio::task::JoinHandle<(SystemTime, Result<(), RegistryError>)>> = None;
-    let mut shutdown = shutdown;
-    // Kernel changes behind our back wake the reconciler; a periodic pass catches the rest.
+    let mut sched = Scheduler::new(schedule::Config::new(
+        Duration::from_secs(opts.renew_margin_minutes * 60),
+        ttl,
+        // Blackhole routes are desired state of the data plane, ensured by every pass.
+        None,
+    ));
+    // Kernel changes behind our back wake the reconciler; the scheduler's resync catches the rest.
     let wake = Arc::new(Notify::new());
     let _monitor = if dataplane.programs_kernel() || opts.ip_blackhole_route {
         Some(AbortOnDrop(monitor::spawn(wake.clone(), dataplane.interest()).map_err(DaemonError::Netlink)?))
     } else {
         None
     };
-    let mut resync = tokio::time::interval(RESYNC);
+    let mut d = Running {
+        reg: reg.clone(),
+        own,
+        attrs: prepared.attrs.clone(),
+        ttl,
+        dataplane,
+        kernel,
+        metrics: metrics.clone(),
+        ready,
+        known: Default::default(),
+        renewing: None,
+        overwritten_by: None,
+        renew_report: None,
+    };
+    if let Expiry::At(t) = acquired.lease.expiry {
+        d.set_expiry_metric(t);
+    }
+    let lease = LeaseTerm::from_expiry(acquired.lease.expiry, SystemTime::now(), std::time::Instant::now());
+    if d.feed(&mut sched, Event::Started { lease }).await {
+        return Ok(());
+    }
+    tracing::info!(path = %opts.subnet_file.display(), "wrote subnet file; ready");
+
+    let (tx, mut rx) = mpsc::channel(256);
+    let watcher =
+        tokio::spawn(lease_watch::run_as(reg.clone(), own, Some(prepared.attrs.clone()), tx, metrics.clone()));
+    let _stop_watcher = AbortOnDrop(watcher);
     // Firewall commands run on a task of their own: a hung iptables never stalls this loop.
     let _firewall = firewall.map(|fw| {
         AbortOnDrop(crate::firewall::spawn_resync(
@@ -300,118 +311,19 @@ async fn run_with<R: Registry>(
             metrics.clone(),
         ))
     });
-    // No pass before the first full list of peers: an empty view would tear down every
-    // route of a restarted daemon.
-    let mut synced = false;
-    let mut due: Option<tokio::time::Instant> = None;
-    let mut known = std::collections::BTreeSet::new(); // peer keys in the store; weft_peers: those not rejected
+    let mut shutdown = shutdown;
     loop {
         metrics.main_loop_progress();
-        let renew_in = match expiry {
-            Expiry::At(t) if t <= SystemTime::now() => {
-                // Renewal kept failing until the lease ran out: the store may have given our
-                // subnet to another host by now. Never share it.
-                tracing::error!(subnet = %own, "our lease expired while the store could not be reached; shutting down rather than risk sharing the subnet with another host");
-                return Ok(());
-            }
-            Expiry::At(t) => {
-                metrics.lease_expiry.set(t.duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0));
-                match retry_renew {
-                    Some(r) => r
-                        .duration_since(SystemTime::now())
-                        .unwrap_or(Duration::ZERO)
-                        .min(t.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO)),
-                    None => renew_deadline(t, margin, SystemTime::now()),
-                }
-            }
-            // A reservation never expires; nothing to renew.
-            Expiry::Reservation | Expiry::Unknown => Duration::from_secs(365 * 24 * 3600),
+        let deadline = sched.next_deadline().map(tokio::time::Instant::from_std);
+        let event = tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => Event::Shutdown,
+            _ = async { tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)).await }, if deadline.is_some() => Event::Tick,
+            _ = wake.notified() => Event::KernelChanged,
+            done = d.renewal(), if d.renewing.is_some() => d.renewal_done(done),
+            ev = rx.recv() => d.watched(ev),
         };
-        let reconcile_at = due.filter(|_| synced);
-        tokio::select! {
-            _ = shutdown.wait_for(|s| *s) => return Ok(()),
-            _ = async { tokio::time::sleep_until(reconcile_at.unwrap_or_else(tokio::time::Instant::now)).await }, if reconcile_at.is_some() => {
-                due = None;
-                let started = std::time::Instant::now();
-                let report = dataplane.reconcile().await;
-                metrics.reconciles.inc();
-                metrics.kernel_changes.inc_by(report.changes as u64);
-                metrics.reconcile_ms.set(started.elapsed().as_millis() as i64);
-                for e in &report.errors {
-                    metrics.error("netlink");
-                    tracing::warn!("kernel change failed (retrying on the next pass): {e}");
-                }
-                if !report.errors.is_empty() {
-                    due = Some(tokio::time::Instant::now() + Duration::from_secs(1));
-                }
-            }
-            _ = wake.notified() => {
-                // Coalesce the burst of notifications our own changes cause.
-                due.get_or_insert_with(|| tokio::time::Instant::now() + Duration::from_millis(50));
-            }
-            _ = resync.tick() => { due.get_or_insert_with(tokio::time::Instant::now); }
-            _ = tokio::time::sleep(renew_in), if renewing.is_none() => {
-                // Renewal runs beside the loop: a slow store never holds up peer events.
-                let (reg, attrs) = (reg.clone(), prepared.attrs.clone());
-                let started = SystemTime::now();
-                renewing = Some(tokio::spawn(async move { (started, reg.renew(&own, &attrs, Some(ttl)).await) }));
-            }
-            done = async { renewing.as_mut().expect("guarded by the condition").await }, if renewing.is_some() => {
-                renewing = None;
-                let (started, outcome) = match done {
-                    Ok(r) => r,
-                    Err(e) => (SystemTime::now(), Err(RegistryError::Unavailable { store: "renewal", detail: e.to_string() })),
-                };
-                match outcome {
-                    Ok(()) => {
-                        expiry = Expiry::At(started + ttl);
-                        retry_renew = None;
-                        tracing::info!(subnet = %own, "renewed lease");
-                    }
-                    Err(RegistryError::Lost(_)) => {
-                        tracing::error!(subnet = %own, "our subnet is held by another host now; shutting down rather than share it");
-                        return Ok(());
-                    }
-                    Err(e) => {
-                        metrics.error("renew");
-                        // Retry well before the real expiry, which stays what it is.
-                        let left = match expiry { Expiry::At(t) => t.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO), _ => ttl };
-                        let wait = (left / 10).clamp(Duration::from_millis(500), Duration::from_secs(60));
-                        tracing::warn!("renewing the lease failed, retrying in {wait:?}: {e}");
-                        retry_renew = Some(SystemTime::now() + wait);
-                    }
-                }
-            }
-            ev = rx.recv() => match ev {
-                None => return Ok(()),
-                Some(WatchEvent::OwnGone) => {
-                    tracing::warn!(subnet = %own, "Lease has been revoked. Shutting down daemon.");
-                    return Ok(());
-                }
-                Some(WatchEvent::OwnWritten(l)) if !same_holder(&prepared.attrs, &l.attrs) => {
-                    tracing::warn!(subnet = %own, holder = %l.attrs.public_ip, "our lease was overwritten by another host. Shutting down daemon.");
-                    return Ok(());
-                }
-                Some(WatchEvent::OwnWritten(_)) => {}
-                Some(WatchEvent::Synced) => {
-                    synced = true;
-                    due = Some(tokio::time::Instant::now());
-                }
-                Some(WatchEvent::Peers(events)) => {
-                    dataplane.update(&events);
-                    due = Some(tokio::time::Instant::now());
-                    for e in &events {
-                        let (kind, lease) = match e {
-                            LeaseEvent::Added(l) => ("added", l),
-                            LeaseEvent::Removed(l) => ("removed", l),
-                        };
-                        let _ = if kind == "added" { known.insert(lease.key) } else { known.remove(&lease.key) };
-                        metrics.lease_events.get_or_create(&vec![("type", kind)]).inc();
-                        tracing::info!(subnet = %lease.key, public_ip = %lease.attrs.public_ip, "peer lease {kind}");
-                    }
-                    metrics.peers.set(known.len().saturating_sub(dataplane.rejected().len()) as i64);
-                }
-            }
+        if d.feed(&mut sched, event).await {
+            return Ok(());
         }
     }
 }
@@ -451,18 +363,5 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn renewal_is_margin_before_expiry_and_never_in_the_past() {
-        let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
-        let day = Duration::from_secs(86400);
-        assert_eq!(renew_deadline(now + day, Duration::from_secs(3600), now), Duration::from_secs(82800));
-        assert_eq!(renew_deadline(now + Duration::from_secs(10), Duration::from_secs(3600), now), Duration::ZERO);
     }
 }
