@@ -257,6 +257,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn backend_data_with_any_number_survives_a_round_trip() {
+        // Found by the `lease` fuzz target: without exact float parsing a hand-written
+        // number came back as a neighbouring float after our own rewrite.
+        let v = r#"{"PublicIP":"192.0.2.7","BackendData":{"X":8.885888888888889e+59,"VNI":1}}"#;
+        let a = LeaseAttrs::from_json(v).unwrap();
+        assert_eq!(LeaseAttrs::from_json(&a.to_json()).unwrap(), a);
+        assert!(a.to_json().contains("8.885888888888889e+59"), "{}", a.to_json());
+    }
+
+    #[test]
     fn vector3_keys_round_trip() {
         let k: SubnetKey = "10.12.13.0-24".parse().unwrap();
         assert_eq!(k, SubnetKey::v4("10.12.13.0/24".parse().unwrap()));
