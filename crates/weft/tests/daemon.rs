@@ -231,6 +231,7 @@ fn daemons_share_the_local_store() {
         wait_for(Duration::from_secs(10), "two peers", || (peers(h) == Some(2)).then_some(()));
     }
     let table = Command::new(weft_bin()).args(["leases", "--store=local", &store]).output().unwrap();
+    assert!(table.status.success(), "weft leases: {}", String::from_utf8_lossy(&table.stderr));
     assert_eq!(String::from_utf8_lossy(&table.stdout).lines().count(), 4, "header + three leases");
 }
 

@@ -101,7 +101,7 @@ fn peer_joins_and_leaves(
 /// Starts a daemon on `ns` and returns how long it took to write its subnet file.
 fn start_into_fault(ns: &Netns, c: &EtcdCluster, dir: &Path) -> (Daemon, Duration) {
     // The file of a previous start goes first: wait for a fresh one.
-    let _ = std::fs::remove_file(dir.join(format!("{}.env", ns.name)));
+    common::remove_if_present(&dir.join(format!("{}.env", ns.name)));
     let start = Instant::now();
     let (mut d, env) = start_daemon(ns, c, dir);
     wait_for(Duration::from_secs(60), "the host started into the fault to get its lease", || {
@@ -505,7 +505,6 @@ fn a_tls_cluster_with_a_certificate_per_member_survives_dead_and_frozen_members(
     wait_for(Duration::from_secs(30), "both hosts to see the peer past a frozen member", || {
         hosts.iter().all(|h| metric(h, "weft_peers ") == Some(3)).then_some(())
     });
-    let _ = std::fs::remove_file(dir.join(format!("{}.env", nss[1].name)));
     d2.signal(libc::SIGTERM);
     d2.wait_exit(Duration::from_secs(10));
     let (mut d2, t) = start_into_fault(&nss[1], &c, dir);

@@ -198,11 +198,21 @@ fn a_hostile_lease_never_touches_routes_weft_does_not_own() {
     assert_full_mesh(&c, &hosts, Duration::from_secs(2));
 }
 
+/// Checks that an `ip` error says the device does not exist: any other failure (a namespace
+/// gone, a bad argument) is the test's failure, not an absent device.
+fn assert_no_such_device(e: &std::io::Error, dev: &str) {
+    let text = e.to_string();
+    assert!(text.contains(&format!("\"{dev}\" does not exist")), "`ip` failed, not for a missing {dev}: {text}");
+}
+
 /// The device as `ip -j -d link` shows it (null while it does not exist).
 fn link(c: &Cluster, i: usize, dev: &str) -> Value {
     match c.hosts[i].exec("ip", &["-j", "-d", "link", "show", dev]) {
         Ok(out) => serde_json::from_str::<Value>(&out).unwrap()[0].clone(),
-        Err(_) => Value::Null,
+        Err(e) => {
+            assert_no_such_device(&e, dev);
+            Value::Null
+        }
     }
 }
 
@@ -211,7 +221,13 @@ fn is_up(l: &Value) -> bool {
 }
 
 fn inet(c: &Cluster, i: usize, dev: &str) -> Vec<String> {
-    let Ok(out) = c.hosts[i].exec("ip", &["-j", "addr", "show", dev]) else { return Vec::new() };
+    let out = match c.hosts[i].exec("ip", &["-j", "addr", "show", dev]) {
+        Ok(out) => out,
+        Err(e) => {
+            assert_no_such_device(&e, dev);
+            return Vec::new();
+        }
+    };
     let addrs: Value = serde_json::from_str(&out).unwrap();
     addrs[0]["addr_info"]
         .as_array()
@@ -337,7 +353,8 @@ fn replug_external(c: &Cluster) {
     h1.ip(&["link", "del", "eth0"]).unwrap();
     std::thread::sleep(Duration::from_millis(500));
     weft::lab::netns::plug(&c.lan.ns, h1, "h1", &c.lan.host_ip(1), Some(&c.lan.gateway())).unwrap();
-    assert_ne!(index(c), Some(old), "a new interface");
+    let new = index(c).expect("the re-plugged eth0 exists");
+    assert_ne!(new, old, "a new interface");
 }
 
 #[test]

@@ -240,8 +240,11 @@ fn of_two_conflicting_local_leases_the_older_wins_live_and_after_a_restart() {
     assert_eq!(rejections(&log, from, "10.5.60.0-24"), 0, "the older lease wins:\n{}", &log[from..]);
     let table =
         std::process::Command::new(weft_bin()).args(["leases", "--store=local", &store, &conf]).output().unwrap();
+    assert!(table.status.success(), "weft leases: {}", String::from_utf8_lossy(&table.stderr));
     let table = String::from_utf8_lossy(&table.stdout).to_string();
-    let row = |k: &str| table.lines().find(|l| l.starts_with(k)).unwrap_or_default().to_string();
+    // A missing row fails: an empty one would contain no "rejected".
+    let row =
+        |k: &str| table.lines().find(|l| l.starts_with(k)).unwrap_or_else(|| panic!("no {k} in {table}")).to_string();
     assert!(row("10.5.50.0/24").contains("rejected (conflict)"), "{table}");
     assert!(!row("10.5.60.0/24").contains("rejected"), "{table}");
 }
