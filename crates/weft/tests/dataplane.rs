@@ -141,6 +141,11 @@ fn converged(c: &Cluster, i: usize, peers: usize) -> bool {
         && count(json(&c.hosts[i], "ip", &["-j", "route", "show", "dev", "flannel.1"])) == peers
 }
 
+/// Wall-clock seconds since the epoch, as `ping -D` prints them.
+fn unix_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64()
+}
+
 fn lease_key(h: &Host) -> String {
     format!("{PREFIX}/subnets/{}", h.subnet.replace('/', "-"))
 }
@@ -321,22 +326,60 @@ fn a_daemon_restart_keeps_traffic_flowing_and_cleans_up_vanished_peers() {
     let mac = vtep_mac(&c, 1);
     let subnet = c.wait_env(1);
     // A ping stream from host 1 to host 2's pod address while host 2's daemon is killed
-    // and started again.
-    let pinger = c.hosts[0]
+    // and started again. The test ends the stream itself, after the new daemon is ready, so
+    // the stream provably spans the restart (a fixed count could run out before it).
+    let mut pinger = c.hosts[0]
         .command("ping")
-        .args(["-i", "0.05", "-c", "80", "-W", "1", "-I", &hosts[0].pod_ip, &hosts[1].pod_ip])
+        .args(["-D", "-i", "0.05", "-w", "120", "-I", &hosts[0].pod_ip, &hosts[1].pod_ip])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    let stream_start = unix_now();
     std::thread::sleep(Duration::from_millis(800));
+    let old_pid = daemons[1].child.id();
+    assert!(pinger.try_wait().unwrap().is_none(), "the ping stream runs when the daemon is killed");
+    let killed_at = unix_now();
     daemons[1].signal(libc::SIGKILL);
     daemons[1].wait_exit(Duration::from_secs(5));
     std::fs::remove_file(c.env_file(1)).unwrap();
     daemons[1] = c.daemon(1, &[]);
+    assert_ne!(daemons[1].child.id(), old_pid, "a new daemon process");
     assert_eq!(c.wait_env(1), subnet, "same subnet after the restart");
+    wait_for(Duration::from_secs(20), "the restarted daemon to be ready", || {
+        (c.http(1, "/readyz").0 == "200").then_some(())
+    });
+    let ready_at = unix_now();
+    assert!(pinger.try_wait().unwrap().is_none(), "the ping stream still runs after the restart");
+    // A second of traffic through the restarted daemon's data plane, then the end of the stream.
+    std::thread::sleep(Duration::from_secs(1));
+    // SAFETY: kill(2) on our own child's pid; no memory is involved.
+    assert_eq!(unsafe { libc::kill(pinger.id() as i32, libc::SIGINT) }, 0);
     let out = pinger.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("80 packets transmitted, 80 received"), "no ping lost across the restart:\n{text}");
+    // `-D` lines: "[1764641234.123456] 64 bytes from 10.5.X.1: icmp_seq=N ttl=64 time=0.1 ms".
+    let replies: Vec<(f64, u64)> = text
+        .lines()
+        .filter(|l| l.contains(" bytes from "))
+        .map(|l| {
+            let at = l[1..l.find(']').unwrap()].parse::<f64>().unwrap();
+            let seq = l.split("icmp_seq=").nth(1).unwrap().split_whitespace().next().unwrap().parse::<u64>().unwrap();
+            (at, seq)
+        })
+        .collect();
+    let sent: u64 = text
+        .lines()
+        .find_map(|l| l.split_once(" packets transmitted").map(|(n, _)| n.trim().parse().unwrap()))
+        .unwrap_or_else(|| panic!("no ping summary:\n{text}"));
+    assert!(replies.iter().any(|(at, _)| *at < killed_at), "replies before the kill:\n{text}");
+    assert!(replies.iter().any(|(at, _)| *at > ready_at), "replies after the restarted daemon was ready:\n{text}");
+    // At half the nominal rate at least: the stream really ran all along.
+    let expected = ((ready_at - stream_start) / 0.05 / 2.0) as u64;
+    assert!(sent >= expected, "{sent} packets sent over {:.1} s:\n{text}", ready_at - stream_start);
+    // No ping lost across the restart: every packet answered, but the last one, which may
+    // still be in flight when the stream is interrupted.
+    let answered: std::collections::BTreeSet<u64> = replies.iter().map(|(_, seq)| *seq).collect();
+    let lost: Vec<u64> = (1..sent).filter(|seq| !answered.contains(seq)).collect();
+    assert!(lost.is_empty(), "pings lost across the restart: {lost:?}\n{text}");
     assert_eq!(vtep_mac(&c, 1), mac, "same VTEP MAC after the restart");
 
     // Host 1's daemon is down while host 3 leaves the cluster: at restart, host 3's entries
