@@ -539,4 +539,7 @@ fn kernel_events_about_things_weft_does_not_own_cause_no_pass() {
     wait_for(Duration::from_secs(3), "the deleted route to come back", || {
         json(h, "ip", &["-j", "route", "show", &peer_route]).as_array().is_some_and(|a| a.len() == 1).then_some(())
     });
+    // The counter the bound above reads does count passes: the repair was one.
+    let repaired = c.metric(0, "weft_reconciles_total ").unwrap();
+    assert!(repaired > after, "the repair pass was not counted ({after} -> {repaired})");
 }

@@ -155,10 +155,16 @@ fn a_hostile_lease_never_touches_routes_weft_does_not_own() {
     let conflict_row = table.lines().find(|l| l.starts_with(&format!("10.5.{conflict}.0/24"))).unwrap();
     assert!(conflict_row.contains("rejected (conflict)") && conflict_row.contains(&c.lan.host_ip(2)), "{table}");
 
-    // Deleting the keys changes nothing either.
+    // Deleting the keys changes nothing either, as a pass after the deletion shows (a sleep
+    // alone could end before any pass).
+    let passes: Vec<i64> = (0..3).map(|i| c.metric(i, "weft_reconciles_total ").unwrap()).collect();
     del(&c, "192.0.2.0-24");
     del(&c, &format!("10.5.{conflict}.0-24"));
-    std::thread::sleep(Duration::from_secs(2));
+    for (i, before) in passes.iter().enumerate() {
+        wait_for(Duration::from_secs(12), "a reconcile pass after the deletions", || {
+            (c.metric(i, "weft_reconciles_total ").unwrap() > *before).then_some(())
+        });
+    }
     for i in 0..3 {
         assert_lan_route_untouched(&c, i);
     }
@@ -168,8 +174,14 @@ fn a_hostile_lease_never_touches_routes_weft_does_not_own() {
 
     // A route someone else put where a peer's route belongs is left alone; once it is gone,
     // ours takes its place.
+    let passes = c.metric(0, "weft_reconciles_total ").unwrap();
     h1.ip(&["route", "replace", &hosts[2].subnet, "via", &gw, "dev", "eth0", "proto", "static"]).unwrap();
-    std::thread::sleep(Duration::from_secs(2));
+    // "Left alone" means something only once a pass has seen the foreign route (the netlink
+    // event wakes one; the resync runs every 10 s); a sleep alone could end before any pass.
+    wait_for(Duration::from_secs(12), "a reconcile pass after the foreign route appeared", || {
+        (c.metric(0, "weft_reconciles_total ").unwrap() > passes).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(500));
     let r = route_to(&c, 0, &hosts[2].subnet).unwrap();
     assert_eq!((r["gateway"].as_str(), r["protocol"].as_str()), (Some(gw.as_str()), Some("static")), "{r}");
     h1.ip(&["route", "del", &hosts[2].subnet, "proto", "static"]).unwrap();
