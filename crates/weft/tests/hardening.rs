@@ -365,6 +365,15 @@ fn replug_external(c: &Cluster) {
     h1.ip(&["link", "del", "eth0"]).unwrap();
     std::thread::sleep(Duration::from_millis(500));
     weft::lab::netns::plug(&c.lan.ns, h1, "h1", &c.lan.host_ip(1), Some(&c.lan.gateway())).unwrap();
+    // The new interface has a new MAC. A replaced NIC announces itself; here its first ARP
+    // exchange with each peer does (a gratuitous ARP sent as the link comes up races the
+    // bridge port coming up). Otherwise the peers keep sending to the old MAC while their
+    // neighbour entry stays REACHABLE (15 to 45 s), whatever weft does.
+    for n in 2..=c.hosts.len() as u8 {
+        wait_for(Duration::from_secs(5), "the new eth0 to reach a peer on the LAN", || {
+            h1.exec("ping", &["-c", "1", "-W", "1", &c.lan.host_ip(n)]).ok().map(|_| ())
+        });
+    }
     let new = index(c).expect("the re-plugged eth0 exists");
     assert_ne!(new, old, "a new interface");
 }
