@@ -514,5 +514,10 @@ fn a_tls_cluster_with_a_certificate_per_member_survives_dead_and_frozen_members(
     eprintln!("a host starting with a frozen member got its lease in {:.2}s", t.as_secs_f64());
     c.thaw(frozen).unwrap();
     assert!(d1.alive() && d2.alive(), "{}{}", d1.log(), d2.log());
+    // The subnet file is the one h1 wrote at its start: the store says whether h1 still
+    // holds that subnet.
     assert_eq!(subnet_of(&std::fs::read_to_string(&env1).unwrap()), s1);
+    let third = s1.trim_start_matches("FLANNEL_SUBNET=10.5.").trim_end_matches(".1/24");
+    let v = c.etcdctl(&["get", "--print-value-only", &format!("{PREFIX}/subnets/10.5.{third}.0-24")]).unwrap();
+    assert!(v.contains("\"192.0.2.11\""), "h1 still holds {s1}: {v:?}");
 }
