@@ -523,9 +523,16 @@ fn kernel_events_about_things_weft_does_not_own_cause_no_pass() {
         lines += &format!("route del 198.51.100.{}/32 dev eth0\n", i);
     }
     std::fs::write(&batch, lines).unwrap();
-    // Settle: the passes of the start are over.
-    std::thread::sleep(Duration::from_millis(500));
-    let before = c.metric(0, "weft_reconciles_total ").unwrap();
+    // Settle: the passes of the start are over once the count stands still for a second (a
+    // fixed half second was a sub-second margin on a busy machine).
+    let mut last = c.metric(0, "weft_reconciles_total ").unwrap();
+    let before = wait_for(Duration::from_secs(15), "the passes of the start to end", || {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = c.metric(0, "weft_reconciles_total ").unwrap();
+        let settled = now == last;
+        last = now;
+        settled.then_some(now)
+    });
     for _ in 0..10 {
         h.ip(&["-batch", batch.to_str().unwrap()]).unwrap();
         std::thread::sleep(Duration::from_millis(200));
