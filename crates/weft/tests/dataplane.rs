@@ -44,7 +44,8 @@ fn host_info(c: &Cluster, i: usize) -> Host {
     let env = c.wait_env(i);
     let sub = env.lines().find_map(|l| l.strip_prefix("FLANNEL_SUBNET=")).unwrap().to_string();
     let pod_ip = sub.split('/').next().unwrap().to_string();
-    let base = pod_ip.trim_end_matches(".1").to_string() + ".0";
+    // strip_suffix, not trim_end_matches: 10.5.1.1 would lose both ".1"s (base 10.5.0).
+    let base = pod_ip.strip_suffix(".1").unwrap_or_else(|| panic!("{pod_ip} is not .1")).to_string() + ".0";
     let ns = &c.hosts[i];
     if ns.ip(&["link", "show", "cni0"]).is_err() {
         ns.ip(&["link", "add", "cni0", "type", "bridge"]).unwrap();
