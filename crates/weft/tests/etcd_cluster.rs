@@ -75,10 +75,7 @@ fn peer_joins_and_leaves(
 ) -> (Duration, Duration) {
     let key = format!("{PREFIX}/subnets/10.5.{}.0-24", 200 + n);
     let value = format!(r#"{{"PublicIP":"192.0.2.{}","PublicIPv6":null}}"#, 100 + n);
-    let base: Vec<i64> = hosts
-        .iter()
-        .map(|h| metric(h.ns, "weft_peers ").unwrap_or_else(|| panic!("no weft_peers from {}", h.ns.name)))
-        .collect();
+    let base: Vec<i64> = hosts.iter().map(|h| metric(h.ns, "weft_peers ").unwrap_or(-1)).collect();
     wait_for(Duration::from_secs(30), "the peer lease to be written", || {
         c.etcdctl_on(via, &["put", "--command-timeout=1s", &key, &value]).ok()
     });
