@@ -94,7 +94,13 @@ fn a_restarted_daemon_keeps_its_subnet() {
     assert!(d.wait_exit(Duration::from_secs(10)).success(), "SIGTERM is a clean shutdown");
     let mut d = c.daemon(0, &[]);
     wait_for(Duration::from_secs(10), "readiness after restart", || (c.http(0, "/readyz").0 == "200").then_some(()));
+    // The subnet file is still the first daemon's (it is the hint the restart reads): the
+    // store says which subnet the ready new daemon holds.
     assert_eq!(subnet_line(&c.wait_env(0)), first);
+    let third = first.trim_start_matches("FLANNEL_SUBNET=10.5.").trim_end_matches(".1/24");
+    let listing = c.etcd.etcdctl(&["get", "--prefix", "--keys-only", &format!("{PREFIX}/subnets/")]).unwrap();
+    let keys: Vec<&str> = listing.lines().filter(|l| !l.is_empty()).collect();
+    assert_eq!(keys, [format!("{PREFIX}/subnets/10.5.{third}.0-24")], "the restarted daemon holds the first subnet");
     // Even without the old subnet file, the lease of our public IP is found and kept.
     d.signal(libc::SIGKILL);
     d.wait_exit(Duration::from_secs(5));
@@ -231,6 +237,7 @@ fn daemons_share_the_local_store() {
         wait_for(Duration::from_secs(10), "two peers", || (peers(h) == Some(2)).then_some(()));
     }
     let table = Command::new(weft_bin()).args(["leases", "--store=local", &store]).output().unwrap();
+    assert!(table.status.success(), "weft leases: {}", String::from_utf8_lossy(&table.stderr));
     assert_eq!(String::from_utf8_lossy(&table.stdout).lines().count(), 4, "header + three leases");
 }
 

@@ -165,7 +165,7 @@ fn peer_joins_and_leaves(
 /// Starts a daemon on `ns` and returns how long it took to write its subnet file.
 fn start_into_fault(ns: &Netns, c: &EtcdCluster, dir: &Path) -> (Daemon, Duration) {
     // The file of a previous start goes first: wait for a fresh one.
-    let _ = std::fs::remove_file(dir.join(format!("{}.env", ns.name)));
+    common::remove_if_present(&dir.join(format!("{}.env", ns.name)));
     let start = Instant::now();
     let (mut d, env) = start_daemon(ns, c, dir);
     wait_for(Duration::from_secs(60), "the host started into the fault to get its lease", || {
@@ -576,12 +576,16 @@ fn a_tls_cluster_with_a_certificate_per_member_survives_dead_and_frozen_members(
     wait_for(Duration::from_secs(30), "both hosts to see the peer past a frozen member", || {
         hosts.iter().all(|h| metric(h, "weft_peers ") == Some(3)).then_some(())
     });
-    let _ = std::fs::remove_file(dir.join(format!("{}.env", nss[1].name)));
     d2.signal(libc::SIGTERM);
     d2.wait_exit(Duration::from_secs(10));
     let (mut d2, t) = start_into_fault(&nss[1], &c, dir);
     eprintln!("a host starting with a frozen member got its lease in {:.2}s", t.as_secs_f64());
     c.thaw(frozen).unwrap();
     assert!(d1.alive() && d2.alive(), "{}{}", d1.log(), d2.log());
+    // The subnet file is the one h1 wrote at its start: the store says whether h1 still
+    // holds that subnet.
     assert_eq!(subnet_of(&std::fs::read_to_string(&env1).unwrap()), s1);
+    let third = s1.trim_start_matches("FLANNEL_SUBNET=10.5.").trim_end_matches(".1/24");
+    let v = c.etcdctl(&["get", "--print-value-only", &format!("{PREFIX}/subnets/10.5.{third}.0-24")]).unwrap();
+    assert!(v.contains("\"192.0.2.11\""), "h1 still holds {s1}: {v:?}");
 }

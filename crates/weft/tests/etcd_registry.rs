@@ -1,4 +1,4 @@
-//! The etcd registry against a real etcd server on a free loopback port.
+//! The etcd registry against a real etcd server on a loopback address of its own.
 
 mod common;
 
@@ -8,7 +8,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use common::scenarios::{self, collect, describe, start_watch};
-use weft::lab::etcd::{Etcd, TlsFiles, free_port};
+use weft::lab::etcd::{Etcd, TlsFiles};
 use weft::registry::acquire::acquire;
 use weft::registry::etcd::{EtcdOptions, EtcdRegistry};
 use weft::registry::{LEASE_TTL, Registry};
@@ -16,9 +16,36 @@ use weft_core::lease::{LeaseAttrs, SubnetKey};
 
 const PREFIX: &str = "/coreos.com/network";
 
+/// etcd's client and peer ports, on every test's own address.
+const CLIENT_PORT: u16 = 2379;
+const PEER_PORT: u16 = 2380;
+/// A client port the restart test moves etcd to, out of the client's reach.
+const OTHER_PORT: u16 = 2479;
+
+/// A loopback address (127/8 all reaches `lo`, nothing to configure) of this test alone:
+/// from the process id and a count, so no other test here or in a concurrent run binds it.
+/// A port picked by binding 127.0.0.1:0 and dropping it could be taken by another test's
+/// etcd before ours binds it, and a health check could then pass against the wrong server.
+fn own_address() -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    assert!(n < 255, "out of loopback addresses");
+    let pid = std::process::id();
+    format!("127.{}.{}.{n}", 10 + pid % 200, (pid / 200) % 256)
+}
+
+/// An endpoint on this test's own address where nothing listens (checked: it refuses).
+fn refusing_endpoint(e: &Etcd) -> String {
+    let host = e.url().trim_start_matches("http://").rsplit_once(':').unwrap().0.to_string();
+    let addr = format!("{host}:2381");
+    let err = std::net::TcpStream::connect(&addr).expect_err("nothing listens on the refusing endpoint");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{addr}: {err}");
+    format!("http://{addr}")
+}
+
 fn start(dir: &Path) -> Etcd {
     common::require_root();
-    Etcd::start(None, "127.0.0.1", free_port(), free_port(), &dir.join("etcd"), None).unwrap()
+    Etcd::start(None, &own_address(), CLIENT_PORT, PEER_PORT, &dir.join("etcd"), None).unwrap()
 }
 
 fn opts(e: &Etcd) -> EtcdOptions {
@@ -79,6 +106,7 @@ async fn the_watch_sees_every_change_across_an_etcd_restart_and_a_compaction() {
     let dir = tempfile::tempdir().unwrap();
     let mut etcd = start(dir.path());
     let port = etcd.port;
+    assert_ne!(port, OTHER_PORT);
     let reg = Arc::new(connect(&etcd).await);
     let cfg = scenarios::wide_config();
     let me =
@@ -92,7 +120,7 @@ async fn the_watch_sees_every_change_across_an_etcd_restart_and_a_compaction() {
     assert_eq!(describe(&collect(&mut rx, 1).await.0), ["+10.5.101.0-24"]);
 
     // etcd goes away; while the daemon cannot reach it (other port), the cluster changes.
-    etcd.restart_on(free_port()).unwrap();
+    etcd.restart_on(OTHER_PORT).unwrap();
     let (k2, v2) = peer(102);
     etcd.etcdctl(&["put", &k2, &v2]).unwrap();
     etcd.etcdctl(&["del", &k]).unwrap();
@@ -106,7 +134,7 @@ async fn the_watch_sees_every_change_across_an_etcd_restart_and_a_compaction() {
     assert_eq!(metrics.store_relists.get(), 0);
 
     // Again, but this time the history is compacted: the watch must re-list and diff.
-    etcd.restart_on(free_port()).unwrap();
+    etcd.restart_on(OTHER_PORT).unwrap();
     let (k3, v3) = peer(103);
     etcd.etcdctl(&["put", &k3, &v3]).unwrap();
     etcd.etcdctl(&["del", &k2]).unwrap();
@@ -134,8 +162,8 @@ fn openssl(dir: &Path, args: &[&str]) {
     assert!(st.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&st.stderr));
 }
 
-/// A CA and a certificate (for 127.0.0.1) it signed, usable as etcd's server and as our client.
-fn make_certs(dir: &Path) -> TlsFiles {
+/// A CA and a certificate (for `ip`) it signed, usable as etcd's server and as our client.
+fn make_certs(dir: &Path, ip: &str) -> TlsFiles {
     openssl(
         dir,
         &[
@@ -156,7 +184,7 @@ fn make_certs(dir: &Path) -> TlsFiles {
             "/CN=weft-test-ca",
         ],
     );
-    std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n")
+    std::fs::write(dir.join("ext.cnf"), format!("subjectAltName=IP:{ip}\nextendedKeyUsage=serverAuth,clientAuth\n"))
         .unwrap();
     openssl(
         dir,
@@ -202,12 +230,12 @@ fn make_certs(dir: &Path) -> TlsFiles {
 async fn tls_with_client_certificates() {
     common::require_root();
     let dir = tempfile::tempdir().unwrap();
-    let tls = make_certs(dir.path());
-    let etcd =
-        Etcd::start(None, "127.0.0.1", free_port(), free_port(), &dir.path().join("etcd"), Some(tls.clone())).unwrap();
+    let ip = own_address();
+    let tls = make_certs(dir.path(), &ip);
+    let etcd = Etcd::start(None, &ip, CLIENT_PORT, PEER_PORT, &dir.path().join("etcd"), Some(tls.clone())).unwrap();
     let secure = EtcdOptions {
         // Written as http:// the way flannel users often do; TLS upgrades it.
-        endpoints: vec![format!("http://127.0.0.1:{}", etcd.port)],
+        endpoints: vec![format!("http://{ip}:{}", etcd.port)],
         prefix: PREFIX.into(),
         cafile: tls.ca.display().to_string(),
         certfile: tls.cert.display().to_string(),
@@ -223,7 +251,7 @@ async fn tls_with_client_certificates() {
 
     // Without a client certificate the server refuses us, and the error says where to look.
     let plain = EtcdOptions {
-        endpoints: vec![format!("https://127.0.0.1:{}", etcd.port)],
+        endpoints: vec![format!("https://{ip}:{}", etcd.port)],
         cafile: tls.ca.display().to_string(),
         prefix: PREFIX.into(),
         ..Default::default()
@@ -354,11 +382,7 @@ async fn requests_go_to_a_member_that_answers() {
     // The first endpoint refuses connections, the second hangs (accepts, never answers).
     let hang = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let opts = EtcdOptions {
-        endpoints: vec![
-            format!("http://127.0.0.1:{}", free_port()),
-            format!("http://{}", hang.local_addr().unwrap()),
-            etcd.url(),
-        ],
+        endpoints: vec![refusing_endpoint(&etcd), format!("http://{}", hang.local_addr().unwrap()), etcd.url()],
         prefix: PREFIX.into(),
         ..Default::default()
     };
@@ -374,7 +398,8 @@ async fn requests_go_to_a_member_that_answers() {
     assert!(text.contains("weft_store_retries_total{op=\"config\"}"), "{text}");
     assert!(text.contains(&format!("weft_store_endpoint_up{{endpoint=\"{}\"}} 1", etcd.url())), "{text}");
     // With no member answering the error names the endpoints tried.
-    let dead = EtcdOptions { endpoints: vec![format!("http://127.0.0.1:{}", free_port())], ..opts };
+    let dead_endpoint = refusing_endpoint(&etcd);
+    let dead = EtcdOptions { endpoints: vec![dead_endpoint.clone()], ..opts };
     let err = EtcdRegistry::connect(&dead).await.unwrap().list().await.unwrap_err().to_string();
-    assert!(err.contains("no member answered (tried http://127.0.0.1:"), "{err}");
+    assert!(err.contains(&format!("no member answered (tried {dead_endpoint}")), "{err}");
 }

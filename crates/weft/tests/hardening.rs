@@ -155,10 +155,16 @@ fn a_hostile_lease_never_touches_routes_weft_does_not_own() {
     let conflict_row = table.lines().find(|l| l.starts_with(&format!("10.5.{conflict}.0/24"))).unwrap();
     assert!(conflict_row.contains("rejected (conflict)") && conflict_row.contains(&c.lan.host_ip(2)), "{table}");
 
-    // Deleting the keys changes nothing either.
+    // Deleting the keys changes nothing either, as a pass after the deletion shows (a sleep
+    // alone could end before any pass).
+    let passes: Vec<i64> = (0..3).map(|i| c.metric(i, "weft_reconciles_total ").unwrap()).collect();
     del(&c, "192.0.2.0-24");
     del(&c, &format!("10.5.{conflict}.0-24"));
-    std::thread::sleep(Duration::from_secs(2));
+    for (i, before) in passes.iter().enumerate() {
+        wait_for(Duration::from_secs(12), "a reconcile pass after the deletions", || {
+            (c.metric(i, "weft_reconciles_total ").unwrap() > *before).then_some(())
+        });
+    }
     for i in 0..3 {
         assert_lan_route_untouched(&c, i);
     }
@@ -168,8 +174,14 @@ fn a_hostile_lease_never_touches_routes_weft_does_not_own() {
 
     // A route someone else put where a peer's route belongs is left alone; once it is gone,
     // ours takes its place.
+    let passes = c.metric(0, "weft_reconciles_total ").unwrap();
     h1.ip(&["route", "replace", &hosts[2].subnet, "via", &gw, "dev", "eth0", "proto", "static"]).unwrap();
-    std::thread::sleep(Duration::from_secs(2));
+    // "Left alone" means something only once a pass has seen the foreign route (the netlink
+    // event wakes one; the resync runs every 10 s); a sleep alone could end before any pass.
+    wait_for(Duration::from_secs(12), "a reconcile pass after the foreign route appeared", || {
+        (c.metric(0, "weft_reconciles_total ").unwrap() > passes).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(500));
     let r = route_to(&c, 0, &hosts[2].subnet).unwrap();
     assert_eq!((r["gateway"].as_str(), r["protocol"].as_str()), (Some(gw.as_str()), Some("static")), "{r}");
     h1.ip(&["route", "del", &hosts[2].subnet, "proto", "static"]).unwrap();
@@ -198,11 +210,21 @@ fn a_hostile_lease_never_touches_routes_weft_does_not_own() {
     assert_full_mesh(&c, &hosts, Duration::from_secs(2));
 }
 
+/// Checks that an `ip` error says the device does not exist: any other failure (a namespace
+/// gone, a bad argument) is the test's failure, not an absent device.
+fn assert_no_such_device(e: &std::io::Error, dev: &str) {
+    let text = e.to_string();
+    assert!(text.contains(&format!("\"{dev}\" does not exist")), "`ip` failed, not for a missing {dev}: {text}");
+}
+
 /// The device as `ip -j -d link` shows it (null while it does not exist).
 fn link(c: &Cluster, i: usize, dev: &str) -> Value {
     match c.hosts[i].exec("ip", &["-j", "-d", "link", "show", dev]) {
         Ok(out) => serde_json::from_str::<Value>(&out).unwrap()[0].clone(),
-        Err(_) => Value::Null,
+        Err(e) => {
+            assert_no_such_device(&e, dev);
+            Value::Null
+        }
     }
 }
 
@@ -211,7 +233,13 @@ fn is_up(l: &Value) -> bool {
 }
 
 fn inet(c: &Cluster, i: usize, dev: &str) -> Vec<String> {
-    let Ok(out) = c.hosts[i].exec("ip", &["-j", "addr", "show", dev]) else { return Vec::new() };
+    let out = match c.hosts[i].exec("ip", &["-j", "addr", "show", dev]) {
+        Ok(out) => out,
+        Err(e) => {
+            assert_no_such_device(&e, dev);
+            return Vec::new();
+        }
+    };
     let addrs: Value = serde_json::from_str(&out).unwrap();
     addrs[0]["addr_info"]
         .as_array()
@@ -337,7 +365,17 @@ fn replug_external(c: &Cluster) {
     h1.ip(&["link", "del", "eth0"]).unwrap();
     std::thread::sleep(Duration::from_millis(500));
     weft::lab::netns::plug(&c.lan.ns, h1, "h1", &c.lan.host_ip(1), Some(&c.lan.gateway())).unwrap();
-    assert_ne!(index(c), Some(old), "a new interface");
+    // The new interface has a new MAC. A replaced NIC announces itself; here its first ARP
+    // exchange with each peer does (a gratuitous ARP sent as the link comes up races the
+    // bridge port coming up). Otherwise the peers keep sending to the old MAC while their
+    // neighbour entry stays REACHABLE (15 to 45 s), whatever weft does.
+    for n in 2..=c.hosts.len() as u8 {
+        wait_for(Duration::from_secs(5), "the new eth0 to reach a peer on the LAN", || {
+            h1.exec("ping", &["-c", "1", "-W", "1", &c.lan.host_ip(n)]).ok().map(|_| ())
+        });
+    }
+    let new = index(c).expect("the re-plugged eth0 exists");
+    assert_ne!(new, old, "a new interface");
 }
 
 #[test]

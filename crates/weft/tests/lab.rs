@@ -43,10 +43,30 @@ fn check_passes(name: &str) {
     assert_eq!(v["ok"], true, "{out}");
 }
 
+/// The destinations of the main table of namespace `ns`. A failed `ip` (a namespace gone, a
+/// parse error) fails the test: it is not a table without the route.
 fn routes(ns: &str) -> Vec<String> {
-    let out = Command::new("ip").args(["-n", ns, "-j", "route"]).output().unwrap();
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    v.as_array().map(|a| a.iter().filter_map(|r| r["dst"].as_str().map(String::from)).collect()).unwrap_or_default()
+    let out = weft::lab::netns::ip(&["-n", ns, "-j", "route"]).unwrap_or_else(|e| panic!("routes of {ns}: {e}"));
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("`ip -j route` in {ns} printed {out:?}: {e}"));
+    v.as_array()
+        .unwrap_or_else(|| panic!("`ip -j route` in {ns} printed no list: {v}"))
+        .iter()
+        .filter_map(|r| r["dst"].as_str().map(String::from))
+        .collect()
+}
+
+/// The state letter of process `pid` (`R`, `S`, `Z`, ...), or `None` once it is gone.
+fn process_state(pid: u64) -> Option<String> {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => Some(
+            stat.rsplit_once(')')
+                .and_then(|(_, r)| r.split_whitespace().next())
+                .unwrap_or_else(|| panic!("unreadable /proc/{pid}/stat: {stat:?}"))
+                .to_string(),
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => panic!("cannot read /proc/{pid}/stat: {e}"),
+    }
 }
 
 fn lifecycle(backend: &str, tag: &str) {
@@ -107,14 +127,17 @@ fn lifecycle(backend: &str, tag: &str) {
     // Down leaves no namespace, process or file.
     let pids: Vec<u64> =
         status(&name)["hosts"].as_array().unwrap().iter().map(|h| h["pid"].as_u64().unwrap()).collect();
+    assert!(common::namespaces().iter().any(|n| n.starts_with(&format!("{name}-"))), "the lab's namespaces exist");
+    for pid in &pids {
+        assert!(process_state(*pid).is_some_and(|s| s != "Z"), "daemon {pid} runs before down");
+    }
     ok(&["down", "--name", &name]);
-    let namespaces = Command::new("ip").args(["netns", "list"]).output().unwrap();
-    assert!(!String::from_utf8_lossy(&namespaces.stdout).contains(&format!("{name}-")));
+    let left: Vec<String> = common::namespaces().into_iter().filter(|n| n.starts_with(&format!("{name}-"))).collect();
+    assert!(left.is_empty(), "namespaces left after down: {left:?}");
     for pid in pids {
         // An exited process may linger as a zombie until init reaps it: that is not running.
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let state = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().next()).unwrap_or("gone");
-        assert!(state == "gone" || state == "Z", "daemon {pid} still runs (state {state})");
+        let state = process_state(pid);
+        assert!(state.as_deref().is_none_or(|s| s == "Z"), "daemon {pid} still runs (state {state:?})");
     }
     assert!(!weft::lab::state::dir(&name).exists());
     assert_eq!(lab(&["status", "--name", &name]).status.code(), Some(1));
@@ -142,9 +165,10 @@ fn lab_down_cleans_up_after_an_interrupted_up() {
     // What a crashed `up` leaves: namespaces and a state directory, no state file.
     let ns = weft::lab::netns::Netns::add(&format!("{name}-lan")).unwrap().persist();
     std::fs::create_dir_all(weft::lab::state::dir(&name)).unwrap();
+    assert!(common::namespaces().contains(&ns), "the leftover namespace exists before down");
     let out = ok(&["down", "--name", &name]);
     assert!(out.contains("removed 1 namespaces"), "{out}");
-    assert!(Command::new("ip").args(["netns", "pids", &ns]).output().unwrap().status.code() != Some(0));
+    assert!(!common::namespaces().contains(&ns), "the leftover namespace is gone after down");
     assert!(!weft::lab::state::dir(&name).exists());
     let bad = lab(&["up", "--name", "Bad-Name"]);
     assert_eq!(bad.status.code(), Some(2));
@@ -161,7 +185,7 @@ fn bench_measures_a_backend_in_a_lab_of_its_own() {
     assert_eq!(row["backend"], "host-gw");
     assert!(row["gbit_per_s"].as_f64().unwrap() > 0.0, "{out}");
     assert!(row["ping_avg_ms"].as_f64().unwrap() > 0.0, "{out}");
-    let namespaces = Command::new("ip").args(["netns", "list"]).output().unwrap();
-    assert!(!String::from_utf8_lossy(&namespaces.stdout).contains(&name), "the temporary lab is gone");
+    let left: Vec<String> = common::namespaces().into_iter().filter(|n| n.contains(&name)).collect();
+    assert!(left.is_empty(), "the temporary lab is gone: {left:?}");
     assert_eq!(lab(&["bench", "--name", &name, "--backend", "wireguard"]).status.code(), Some(2));
 }

@@ -6,7 +6,7 @@ mod common;
 use std::net::Ipv4Addr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use common::scenarios;
 use weft::registry::local::LocalRegistry;
@@ -50,22 +50,41 @@ async fn leases_expire_and_a_compacted_history_asks_for_a_relist() {
     let dir = tempfile::tempdir().unwrap();
     let reg = open(dir.path());
     let key: SubnetKey = "10.5.3.0-24".parse().unwrap();
-    assert!(reg.create(&key, &LeaseAttrs::new(Ipv4Addr::new(192, 0, 2, 3)), Duration::from_millis(300)).await.unwrap());
+    // A TTL of seconds: the checks made while the lease must still be there have seconds of
+    // margin on a busy machine, and the expiry is checked by order (not before the listed
+    // time), not by how soon it came.
+    let ttl = Duration::from_secs(3);
+    let created = Instant::now();
+    let before = SystemTime::now();
+    assert!(reg.create(&key, &LeaseAttrs::new(Ipv4Addr::new(192, 0, 2, 3)), ttl).await.unwrap());
+    let after = SystemTime::now();
     assert!(
         !reg.create(&key, &LeaseAttrs::new(Ipv4Addr::new(192, 0, 2, 4)), LEASE_TTL).await.unwrap(),
         "create-if-absent"
     );
     let first = reg.list().await.unwrap();
-    assert!(matches!(first.leases[0].expiry, Expiry::At(_)));
+    assert!(created.elapsed() < ttl, "the checks above ran within the TTL: {:?}", created.elapsed());
+    let expires = match first.leases[..] {
+        [ref l] if l.key == key => match l.expiry {
+            Expiry::At(t) => t,
+            ref other => panic!("{other:?}"),
+        },
+        ref other => panic!("{other:?}"),
+    };
+    // Millisecond precision in the store.
+    let ms = Duration::from_millis(1);
+    assert!(expires + ms >= before + ttl && expires <= after + ttl + ms, "{expires:?} is not {ttl:?} after the create");
     let mut rx = reg.watch(first.revision + 1).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(400)).await;
     // The expiry shows up as a deletion in the watch, as etcd reports an expired lease.
-    match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap() {
-        WatchItem::Changes { changes, .. } => {
-            assert!(matches!(changes.as_slice(), [weft::registry::Change::Delete(k)] if *k == key))
+    let changes = loop {
+        match tokio::time::timeout(ttl + Duration::from_secs(15), rx.recv()).await.unwrap().unwrap() {
+            WatchItem::Changes { changes, .. } => break changes,
+            WatchItem::Progress => {}
+            other => panic!("{other:?}"),
         }
-        other => panic!("{other:?}"),
-    }
+    };
+    assert!(SystemTime::now() >= expires, "deleted before its expiry time");
+    assert!(matches!(changes.as_slice(), [weft::registry::Change::Delete(k)] if *k == key), "{changes:?}");
     assert!(reg.list().await.unwrap().leases.is_empty());
     let now = reg.list().await.unwrap().revision;
     reg.compact(now).await.unwrap();
@@ -240,8 +259,11 @@ fn of_two_conflicting_local_leases_the_older_wins_live_and_after_a_restart() {
     assert_eq!(rejections(&log, from, "10.5.60.0-24"), 0, "the older lease wins:\n{}", &log[from..]);
     let table =
         std::process::Command::new(weft_bin()).args(["leases", "--store=local", &store, &conf]).output().unwrap();
+    assert!(table.status.success(), "weft leases: {}", String::from_utf8_lossy(&table.stderr));
     let table = String::from_utf8_lossy(&table.stdout).to_string();
-    let row = |k: &str| table.lines().find(|l| l.starts_with(k)).unwrap_or_default().to_string();
+    // A missing row fails: an empty one would contain no "rejected".
+    let row =
+        |k: &str| table.lines().find(|l| l.starts_with(k)).unwrap_or_else(|| panic!("no {k} in {table}")).to_string();
     assert!(row("10.5.50.0/24").contains("rejected (conflict)"), "{table}");
     assert!(!row("10.5.60.0/24").contains("rejected"), "{table}");
 }

@@ -77,7 +77,11 @@ impl Etcd {
 
     fn spawn(&mut self) -> io::Result<()> {
         let url = self.url();
-        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        // In a namespace of its own, loopback is private to this server; in the machine's
+        // namespace it is shared, so peer traffic stays on the server's own address (a
+        // caller that gives each server its own loopback address gets ports nobody else uses).
+        let peer_ip = if self.ns.is_some() { "127.0.0.1" } else { self.ip.as_str() };
+        let peer = format!("http://{peer_ip}:{}", self.peer_port);
         let mut c = self.command("etcd");
         c.args(["--name", "lab", "--data-dir"])
             .arg(&self.data_dir)
@@ -121,6 +125,11 @@ impl Etcd {
                 return Err(io::Error::other(format!("etcd exited at startup: {status}")));
             }
             if self.etcdctl(&["endpoint", "health", "--command-timeout=1s"]).is_ok() {
+                // Healthy, and it is ours: a server that failed to bind exits, and the answer
+                // would have come from whoever holds the address.
+                if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                    return Err(io::Error::other(format!("etcd exited at startup: {status}")));
+                }
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -153,11 +162,6 @@ impl Drop for Etcd {
     fn drop(&mut self) {
         self.kill();
     }
-}
-
-/// A TCP port that was free a moment ago on 127.0.0.1.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(23790)
 }
 
 /// The client-side TLS files of a cluster whose members each have their own certificate.

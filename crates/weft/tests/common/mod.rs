@@ -38,3 +38,31 @@ pub fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>
 pub fn weft_bin() -> &'static str {
     env!("CARGO_BIN_EXE_weft")
 }
+
+/// The names of the links in `ns`, from `ip -j link show` (which must succeed: a failed `ip`
+/// is not an absent device).
+pub fn links(ns: &weft::lab::netns::Netns) -> Vec<String> {
+    let out = ns.ip(&["-j", "link", "show"]).unwrap_or_else(|e| panic!("cannot list the links of {}: {e}", ns.name));
+    let v: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("`ip -j link` printed {out:?}: {e}"));
+    v.as_array()
+        .unwrap_or_else(|| panic!("`ip -j link` printed no list: {v}"))
+        .iter()
+        .map(|l| l["ifname"].as_str().unwrap_or_else(|| panic!("a link without a name: {l}")).to_string())
+        .collect()
+}
+
+/// The named network namespaces, from `ip netns list` (which must succeed).
+pub fn namespaces() -> Vec<String> {
+    let out = weft::lab::netns::ip(&["netns", "list"]).unwrap_or_else(|e| panic!("cannot list namespaces: {e}"));
+    out.lines().filter_map(|l| l.split_whitespace().next()).map(String::from).collect()
+}
+
+/// Removes `path` if it exists; any other failure is the test's failure, not "gone".
+pub fn remove_if_present(path: &std::path::Path) {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => panic!("cannot remove {}: {e}", path.display()),
+    }
+}
