@@ -1,11 +1,13 @@
 //! The daemon's scheduling as a pure state machine: events in, actions and the next deadline
 //! out.
 //!
-//! The daemon loop owns the effects (a reconcile pass, the blackhole routes, a lease renewal,
-//! readiness, exit); this module decides when each one is due. The loop sleeps until
-//! [`Scheduler::next_deadline`] or until something happens, tells the scheduler with
-//! [`Scheduler::on`], carries out the returned [`Action`]s in order and reports each outcome
-//! back as an event. Time is passed in; nothing here reads a clock.
+//! The daemon loop owns the effects (a reconcile pass, a lease renewal, readiness, exit); this
+//! module decides when each one is due. The loop sleeps until [`Scheduler::next_deadline`] or
+//! until something happens, tells the scheduler with [`Scheduler::on`], carries out the
+//! returned [`Action`]s in order and reports each outcome back as an event. Time is passed in;
+//! nothing here reads a clock. Everything the data plane keeps in the kernel (routes, devices,
+//! neighbours, the blackhole routes of `--ip-blackhole-route`) is its desired state, put back
+//! by a reconcile pass, so a pass is the only kernel effect scheduled here.
 //!
 //! The rules it keeps:
 //! - no reconcile pass before the first full list of peers ([`Event::Synced`]): an empty view
@@ -17,7 +19,6 @@
 //!   by the failed pass itself) do not bring that retry forward;
 //! - the kernel is compared with the plan at least every `resync` after the last pass; before
 //!   the first list the loop still wakes every `resync`, so a health check sees it alive;
-//! - the blackhole routes are ensured every `blackhole_resync`, when there are any;
 //! - the lease is renewed `renew_margin` before it expires (at once if that is already past);
 //!   a failed renewal is retried after a tenth of the time left, within
 //!   [`RENEW_RETRY_MIN`]..[`RENEW_RETRY_MAX`]; a reservation is never renewed;
@@ -57,8 +58,6 @@ pub fn renew_retry_after(left: Duration) -> Duration {
 pub struct Config {
     /// The periodic reconcile pass, counted from the end of the last pass.
     pub resync: Duration,
-    /// The periodic ensuring of the blackhole routes; `None`: there are none.
-    pub blackhole_resync: Option<Duration>,
     /// How long before its expiry the lease is renewed.
     pub renew_margin: Duration,
     /// How long kernel notifications are coalesced before a pass.
@@ -72,11 +71,10 @@ pub struct Config {
 impl Config {
     /// The daemon's settings: the configured renewal margin (at most half the lease's
     /// `lease_ttl`: a larger one, possible with a short test lease, would renew without
-    /// pause), the blackhole period, and the module's constants for the rest.
-    pub fn new(renew_margin: Duration, lease_ttl: Duration, blackhole_resync: Option<Duration>) -> Self {
+    /// pause), and the module's constants for the rest.
+    pub fn new(renew_margin: Duration, lease_ttl: Duration) -> Self {
         Config {
             resync: RESYNC,
-            blackhole_resync,
             renew_margin: renew_margin.min(lease_ttl / 2),
             debounce: DEBOUNCE,
             error_retry: ERROR_RETRY,
@@ -141,9 +139,6 @@ pub enum Event {
         /// Some kernel change failed.
         errors: bool,
     },
-    /// Ensuring the blackhole routes ended (its errors are the caller's to log; the next
-    /// is periodic).
-    BlackholesDone,
     /// A renewal ended.
     RenewDone(Renewal),
     /// Our lease was deleted or expired in the store.
@@ -180,8 +175,6 @@ pub enum Action {
     SetReady(bool),
     /// Run one reconcile pass, then report [`Event::ReconcileDone`].
     Reconcile,
-    /// Ensure the blackhole routes, then report [`Event::BlackholesDone`].
-    EnsureBlackholes,
     /// Start renewing our lease, and report [`Event::RenewDone`] when it ends.
     Renew,
     /// Stop the daemon; nothing follows.
@@ -193,8 +186,6 @@ pub enum Action {
 pub enum Busy {
     /// A reconcile pass.
     Reconcile,
-    /// Ensuring the blackhole routes.
-    Blackholes,
     /// A lease renewal.
     Renew,
 }
@@ -264,8 +255,6 @@ pub struct Scheduler {
     wake_pending: bool,
     /// When the periodic pass comes (before the first list: a wake-up with nothing to do).
     resync_at: Option<Instant>,
-    blackholes_at: Option<Instant>,
-    blackholing: Option<Instant>,
     renew_at: Option<Instant>,
     renewing: Option<Instant>,
     /// When the lease expires (`None`: never).
@@ -277,12 +266,7 @@ impl Scheduler {
     /// A scheduler that waits for [`Event::Started`]. Periods shorter than [`MIN_PERIOD`]
     /// are raised to it.
     pub fn new(cfg: Config) -> Self {
-        let cfg = Config {
-            resync: cfg.resync.max(MIN_PERIOD),
-            blackhole_resync: cfg.blackhole_resync.map(|d| d.max(MIN_PERIOD)),
-            error_retry: cfg.error_retry.max(MIN_PERIOD),
-            ..cfg
-        };
+        let cfg = Config { resync: cfg.resync.max(MIN_PERIOD), error_retry: cfg.error_retry.max(MIN_PERIOD), ..cfg };
         Scheduler {
             cfg,
             now: None,
@@ -294,8 +278,6 @@ impl Scheduler {
             passing: None,
             wake_pending: false,
             resync_at: None,
-            blackholes_at: None,
-            blackholing: None,
             renew_at: None,
             renewing: None,
             expires: None,
@@ -330,7 +312,6 @@ impl Scheduler {
                 }
                 self.set_ready(true, &mut out);
                 self.resync_at = now.checked_add(self.cfg.resync);
-                self.blackholes_at = self.cfg.blackhole_resync.and_then(|p| now.checked_add(p));
             }
             Event::Synced => {
                 self.synced = true;
@@ -366,11 +347,6 @@ impl Scheduler {
                     } else if wake && self.pass_due.is_none() {
                         self.pass_due = now.checked_add(self.cfg.debounce);
                     }
-                }
-            }
-            Event::BlackholesDone => {
-                if self.blackholing.take().is_some() {
-                    self.blackholes_at = self.cfg.blackhole_resync.and_then(|p| now.checked_add(p));
                 }
             }
             Event::RenewDone(outcome) => {
@@ -413,7 +389,6 @@ impl Scheduler {
         [
             self.pass_due.filter(|_| idle_pass),
             self.resync_at.filter(|_| self.passing.is_none()),
-            self.blackholes_at.filter(|_| self.blackholing.is_none()),
             self.renew_at.filter(|_| self.renewing.is_none()),
             self.expires,
         ]
@@ -439,14 +414,10 @@ impl Scheduler {
 
     /// The loop's progress, for a health check.
     pub fn progress(&self) -> Progress {
-        let busy = [
-            self.passing.map(|t| (Busy::Reconcile, t)),
-            self.blackholing.map(|t| (Busy::Blackholes, t)),
-            self.renewing.map(|t| (Busy::Renew, t)),
-        ]
-        .into_iter()
-        .flatten()
-        .min_by_key(|&(_, t)| t);
+        let busy = [self.passing.map(|t| (Busy::Reconcile, t)), self.renewing.map(|t| (Busy::Renew, t))]
+            .into_iter()
+            .flatten()
+            .min_by_key(|&(_, t)| t);
         Progress { last_event: self.now, last_store: self.last_store, busy, next_deadline: self.next_deadline() }
     }
 
@@ -500,11 +471,6 @@ impl Scheduler {
             self.renewing = Some(now);
             out.push(Action::Renew);
         }
-        if self.blackholing.is_none() && due(self.blackholes_at) {
-            self.blackholes_at = None;
-            self.blackholing = Some(now);
-            out.push(Action::EnsureBlackholes);
-        }
         if !self.synced {
             if due(self.resync_at) {
                 // Nothing to compare yet; only wake again, so the loop is seen alive.
@@ -541,7 +507,7 @@ mod tests {
     const DAY: Duration = Duration::from_secs(86400);
 
     fn config() -> Config {
-        Config::new(HOUR, DAY, Some(5 * SEC))
+        Config::new(HOUR, DAY)
     }
 
     /// A started and synced scheduler whose first pass has completed cleanly at `t0`.
@@ -565,7 +531,6 @@ mod tests {
                     seen.push((now - from, a));
                     match a {
                         Action::Reconcile => queue.push(Event::ReconcileDone { errors: false }),
-                        Action::EnsureBlackholes => queue.push(Event::BlackholesDone),
                         Action::Renew => queue.push(Event::RenewDone(Renewal::Renewed(LeaseTerm::Expires(now + DAY)))),
                         Action::SetReady(_) | Action::Exit(_) => {}
                     }
@@ -579,7 +544,7 @@ mod tests {
     #[test]
     fn renewal_comes_margin_before_expiry() {
         let t0 = Instant::now();
-        let mut s = Scheduler::new(Config::new(HOUR, DAY, None));
+        let mut s = Scheduler::new(config());
         s.on(t0, Event::Started { lease: LeaseTerm::Expires(t0 + DAY) });
         assert_eq!(s.on(t0 + DAY - HOUR - SEC, Event::Tick), []);
         assert_eq!(s.on(t0 + DAY - HOUR, Event::Tick), [Action::Renew]);
@@ -614,14 +579,16 @@ mod tests {
         s.on(t0, Event::Started { lease: LeaseTerm::Never });
         s.on(t0, Event::Synced);
         s.on(t0, Event::ReconcileDone { errors: false });
-        assert_eq!(s.next_deadline(), Some(t0 + 5 * SEC));
+        // Neither a lease that never expires nor a resync beyond the clock is a deadline.
+        assert_eq!(s.next_deadline(), None);
+        assert_eq!(s.on(t0 + DAY, Event::Tick), []);
     }
 
     #[test]
     fn the_margin_is_at_most_half_the_lease() {
         let t0 = Instant::now();
         // A 10 s test lease and the default hour of margin: renew after 5 s, not without pause.
-        let cfg = Config::new(HOUR, 10 * SEC, None);
+        let cfg = Config::new(HOUR, 10 * SEC);
         assert_eq!(cfg.renew_margin, 5 * SEC);
         let mut s = Scheduler::new(cfg);
         assert_eq!(s.on(t0, Event::Started { lease: LeaseTerm::Expires(t0 + 10 * SEC) }), [Action::SetReady(true)]);
@@ -629,7 +596,7 @@ mod tests {
         assert_eq!(s.on(t0 + 5 * SEC - MS, Event::Tick), []);
         assert_eq!(s.on(t0 + 5 * SEC, Event::Tick), [Action::Renew]);
         // A margin below half the lease stays as configured.
-        assert_eq!(Config::new(HOUR, DAY, None).renew_margin, HOUR);
+        assert_eq!(Config::new(HOUR, DAY).renew_margin, HOUR);
     }
 
     #[test]
@@ -641,7 +608,7 @@ mod tests {
         // Ten seconds of a short lease left: retried after one second, not after a minute
         // (which would come after the expiry).
         let t0 = Instant::now();
-        let mut s = Scheduler::new(Config::new(HOUR, 20 * SEC, None));
+        let mut s = Scheduler::new(Config::new(HOUR, 20 * SEC));
         assert_eq!(s.on(t0, Event::Started { lease: LeaseTerm::Expires(t0 + 20 * SEC) }), [Action::SetReady(true)]);
         assert_eq!(s.on(t0 + 10 * SEC, Event::Tick), [Action::Renew]);
         assert_eq!(s.on(t0 + 10 * SEC, Event::RenewDone(Renewal::Failed)), []);
@@ -656,7 +623,7 @@ mod tests {
     #[test]
     fn a_failed_renewal_is_retried_in_a_minute_and_a_lost_one_exits() {
         let t0 = Instant::now();
-        let mut s = Scheduler::new(Config::new(HOUR, DAY, None));
+        let mut s = Scheduler::new(config());
         s.on(t0, Event::Started { lease: LeaseTerm::Expires(t0 + HOUR + SEC) });
         let t1 = t0 + SEC;
         assert_eq!(s.on(t1, Event::Tick), [Action::Renew]);
@@ -676,7 +643,7 @@ mod tests {
     fn a_lease_that_expires_unrenewed_ends_the_daemon() {
         let t0 = Instant::now();
         let expiry = t0 + HOUR + 90 * SEC;
-        let mut s = Scheduler::new(Config::new(HOUR, DAY, None));
+        let mut s = Scheduler::new(config());
         s.on(t0, Event::Started { lease: LeaseTerm::Expires(expiry) });
         let mut renewals = Vec::new();
         let now = loop {
@@ -710,14 +677,14 @@ mod tests {
     fn a_renewal_that_ends_after_the_expiry_does_not_revive_the_lease() {
         let t0 = Instant::now();
         let expiry = t0 + 2 * HOUR;
-        let mut s = Scheduler::new(Config::new(HOUR, DAY, None));
+        let mut s = Scheduler::new(config());
         s.on(t0, Event::Started { lease: LeaseTerm::Expires(expiry) });
         assert_eq!(s.on(t0 + HOUR, Event::Tick), [Action::Renew]);
         // The store answers only after the expiry (and before the loop woke for it).
         let out = s.on(expiry + MS, Event::RenewDone(Renewal::Renewed(LeaseTerm::Expires(t0 + HOUR + DAY))));
         assert_eq!(out, [Action::SetReady(false), Action::Exit(ExitReason::LeaseExpired)]);
         // A renewal still running at the expiry: the expiry is due all the same.
-        let mut s = Scheduler::new(Config::new(HOUR, DAY, None));
+        let mut s = Scheduler::new(config());
         s.on(t0, Event::Started { lease: LeaseTerm::Expires(expiry) });
         assert_eq!(s.on(t0 + HOUR, Event::Tick), [Action::Renew]);
         let mut now = t0 + HOUR;
@@ -746,7 +713,7 @@ mod tests {
     #[test]
     fn no_pass_before_the_first_full_list() {
         let t0 = Instant::now();
-        let mut s = Scheduler::new(Config::new(HOUR, DAY, None));
+        let mut s = Scheduler::new(config());
         s.on(t0, Event::Started { lease: LeaseTerm::Never });
         for i in 0..100u32 {
             let now = t0 + i * SEC;
@@ -777,7 +744,7 @@ mod tests {
     #[test]
     fn a_burst_of_kernel_notifications_gives_one_pass_after_the_debounce() {
         let t0 = Instant::now();
-        let mut s = running(Config::new(HOUR, DAY, None), t0);
+        let mut s = running(config(), t0);
         let t1 = t0 + SEC;
         for i in 0..200u32 {
             assert_eq!(s.on(t1 + i * Duration::from_micros(200), Event::KernelChanged), []);
@@ -809,13 +776,13 @@ mod tests {
         assert_eq!(s.on(t1 + 2 * MS, Event::PeersChanged), []);
         assert_eq!(s.on(t1 + 3 * MS, Event::ReconcileDone { errors: false }), [Action::Reconcile]);
         assert_eq!(s.on(t1 + 4 * MS, Event::ReconcileDone { errors: false }), []);
-        assert_eq!(s.next_deadline(), Some(t0 + 5 * SEC), "the blackhole routes, then the periodic pass");
+        assert_eq!(s.next_deadline(), Some(t1 + 4 * MS + RESYNC), "the periodic pass, counted from the last");
     }
 
     #[test]
     fn a_failed_pass_is_retried_after_a_second_and_notifications_do_not_hurry_it() {
         let t0 = Instant::now();
-        let mut s = running(Config::new(HOUR, DAY, None), t0);
+        let mut s = running(config(), t0);
         let t1 = t0 + SEC;
         assert_eq!(s.on(t1, Event::PeersChanged), [Action::Reconcile]);
         assert_eq!(s.on(t1 + MS, Event::KernelChanged), []);
@@ -837,8 +804,6 @@ mod tests {
         let seen = drive(&mut s, t0, t0 + 60 * SEC, 100 * MS);
         let passes: Vec<Duration> = seen.iter().filter(|(_, a)| *a == Action::Reconcile).map(|(t, _)| *t).collect();
         assert_eq!(passes, (1..=6).map(|i| i * RESYNC).collect::<Vec<_>>());
-        let fw: Vec<Duration> = seen.iter().filter(|(_, a)| *a == Action::EnsureBlackholes).map(|(t, _)| *t).collect();
-        assert_eq!(fw, (1..=12).map(|i| i * 5 * SEC).collect::<Vec<_>>());
         // A pass for another reason pushes the periodic one back: it just compared everything.
         let t1 = t0 + 61 * SEC;
         assert_eq!(s.on(t1, Event::PeersChanged), [Action::Reconcile]);
@@ -850,7 +815,7 @@ mod tests {
     #[test]
     fn a_slow_pass_does_not_queue_resyncs() {
         let t0 = Instant::now();
-        let mut s = running(Config::new(HOUR, DAY, None), t0);
+        let mut s = running(config(), t0);
         assert_eq!(s.on(t0 + RESYNC, Event::Tick), [Action::Reconcile]);
         // The pass takes a minute; the resyncs that come meanwhile ask for nothing more.
         for i in 1..=6 {
@@ -859,14 +824,6 @@ mod tests {
         let t1 = t0 + RESYNC + 60 * SEC;
         assert_eq!(s.on(t1, Event::ReconcileDone { errors: false }), []);
         assert_eq!(s.next_deadline(), Some(t1 + RESYNC));
-    }
-
-    #[test]
-    fn without_blackhole_routes_there_is_nothing_to_ensure() {
-        let t0 = Instant::now();
-        let mut s = running(Config::new(HOUR, DAY, None), t0);
-        let seen = drive(&mut s, t0, t0 + 600 * SEC, SEC);
-        assert!(!seen.iter().any(|(_, a)| *a == Action::EnsureBlackholes), "{seen:?}");
     }
 
     #[test]
@@ -913,7 +870,6 @@ mod tests {
         let t0 = Instant::now();
         let zero = Config {
             resync: Duration::ZERO,
-            blackhole_resync: Some(Duration::ZERO),
             renew_margin: Duration::ZERO,
             debounce: Duration::ZERO,
             error_retry: Duration::ZERO,
@@ -929,7 +885,7 @@ mod tests {
     #[test]
     fn a_stuck_loop_or_action_shows_as_stalled() {
         let t0 = Instant::now();
-        let mut s = running(Config::new(HOUR, DAY, None), t0);
+        let mut s = running(config(), t0);
         assert_eq!(s.stalled(t0 + RESYNC + STALL_AFTER), None, "a deadline just missed is not a stall");
         assert_eq!(s.stalled(t0 + RESYNC + STALL_AFTER + MS), Some(Stall::Overdue { since: t0 + RESYNC }));
         let t1 = t0 + SEC;
@@ -945,7 +901,7 @@ mod tests {
     #[test]
     fn an_earlier_now_is_taken_as_the_latest_one() {
         let t0 = Instant::now();
-        let mut s = running(Config::new(HOUR, DAY, None), t0 + SEC);
+        let mut s = running(config(), t0 + SEC);
         assert_eq!(s.on(t0, Event::KernelChanged), []);
         assert_eq!(s.next_deadline(), Some(t0 + SEC + DEBOUNCE));
     }
@@ -964,7 +920,6 @@ mod tests {
             2 => Just(Event::PeersChanged),
             1 => Just(Event::Synced),
             3 => any::<bool>().prop_map(|errors| Event::ReconcileDone { errors }),
-            2 => Just(Event::BlackholesDone),
             2 => arb_term().prop_map(|t| Event::RenewDone(Renewal::Renewed(t))),
             2 => Just(Event::RenewDone(Renewal::Failed)),
             1 => arb_term().prop_map(|lease| Event::Started { lease }),
@@ -993,27 +948,23 @@ mod tests {
 
     fn arb_config() -> impl Strategy<Value = Config> {
         let d = |max: u64| (0..max).prop_map(Duration::from_millis);
-        (d(20_000), proptest::option::of(d(10_000)), d(100_000), d(200), d(2_000)).prop_map(
-            |(resync, blackhole_resync, renew_margin, debounce, error_retry)| Config {
-                resync,
-                blackhole_resync,
-                renew_margin,
-                debounce,
-                error_retry,
-                stall_after: STALL_AFTER,
-            },
-        )
+        (d(20_000), d(100_000), d(200), d(2_000)).prop_map(|(resync, renew_margin, debounce, error_retry)| Config {
+            resync,
+            renew_margin,
+            debounce,
+            error_retry,
+            stall_after: STALL_AFTER,
+        })
     }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(1_500))]
 
         /// For any sequence of events: the next deadline is always after the last `now`
-        /// (the loop never spins on a past deadline), no pass before a full list, one pass,
-        /// one renewal and one blackhole ensure at a time, nothing after an exit, readiness
-        /// reported only on change, a lease that was only ever a reservation is never
-        /// renewed, and a lease past its expiry ends the daemon at once (and only then is
-        /// the expiry the reason).
+        /// (the loop never spins on a past deadline), no pass before a full list, one pass
+        /// and one renewal at a time, nothing after an exit, readiness reported only on
+        /// change, a lease that was only ever a reservation is never renewed, and a lease
+        /// past its expiry ends the daemon at once (and only then is the expiry the reason).
         #[test]
         fn any_event_sequence_keeps_the_invariants(
             cfg in arb_config(),
@@ -1022,7 +973,7 @@ mod tests {
             let mut s = Scheduler::new(cfg);
             let mut now = base();
             let (mut synced, mut passing, mut exited, mut ready) = (false, false, false, false);
-            let (mut renewing, mut blackholing) = (false, false);
+            let mut renewing = false;
             let mut only_reservations = true;
             // The lease's expiry as the scheduler last accepted it.
             let mut expiry: Option<Instant> = None;
@@ -1041,7 +992,6 @@ mod tests {
                 match ev {
                     Event::Synced => synced = true,
                     Event::ReconcileDone { .. } => passing = false,
-                    Event::BlackholesDone => blackholing = false,
                     Event::Started { lease: LeaseTerm::Expires(_) }
                     | Event::RenewDone(Renewal::Renewed(LeaseTerm::Expires(_))) => only_reservations = false,
                     _ => {}
@@ -1074,11 +1024,6 @@ mod tests {
                             prop_assert!(!only_reservations, "a reservation was renewed");
                             prop_assert!(!renewing, "a second renewal while one runs");
                             renewing = true;
-                        }
-                        Action::EnsureBlackholes => {
-                            prop_assert!(cfg.blackhole_resync.is_some());
-                            prop_assert!(!blackholing, "a second blackhole ensure while one runs");
-                            blackholing = true;
                         }
                     }
                 }
@@ -1148,7 +1093,6 @@ mod tests {
                             last_pass = Some(now);
                             pending.push_back(Event::ReconcileDone { errors: false });
                         }
-                        Action::EnsureBlackholes => pending.push_back(Event::BlackholesDone),
                         Action::Renew => {
                             pending.push_back(Event::RenewDone(Renewal::Renewed(LeaseTerm::Expires(now + ttl))));
                         }

@@ -14,7 +14,6 @@ use weft_core::lease::{LeaseAttrs, SubnetKey};
 use weft_core::schedule::{Action, Event, ExitReason, LeaseTerm, Renewal, Scheduler};
 
 use crate::backend::DataPlane;
-use crate::kernel::Kernel;
 use crate::metrics::Metrics;
 use crate::registry::watch::WatchEvent;
 use crate::registry::{Registry, RegistryError, same_holder};
@@ -30,7 +29,6 @@ pub(super) struct Running<R: Registry> {
     pub attrs: LeaseAttrs,
     pub ttl: Duration,
     pub dataplane: DataPlane,
-    pub kernel: Kernel,
     pub metrics: Arc<Metrics>,
     pub ready: watch::Sender<bool>,
     /// Peer keys in the store; weft_peers counts those not rejected.
@@ -53,7 +51,6 @@ impl<R: Registry> Running<R> {
                 match action {
                     Action::SetReady(ready) => self.set_ready(ready),
                     Action::Reconcile => events.push_back(self.reconcile().await),
-                    Action::EnsureBlackholes => events.push_back(self.ensure_blackholes().await),
                     Action::Renew => self.start_renewal(),
                     Action::Exit(reason) => {
                         self.log_exit(reason);
@@ -154,14 +151,6 @@ impl<R: Registry> Running<R> {
             tracing::warn!("kernel change failed (retrying on the next pass): {e}");
         }
         Event::ReconcileDone { errors: !report.errors.is_empty() }
-    }
-
-    /// Puts back the blackhole routes of our subnets (`--ip-blackhole-route`).
-    async fn ensure_blackholes(&self) -> Event {
-        if let Err(e) = self.kernel.ensure_blackholes(self.dataplane.own_subnets()).await {
-            tracing::warn!("{e}");
-        }
-        Event::BlackholesDone
     }
 
     fn start_renewal(&mut self) {

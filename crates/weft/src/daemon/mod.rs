@@ -224,7 +224,7 @@ async fn run_with<R: Registry>(
     )?;
     tracing::info!(iface = %ext.name, public_ip = ?ext.public_ip, public_ipv6 = ?ext.public_ipv6, mtu = ext.mtu, "using interface");
     let kernel = Kernel::new(handle.clone());
-    let prepared = DataPlane::prepare(&cfg, &ext, kernel.clone(), metrics.clone()).await?;
+    let prepared = DataPlane::prepare(&cfg, &ext, kernel, metrics.clone()).await?;
     let mut dataplane = prepared.dataplane;
 
     let previous = subnet_file::read_previous(&opts.subnet_file).and_then(|p| {
@@ -262,12 +262,7 @@ async fn run_with<R: Registry>(
     subnet_file::write_atomic(&opts.subnet_file, &env.render())
         .map_err(|source| DaemonError::SubnetFile { path: opts.subnet_file.display().to_string(), source })?;
 
-    let mut sched = Scheduler::new(schedule::Config::new(
-        Duration::from_secs(opts.renew_margin_minutes * 60),
-        ttl,
-        // Blackhole routes are desired state of the data plane, ensured by every pass.
-        None,
-    ));
+    let mut sched = Scheduler::new(schedule::Config::new(Duration::from_secs(opts.renew_margin_minutes * 60), ttl));
     // Kernel changes behind our back wake the reconciler; the scheduler's resync catches the rest.
     let wake = Arc::new(Notify::new());
     let _monitor = if dataplane.programs_kernel() || opts.ip_blackhole_route {
@@ -281,7 +276,6 @@ async fn run_with<R: Registry>(
         attrs: prepared.attrs.clone(),
         ttl,
         dataplane,
-        kernel,
         metrics: metrics.clone(),
         ready,
         known: Default::default(),
