@@ -262,11 +262,6 @@ impl DataPlane {
         Ok(())
     }
 
-    /// Our lease subnets.
-    pub fn own_subnets(&self) -> &[IpNet] {
-        &self.own
-    }
-
     /// Applies peer lease events to the peer table, through the validator: a lease that
     /// breaks a rule or loses a conflict never reaches the planner or the udp engine.
     pub fn update(&mut self, events: &[LeaseEvent]) {
