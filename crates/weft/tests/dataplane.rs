@@ -47,13 +47,7 @@ fn host_info(c: &Cluster, i: usize) -> Host {
     // strip_suffix, not trim_end_matches: 10.5.1.1 would lose both ".1"s (base 10.5.0).
     let base = pod_ip.strip_suffix(".1").unwrap_or_else(|| panic!("{pod_ip} is not .1")).to_string() + ".0";
     let ns = &c.hosts[i];
-    if ns.ip(&["link", "show", "cni0"]).is_err() {
-        ns.ip(&["link", "add", "cni0", "type", "bridge"]).unwrap();
-        ns.ip(&["link", "set", "cni0", "up"]).unwrap();
-    }
-    // A host that came back with a new lease gets its bridge re-addressed.
-    ns.ip(&["addr", "flush", "dev", "cni0"]).unwrap();
-    ns.ip(&["addr", "add", &sub, "dev", "cni0"]).unwrap();
+    common::cni_bridge(ns, &sub);
     Host { subnet: format!("{base}/24"), base, pod_ip, public_ip: c.lan.host_ip(i as u8 + 1) }
 }
 

@@ -34,12 +34,7 @@ fn host_info(c: &Cluster, i: usize) -> Host {
     let sub = env.lines().find_map(|l| l.strip_prefix("FLANNEL_SUBNET=")).unwrap().to_string();
     let pod_ip = sub.split('/').next().unwrap().to_string();
     let ns = &c.hosts[i];
-    if ns.ip(&["link", "show", "cni0"]).is_err() {
-        ns.ip(&["link", "add", "cni0", "type", "bridge"]).unwrap();
-        ns.ip(&["link", "set", "cni0", "up"]).unwrap();
-    }
-    ns.ip(&["addr", "flush", "dev", "cni0"]).unwrap();
-    ns.ip(&["addr", "add", &sub, "dev", "cni0"]).unwrap();
+    common::cni_bridge(ns, &sub);
     Host { subnet: sub.replace(".1/24", ".0/24"), pod_ip }
 }
 

@@ -66,3 +66,15 @@ pub fn remove_if_present(path: &std::path::Path) {
         Err(e) => panic!("cannot remove {}: {e}", path.display()),
     }
 }
+
+/// Gives host namespace `ns` the pods' bridge `cni0` (created once, up) carrying exactly
+/// `addr`, as the CNI bridge plugin would; a host that came back with a new lease is
+/// re-addressed.
+pub fn cni_bridge(ns: &weft::lab::netns::Netns, addr: &str) {
+    if ns.ip(&["link", "show", "cni0"]).is_err() {
+        ns.ip(&["link", "add", "cni0", "type", "bridge"]).unwrap();
+        ns.ip(&["link", "set", "cni0", "up"]).unwrap();
+    }
+    ns.ip(&["addr", "flush", "dev", "cni0"]).unwrap();
+    ns.ip(&["addr", "add", addr, "dev", "cni0"]).unwrap();
+}
