@@ -23,21 +23,9 @@ struct Setup {
 
 fn setup(tag: &str) -> Setup {
     let prefix = common::prefix(tag);
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().to_path_buf();
-    std::fs::write(
-        dir.join("subnet.env"),
-        "FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.17.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n",
-    )
-    .unwrap();
     // Installed the way runtimes find it: a file called `flannel` in a CNI bin directory.
-    let bin = dir.join("bin");
-    std::fs::create_dir(&bin).unwrap();
-    let plugin = bin.join("flannel");
-    // WEFT_TEST_BIN: a private copy (the shared target dir's binary may be rebuilt from
-    // another branch while tests run).
-    let weft = std::env::var_os("WEFT_TEST_BIN").map(PathBuf::from).unwrap_or_else(|| common::weft_bin().into());
-    std::os::unix::fs::symlink(weft, &plugin).unwrap();
+    let (tmp, dir) = common::cni_scratch();
+    let plugin = dir.join("bin").join("flannel");
     Setup {
         _tmp: tmp,
         host: Netns::add(&format!("{prefix}host")).unwrap(),

@@ -45,12 +45,6 @@ fn harness() -> &'static Path {
     })
 }
 
-/// The weft binary: `WEFT_TEST_BIN` when set (a private copy: the shared target dir's
-/// binary may be rebuilt from another branch while tests run), else cargo's.
-fn weft_bin() -> PathBuf {
-    std::env::var_os("WEFT_TEST_BIN").map(PathBuf::from).unwrap_or_else(|| common::weft_bin().into())
-}
-
 struct Setup {
     _tmp: tempfile::TempDir,
     dir: PathBuf,
@@ -61,17 +55,9 @@ struct Setup {
 
 fn setup(tag: &str) -> Setup {
     let prefix = common::prefix(tag);
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().to_path_buf();
-    std::fs::write(
-        dir.join("subnet.env"),
-        "FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.17.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n",
-    )
-    .unwrap();
     // The CNI bin dir a runtime would use: weft as `flannel`, the standard plugins beside it.
+    let (tmp, dir) = common::cni_scratch();
     let bin = dir.join("bin");
-    std::fs::create_dir(&bin).unwrap();
-    std::os::unix::fs::symlink(weft_bin(), bin.join("flannel")).unwrap();
     for p in ["bridge", "host-local", "portmap"] {
         std::os::unix::fs::symlink(Path::new(CNI_BIN).join(p), bin.join(p)).unwrap();
     }

@@ -78,3 +78,22 @@ pub fn cni_bridge(ns: &weft::lab::netns::Netns, addr: &str) {
     ns.ip(&["addr", "flush", "dev", "cni0"]).unwrap();
     ns.ip(&["addr", "add", addr, "dev", "cni0"]).unwrap();
 }
+
+/// A scratch CNI world in a temp dir: a `subnet.env` for host subnet 10.1.17.0/24 of
+/// 10.1.0.0/16, and `bin/` with weft installed as `flannel`, the way runtimes find it.
+/// `WEFT_TEST_BIN` names another weft binary (a private copy no other build can replace
+/// while the tests run).
+pub fn cni_scratch() -> (tempfile::TempDir, std::path::PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    std::fs::write(
+        dir.join("subnet.env"),
+        "FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.17.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n",
+    )
+    .unwrap();
+    let bin = dir.join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let weft = std::env::var_os("WEFT_TEST_BIN").map(std::path::PathBuf::from).unwrap_or_else(|| weft_bin().into());
+    std::os::unix::fs::symlink(weft, bin.join("flannel")).unwrap();
+    (tmp, dir)
+}
