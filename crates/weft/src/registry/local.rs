@@ -137,21 +137,42 @@ impl LocalRegistry {
                 RegistryError::Setup(format!("cannot create local store directory {}: {e}", dir.display()))
             })?;
         }
-        let mut conn = Connection::open(path)
-            .map_err(|e| RegistryError::Setup(format!("cannot open local store {}: {e}", path.display())))?;
-        conn.busy_timeout(Duration::from_secs(10)).map_err(err)?;
-        // WAL lets watchers read while another daemon writes.
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
-        conn.pragma_update(None, "synchronous", "NORMAL").map_err(err)?;
-        conn.execute_batch(SCHEMA)
-            .and_then(|()| migrate(&mut conn))
-            .map_err(|e| RegistryError::Setup(format!("local store {} is not usable: {e}", path.display())))?;
+        // Daemons starting together race to create the file, switch it to WAL and migrate
+        // it; SQLite answers some of those races with "busy" at once, without waiting. That
+        // is contention, not a broken file: try again for a while before calling it one.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let conn = loop {
+            match Self::prepare(path) {
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if matches!(e.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => {
+                    return Err(RegistryError::Setup(format!("local store {} is not usable: {e}", path.display())));
+                }
+                Ok(conn) => break conn,
+            }
+        };
         Ok(LocalRegistry {
             conn: Arc::new(Mutex::new(conn)),
             prefix: prefix.trim_end_matches('/').to_string(),
             config_path: config_path.to_path_buf(),
             path: path.to_path_buf(),
         })
+    }
+
+    /// Opens the file, switches it to WAL and brings its schema up to date.
+    fn prepare(path: &Path) -> rusqlite::Result<Connection> {
+        let mut conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        // WAL lets watchers read while another daemon writes.
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.execute_batch(SCHEMA)?;
+        migrate(&mut conn)?;
+        Ok(conn)
     }
 
     /// The store file.
