@@ -54,14 +54,7 @@ fn two_daemons_get_distinct_subnets_written_as_flannel_writes_them() {
     from_files.sort();
     assert_eq!(from_keys, from_files, "the keys are the subnets the files announce");
     for key in [lines[0], lines[2]] {
-        let fields = c.etcd.etcdctl(&["get", key, "-w", "fields"]).unwrap();
-        let id: i64 = fields
-            .lines()
-            .find(|l| l.starts_with("\"Lease\""))
-            .and_then(|l| l.rsplit(' ').next())
-            .unwrap()
-            .parse()
-            .unwrap();
+        let id = c.etcd.lease_of(key).unwrap();
         let ttl = c.etcd.etcdctl(&["lease", "timetolive", &format!("{id:x}")]).unwrap();
         assert!(ttl.contains("granted with TTL(86400s)"), "{ttl}");
     }

@@ -358,14 +358,7 @@ async fn renewal_keeps_one_etcd_lease_per_subnet() {
     }
     let ids = lease_ids(&etcd);
     assert_eq!(ids.len(), 1, "no orphan etcd lease per renewal: {ids:?}");
-    let fields = etcd.etcdctl(&["get", &format!("{PREFIX}/subnets/{key}"), "-w", "fields"]).unwrap();
-    let id: i64 = fields
-        .lines()
-        .find(|l| l.starts_with("\"Lease\""))
-        .and_then(|l| l.rsplit(' ').next())
-        .unwrap()
-        .parse()
-        .unwrap();
+    let id = etcd.lease_of(&format!("{PREFIX}/subnets/{key}")).unwrap();
     // etcdctl prints ids as hex, zero-padded to 16 digits: compare numbers, not text.
     assert_eq!(i64::from_str_radix(&ids[0], 16).unwrap(), id, "the one etcd lease is the key's ({ids:?})");
     // A create that finds our own key (our identity) is ours, without a second etcd lease.

@@ -118,6 +118,17 @@ impl Etcd {
         super::netns::run(c.args(args))
     }
 
+    /// The id of the etcd lease `key` is attached to (0: none), as `etcdctl get -w fields`
+    /// reports it.
+    pub fn lease_of(&self, key: &str) -> io::Result<i64> {
+        let fields = self.etcdctl(&["get", key, "-w", "fields"])?;
+        fields
+            .lines()
+            .find(|l| l.starts_with("\"Lease\""))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .ok_or_else(|| io::Error::other(format!("no lease field for {key} in: {fields}")))
+    }
+
     fn wait_healthy(&mut self, limit: Duration) -> io::Result<()> {
         let start = Instant::now();
         while start.elapsed() < limit {

@@ -21,18 +21,7 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(host: &Netns, dir: &Path, args: &[&str]) -> Daemon {
-        let log = dir.join(format!("{}.log", host.name));
-        let err = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
-        let child = host
-            .command(weft_bin())
-            .arg("daemon")
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(err)
-            .spawn()
-            .unwrap();
-        Daemon { child, log }
+        Self::start_with_env(host, dir, args, &[])
     }
 
     /// [`Daemon::start`] with extra environment variables.
