@@ -6,9 +6,10 @@ use serde_json::json;
 use std::collections::BTreeMap;
 use weft_core::flags::{self, Kind, Parsed, Spec};
 
+use weft_core::cache::LeaseCache;
 use weft_core::config::NetworkConfig;
 use weft_core::lease::{Expiry, Lease, SubnetKey};
-use weft_core::validate::{Reject, Rules, Validator};
+use weft_core::validate::{Reject, Rules};
 
 use crate::cli::{STORE_FLAGS, StoreChoice, store_choice};
 use crate::registry::etcd::EtcdRegistry;
@@ -61,7 +62,7 @@ impl Listed {
     pub fn judge(leases: Vec<Lease>, cfg: Option<&NetworkConfig>) -> Listed {
         let rejected = match cfg {
             Some(cfg) => {
-                let mut v = Validator::new(Rules::from_config(cfg));
+                let mut v = LeaseCache::new(Rules::from_config(cfg));
                 v.replace_all(leases.iter().cloned());
                 v.rejected().clone()
             }

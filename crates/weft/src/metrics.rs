@@ -30,7 +30,7 @@ pub struct Metrics {
     pub store_reconnects: Counter,
     /// Times the store compacted past our revision and the leases were listed afresh.
     pub store_relists: Counter,
-    /// Lease events handled, by type (added, removed).
+    /// Changes to the accepted peer set, by type (added, removed).
     pub lease_events: Family<Labels, Counter>,
     /// Reconciliation passes over the kernel state.
     pub reconciles: Counter,
@@ -106,7 +106,11 @@ impl Metrics {
             "Times the leases were re-listed after the store compacted its history",
             m.store_relists.clone(),
         );
-        registry.register("weft_lease_events", "Peer lease events handled", m.lease_events.clone());
+        registry.register(
+            "weft_lease_events",
+            "Changes to the set of peer leases in use (rejected leases are counted in weft_leases_rejected)",
+            m.lease_events.clone(),
+        );
         registry.register("weft_reconciles", "Passes comparing the kernel with the plan", m.reconciles.clone());
         registry.register(
             "weft_kernel_changes",

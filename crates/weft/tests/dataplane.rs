@@ -426,6 +426,26 @@ fn nftables_mode_installs_flannels_tables_and_keeps_them() {
     assert!(!tables.contains("flannel-ipv4"), "nftables leftovers removed: {tables}");
 }
 
+/// Firewall rules are desired state on the reconciler's triggers: a lease event repairs a
+/// flushed chain at once, long before the next `--iptables-resync` tick.
+#[test]
+fn a_reconcile_pass_also_repairs_the_firewall_rules() {
+    let c = cluster("fwk", 1, VXLAN);
+    let _d = c.daemon(0, &["--ip-masq", "--iptables-resync=600"]);
+    c.wait_env(0);
+    let chain = || c.hosts[0].exec("iptables", &["-t", "nat", "-S", "FLANNEL-POSTRTG"]).unwrap();
+    let full = wait_for(Duration::from_secs(10), "the masquerade rules", || {
+        let rules = chain();
+        rules.contains("-j MASQUERADE").then_some(rules)
+    });
+    c.hosts[0].exec("iptables", &["-t", "nat", "-F", "FLANNEL-POSTRTG"]).unwrap();
+    assert!(!chain().contains("-j MASQUERADE"), "flushed");
+    // A valid peer lease appears: the data plane makes a pass, and so does the firewall.
+    let peer = r#"{"PublicIP":"192.0.2.77","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0e:00:00:00:00:77"}}"#;
+    c.etcd.etcdctl(&["put", &format!("{PREFIX}/subnets/10.5.200.0-24"), peer]).unwrap();
+    wait_for(Duration::from_secs(8), "the chain to be refilled by the pass", || (chain() == full).then_some(()));
+}
+
 #[test]
 fn masquerade_options_and_the_blackhole_route() {
     let c = cluster("opt", 1, VXLAN);

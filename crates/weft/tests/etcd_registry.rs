@@ -111,7 +111,7 @@ async fn the_watch_sees_every_change_across_an_etcd_restart_and_a_compaction() {
     let cfg = scenarios::wide_config();
     let me =
         acquire(&*reg, &cfg, &LeaseAttrs::new(Ipv4Addr::new(192, 0, 2, 1)), None, LEASE_TTL).await.unwrap().lease.key;
-    let (mut rx, metrics) = start_watch(reg.clone(), me);
+    let (mut rx, metrics) = start_watch(reg.clone(), &cfg, me);
     let peer = |n: u8| -> (String, String) {
         (format!("{PREFIX}/subnets/10.5.{n}.0-24"), LeaseAttrs::new(Ipv4Addr::new(192, 0, 2, n)).to_json())
     };
@@ -324,7 +324,7 @@ async fn a_prefix_larger_than_a_grpc_message_is_listed_in_pages() {
     let third =
         acquire(&*reg, &cfg, &LeaseAttrs::new(Ipv4Addr::new(192, 0, 2, 3)), None, LEASE_TTL).await.unwrap().lease.key;
     assert!(![me, "10.5.250.0-24".parse().unwrap()].contains(&third));
-    let (mut rx, _metrics) = start_watch(reg.clone(), me);
+    let (mut rx, _metrics) = start_watch(reg.clone(), &cfg, me);
     let mut got = describe(&collect(&mut rx, 2).await.0);
     got.sort();
     let mut want = vec!["+10.5.250.0-24".to_string(), format!("+{third}")];

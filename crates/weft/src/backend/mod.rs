@@ -18,11 +18,12 @@ use weft_core::config::NetworkConfig;
 use weft_core::iface::External;
 use weft_core::lease::{Lease, LeaseAttrs, SubnetKey};
 use weft_core::plan::{self, Plan};
-use weft_core::validate::{Outcome, Rules, Validator};
+use weft_core::validate::Rules;
 
 use crate::kernel::monitor::{Interest, SharedInterest};
 use crate::kernel::{Kernel, KernelError, Links};
 use crate::metrics::Metrics;
+use crate::registry::watch::SharedLeaseCache;
 
 /// A backend that cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -128,9 +129,10 @@ pub struct DataPlane {
     own_key: SubnetKey,
     metrics: Arc<Metrics>,
     warned: BTreeMap<SubnetKey, String>,
-    /// Judges peer leases before they reach the planner or the udp peer table; its
-    /// accepted set is the one copy of the peers the data plane acts on.
-    validator: Validator,
+    /// The one peer set, validated (written by the lease watch): the planner and the udp
+    /// peer table read its accepted leases.
+    peers: SharedLeaseCache,
+    /// What peer leases are judged by (the network, our addresses).
     rules: Rules,
     /// Destinations where a route of someone else keeps us from installing ours (logged once).
     blocked: std::collections::BTreeSet<IpNet>,
@@ -210,7 +212,7 @@ impl DataPlane {
                 own_key: SubnetKey { v4: None, v6: None },
                 metrics,
                 warned: BTreeMap::new(),
-                validator: Validator::new(rules.clone()),
+                peers: SharedLeaseCache::for_host(rules.clone(), SubnetKey { v4: None, v6: None }),
                 rules,
                 blocked: Default::default(),
                 ext_name: ext.name.clone(),
@@ -245,11 +247,8 @@ impl DataPlane {
     /// Records our lease (and gives the vxlan device its address).
     pub async fn set_own(&mut self, own: &SubnetKey) -> Result<(), KernelError> {
         self.own = own.v4.map(IpNet::V4).into_iter().chain(own.v6.map(IpNet::V6)).collect();
-        self.rules.own = Some(*own);
-        let outcome = self.validator.set_rules(self.rules.clone());
+        self.peers = SharedLeaseCache::for_host(self.rules.clone(), *own);
         self.own_key = *own;
-        self.absorb(outcome);
-        self.backend.peers_changed(&mut self.validator.accepted());
         self.backend.start(&self.kernel, own, &self.metrics).await?;
         let (own, networks, blackhole) = (self.own.clone(), self.networks.clone(), self.blackhole);
         self.set_interest(move |i| (i.own, i.networks, i.blackhole) = (own, networks, blackhole));
@@ -262,31 +261,20 @@ impl DataPlane {
         Ok(())
     }
 
-    /// Applies peer lease events to the peer table, through the validator: a lease that
-    /// breaks a rule or loses a conflict never reaches the planner or the udp engine.
-    pub fn update(&mut self, events: &[LeaseEvent]) {
+    /// The peer cache the lease watch must write (valid once [`DataPlane::set_own`] ran).
+    pub fn peer_cache(&self) -> SharedLeaseCache {
+        self.peers.clone()
+    }
+
+    /// The accepted peer set changed (`events`, already in the cache): the udp engine's
+    /// peer table follows; the next reconcile plans from the cache.
+    pub fn peers_changed(&mut self, events: &[LeaseEvent]) {
         for e in events {
-            let outcome = self.validator.apply(e);
-            self.absorb(outcome);
-        }
-        self.backend.peers_changed(&mut self.validator.accepted());
-    }
-
-    /// The peer leases not in use, with why (for `/metrics` and logs).
-    pub fn rejected(&self) -> &BTreeMap<SubnetKey, weft_core::validate::Reject> {
-        self.validator.rejected()
-    }
-
-    fn absorb(&mut self, outcome: Outcome) {
-        for (key, why) in &outcome.rejected {
-            tracing::warn!(peer = %key, reason = why.label(), "rejecting peer lease: {why}");
-            self.metrics.leases_rejected.get_or_create(&vec![("reason", why.label())]).inc();
-        }
-        for e in &outcome.events {
             if let LeaseEvent::Removed(l) = e {
                 self.warned.remove(&l.key);
             }
         }
+        self.backend.peers_changed(&mut self.peers.read().accepted());
     }
 
     /// The backend's name.
@@ -359,7 +347,7 @@ impl DataPlane {
         }
         let started = Instant::now();
         // Backends without per-peer kernel entries (udp forwards by its own table) are done.
-        let Some(p) = self.backend.plan(&mut self.validator.accepted()) else { return report };
+        let Some(p) = self.backend.plan(&mut self.peers.read().accepted()) else { return report };
         for (key, why) in p.skipped {
             if self.warned.get(&key) != Some(&why) {
                 tracing::warn!(peer = %key, "ignoring peer lease: {why}");

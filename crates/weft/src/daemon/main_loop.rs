@@ -2,12 +2,12 @@
 //! ([`weft_core::schedule`]) and carries out the actions the scheduler returns, each in one
 //! small function here.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::VecDeque;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::task::{JoinError, JoinHandle};
 use weft_core::cache::LeaseEvent;
 use weft_core::lease::{LeaseAttrs, SubnetKey};
@@ -31,12 +31,13 @@ pub(super) struct Running<R: Registry> {
     pub dataplane: DataPlane,
     pub metrics: Arc<Metrics>,
     pub ready: watch::Sender<bool>,
-    /// Peer keys in the store; weft_peers counts those not rejected.
-    pub known: BTreeSet<SubnetKey>,
     /// The renewal running beside the loop (a slow store never holds up peer events).
     pub renewing: Option<JoinHandle<RenewOutcome>>,
     /// The host that wrote our lease, for the exit line.
     pub overwritten_by: Option<Ipv4Addr>,
+    /// Wakes the firewall's resync task on every reconcile pass (it runs apart, so a hung
+    /// iptables never stalls this loop, but on the same triggers).
+    pub firewall_kick: Arc<Notify>,
     /// A renewal's outcome to log once the scheduler has planned what follows it.
     pub renew_report: Option<Result<(), RegistryError>>,
 }
@@ -121,17 +122,15 @@ impl<R: Registry> Running<R> {
     }
 
     fn peers_changed(&mut self, events: &[LeaseEvent]) {
-        self.dataplane.update(events);
+        self.dataplane.peers_changed(events);
         for e in events {
             let (kind, lease) = match e {
                 LeaseEvent::Added(l) => ("added", l),
                 LeaseEvent::Removed(l) => ("removed", l),
             };
-            let _ = if kind == "added" { self.known.insert(lease.key) } else { self.known.remove(&lease.key) };
             self.metrics.lease_events.get_or_create(&vec![("type", kind)]).inc();
             tracing::info!(subnet = %lease.key, public_ip = %lease.attrs.public_ip, "peer lease {kind}");
         }
-        self.metrics.peers.set(self.known.len().saturating_sub(self.dataplane.rejected().len()) as i64);
     }
 
     fn set_ready(&self, ready: bool) {
@@ -142,6 +141,7 @@ impl<R: Registry> Running<R> {
     /// One reconcile pass of the data plane.
     async fn reconcile(&mut self) -> Event {
         let started = Instant::now();
+        self.firewall_kick.notify_one();
         let report = self.dataplane.reconcile().await;
         self.metrics.reconciles.inc();
         self.metrics.kernel_changes.inc_by(report.changes as u64);

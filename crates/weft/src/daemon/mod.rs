@@ -270,6 +270,7 @@ async fn run_with<R: Registry>(
     } else {
         None
     };
+    let firewall_kick = Arc::new(Notify::new());
     let mut d = Running {
         reg: reg.clone(),
         own,
@@ -278,10 +279,10 @@ async fn run_with<R: Registry>(
         dataplane,
         metrics: metrics.clone(),
         ready,
-        known: Default::default(),
         renewing: None,
         overwritten_by: None,
         renew_report: None,
+        firewall_kick: firewall_kick.clone(),
     };
     if let Expiry::At(t) = acquired.lease.expiry {
         d.set_expiry_metric(t);
@@ -293,8 +294,13 @@ async fn run_with<R: Registry>(
     tracing::info!(path = %opts.subnet_file.display(), "wrote subnet file; ready");
 
     let (tx, mut rx) = mpsc::channel(256);
-    let watcher =
-        tokio::spawn(lease_watch::run_as(reg.clone(), own, Some(prepared.attrs.clone()), tx, metrics.clone()));
+    let watcher = tokio::spawn(lease_watch::run_as(
+        reg.clone(),
+        Some(prepared.attrs.clone()),
+        d.dataplane.peer_cache(),
+        tx,
+        metrics.clone(),
+    ));
     let _stop_watcher = AbortOnDrop(watcher);
     // Firewall commands run on a task of their own: a hung iptables never stalls this loop.
     let _firewall = firewall.map(|fw| {
@@ -302,6 +308,7 @@ async fn run_with<R: Registry>(
             fw,
             fw_spec.clone(),
             Duration::from_secs(opts.iptables_resync_secs),
+            firewall_kick.clone(),
             metrics.clone(),
         ))
     });

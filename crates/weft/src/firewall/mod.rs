@@ -105,19 +105,24 @@ pub(crate) async fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Re
     })
 }
 
-/// Re-checks the rules every `every` on a task of its own, so a slow or hung iptables never
-/// delays lease events, the reconciler or renewal.
+/// Re-checks the rules every `every` and whenever the reconciler makes a pass (`kick`: the
+/// same triggers as the data plane), on a task of its own, so a slow or hung iptables never
+/// delays lease events, the reconciler or renewal. Kicks during a resync coalesce into one.
 pub fn spawn_resync(
     fw: Firewall,
     spec: FirewallSpec,
     every: std::time::Duration,
+    kick: std::sync::Arc<tokio::sync::Notify>,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = kick.notified() => {}
+            }
             match fw.resync(&spec).await {
                 Ok(true) => tracing::info!("firewall rules were missing or changed; restored"),
                 Ok(false) => {}

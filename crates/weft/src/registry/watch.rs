@@ -1,21 +1,65 @@
 //! The resumable lease watch: list, then watch from the next revision; on a broken
 //! connection resume from the last revision seen; after compaction re-list and emit the
-//! difference. The same for every registry.
+//! difference. The same for every registry. Every lease goes into the one [`LeaseCache`],
+//! which validates it; only changes to the accepted peer set go on to the daemon.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use weft_core::cache::{LeaseCache, LeaseEvent};
+use weft_core::cache::{LeaseCache, LeaseEvent, Outcome};
 use weft_core::lease::{Lease, LeaseAttrs, SubnetKey};
+use weft_core::validate::Rules;
 
 use super::{Change, Registry, WatchItem, same_holder};
 use crate::metrics::Metrics;
 
+/// The one peer set of a host: written by the lease watch, read by the data plane when it
+/// plans. Never held across an `.await`.
+#[derive(Debug, Clone)]
+pub struct SharedLeaseCache {
+    inner: Arc<RwLock<LeaseCache>>,
+    own: SubnetKey,
+}
+
+impl SharedLeaseCache {
+    /// An empty cache for the host holding `own`, judging peer leases by `rules`.
+    pub fn for_host(mut rules: Rules, own: SubnetKey) -> Self {
+        rules.own = Some(own);
+        SharedLeaseCache { inner: Arc::new(RwLock::new(LeaseCache::new(rules))), own }
+    }
+
+    /// Our own lease.
+    pub fn own(&self) -> SubnetKey {
+        self.own
+    }
+
+    /// Reads the cache (a poisoned lock still holds a consistent cache: every write is one
+    /// call of a pure method).
+    pub fn read(&self) -> RwLockReadGuard<'_, LeaseCache> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, LeaseCache> {
+        self.inner.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Logs and counts the leases a change rejected, updates the peer gauge, and hands back
+/// the changes to the accepted set.
+fn absorb(outcome: Outcome, cache: &SharedLeaseCache, metrics: &Metrics) -> Vec<LeaseEvent> {
+    for (key, why) in &outcome.rejected {
+        tracing::warn!(peer = %key, reason = why.label(), "rejecting peer lease: {why}");
+        metrics.leases_rejected.get_or_create(&vec![("reason", why.label())]).inc();
+    }
+    metrics.peers.set(cache.read().len() as i64);
+    outcome.events
+}
+
 /// What the watch tells the daemon.
 #[derive(Debug)]
 pub enum WatchEvent {
-    /// Peer leases changed.
+    /// The accepted peer set changed (already applied to the shared cache).
     Peers(Vec<LeaseEvent>),
     /// Our own lease was written (by our renewal, or by someone else).
     OwnWritten(Lease),
@@ -29,9 +73,14 @@ pub enum WatchEvent {
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-/// Watches all leases until `tx` is closed.
-pub async fn run<R: Registry>(reg: Arc<R>, own: SubnetKey, tx: mpsc::Sender<WatchEvent>, metrics: Arc<Metrics>) {
-    run_as(reg, own, None, tx, metrics).await
+/// Watches all leases into `cache` until `tx` is closed; our own lease is the cache's.
+pub async fn run<R: Registry>(
+    reg: Arc<R>,
+    cache: SharedLeaseCache,
+    tx: mpsc::Sender<WatchEvent>,
+    metrics: Arc<Metrics>,
+) {
+    run_as(reg, None, cache, tx, metrics).await
 }
 
 /// [`run`], for the holder `identity`: a listing that finds our key held by another host
@@ -39,12 +88,12 @@ pub async fn run<R: Registry>(reg: Arc<R>, own: SubnetKey, tx: mpsc::Sender<Watc
 /// answer of the store marks progress in `metrics` (for `/healthz`).
 pub async fn run_as<R: Registry>(
     reg: Arc<R>,
-    own: SubnetKey,
     identity: Option<LeaseAttrs>,
+    cache: SharedLeaseCache,
     tx: mpsc::Sender<WatchEvent>,
     metrics: Arc<Metrics>,
 ) {
-    let mut cache = LeaseCache::new(Some(own));
+    let own = cache.own();
     let mut backoff = BACKOFF_MIN;
     let sleep_backoff = async |backoff: &mut Duration| {
         metrics.store_reconnects.inc();
@@ -65,7 +114,8 @@ pub async fn run_as<R: Registry>(
         let own_lease = listing.leases.iter().find(|l| l.key == own).cloned();
         let own_present = own_lease.is_some();
         let foreign = own_lease.filter(|l| identity.as_ref().is_some_and(|me| !same_holder(me, &l.attrs)));
-        let events = cache.replace_all(listing.leases);
+        let outcome = cache.write().replace_all(listing.leases);
+        let events = absorb(outcome, &cache, &metrics);
         if !events.is_empty() && tx.send(WatchEvent::Peers(events)).await.is_err() {
             return;
         }
@@ -108,13 +158,19 @@ pub async fn run_as<R: Registry>(
                                         return;
                                     }
                                 }
-                                Change::Put(l) => events.extend(cache.put(l)),
+                                Change::Put(l) => {
+                                    let outcome = cache.write().put(l);
+                                    events.extend(absorb(outcome, &cache, &metrics));
+                                }
                                 Change::Delete(k) if k == own => {
                                     if tx.send(WatchEvent::OwnGone).await.is_err() {
                                         return;
                                     }
                                 }
-                                Change::Delete(k) => events.extend(cache.delete(&k)),
+                                Change::Delete(k) => {
+                                    let outcome = cache.write().delete(&k);
+                                    events.extend(absorb(outcome, &cache, &metrics));
+                                }
                             }
                         }
                         if !events.is_empty() && tx.send(WatchEvent::Peers(events)).await.is_err() {
@@ -165,6 +221,11 @@ mod tests {
             expiry: Expiry::Unknown,
             revision: 0,
         }
+    }
+
+    fn cache(own: SubnetKey) -> SharedLeaseCache {
+        let rules = Rules { v4: Some(("10.5.0.0/16".parse().unwrap(), 24)), ..Rules::default() };
+        SharedLeaseCache::for_host(rules, own)
     }
 
     impl Registry for Fake {
@@ -227,7 +288,7 @@ mod tests {
         });
         let (tx, mut rx) = mpsc::channel(16);
         let metrics = Arc::new(Metrics::new());
-        let task = tokio::spawn(run_as(fake.clone(), own.key, Some(own.attrs.clone()), tx, metrics.clone()));
+        let task = tokio::spawn(run_as(fake.clone(), Some(own.attrs.clone()), cache(own.key), tx, metrics.clone()));
         let mut seen = Vec::new();
         while seen.len() < 3 {
             match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap() {
@@ -252,7 +313,7 @@ mod tests {
         let fake =
             Arc::new(Fake { listing: vec![usurper], scripts: Mutex::new(Vec::new()), starts: Mutex::new(Vec::new()) });
         let (tx, mut rx) = mpsc::channel(16);
-        let task = tokio::spawn(run_as(fake, own.key, Some(own.attrs.clone()), tx, Arc::new(Metrics::new())));
+        let task = tokio::spawn(run_as(fake, Some(own.attrs.clone()), cache(own.key), tx, Arc::new(Metrics::new())));
         loop {
             match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap() {
                 WatchEvent::OwnWritten(l) => {

@@ -14,6 +14,7 @@ use weft::registry::{LEASE_TTL, Registry};
 use weft_core::cache::LeaseEvent;
 use weft_core::config::NetworkConfig;
 use weft_core::lease::{Expiry, LeaseAttrs, SubnetKey};
+use weft_core::validate::Rules;
 
 /// A /16 with the default /24 subnets: 254 to hand out.
 pub fn wide_config() -> NetworkConfig {
@@ -74,11 +75,17 @@ pub async fn reservation_is_honoured<R: Registry>(reg: &R, reserve: impl AsyncFn
     assert_eq!(l.expiry, Expiry::Reservation, "still a reservation after its owner took it");
 }
 
-/// Starts the lease watch for `own` and returns its event channel.
-pub fn start_watch<R: Registry>(reg: Arc<R>, own: SubnetKey) -> (mpsc::Receiver<WatchEvent>, Arc<Metrics>) {
+/// Starts the lease watch for the host holding `own` in the network of `cfg` and returns
+/// its event channel (peer leases are validated against `cfg` as a daemon's are).
+pub fn start_watch<R: Registry>(
+    reg: Arc<R>,
+    cfg: &NetworkConfig,
+    own: SubnetKey,
+) -> (mpsc::Receiver<WatchEvent>, Arc<Metrics>) {
     let (tx, rx) = mpsc::channel(64);
     let metrics = Arc::new(Metrics::new());
-    tokio::spawn(watch::run(reg, own, tx, metrics.clone()));
+    let cache = watch::SharedLeaseCache::for_host(Rules::from_config(cfg), own);
+    tokio::spawn(watch::run(reg, cache, tx, metrics.clone()));
     (rx, metrics)
 }
 
@@ -121,7 +128,7 @@ pub async fn watch_follows_changes<R: Registry>(reg: Arc<R>, garbage: impl Async
     let a: SubnetKey = "10.5.200.0-24".parse().unwrap();
     let b: SubnetKey = "10.5.201.0-24".parse().unwrap();
     assert!(reg.create(&a, &LeaseAttrs::new(Ipv4Addr::new(192, 0, 2, 2)), LEASE_TTL).await.unwrap());
-    let (mut rx, _) = start_watch(reg.clone(), me);
+    let (mut rx, _) = start_watch(reg.clone(), &cfg, me);
     let (ev, _) = collect(&mut rx, 1).await;
     assert_eq!(describe(&ev), ["+10.5.200.0-24"], "the initial list announces existing peers, not ourselves");
     garbage().await;
