@@ -206,6 +206,18 @@ pub async fn handle(sh: Arc<Shared>, req: Request<hyper::body::Incoming>) -> Res
     let content_type = req.headers().get(header::CONTENT_TYPE).and_then(|h| h.to_str().ok()).unwrap_or("").to_string();
     let accept = req.headers().get(header::ACCEPT).and_then(|h| h.to_str().ok()).unwrap_or("").to_string();
     let ns_str = ns.unwrap_or("");
+    // Protobuf, CBOR and YAML bodies cannot be decoded here; 415 makes client-go fall back to JSON.
+    if matches!(method, Method::POST | Method::PUT)
+        && ["protobuf", "cbor", "yaml"].iter().any(|f| content_type.contains(f))
+    {
+        return fail(
+            415,
+            "UnsupportedMediaType",
+            &format!(
+                "the body of the request was in an unknown format - accepted media types include: application/json (got {content_type:?})"
+            ),
+        );
+    }
     match (name, method) {
         (None, Method::GET) => {
             if truthy(&q, "watch") {
