@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod firewall;
 pub mod fsutil;
 pub mod host;
+pub mod install_cni;
 pub mod kernel;
 pub mod lab;
 pub mod leases;
