@@ -264,15 +264,38 @@ fn kubectl_watch_sees_changes_and_deletions() {
             .map(|v| (v["type"].as_str().unwrap_or("").to_string(), v["object"].clone()))
             .collect()
     };
+    // And the human form (kubectl asks for Tables, also in the watch).
+    let table_path = lab.dir.path().join("watch.table");
+    let mut t = lab
+        .kubectl_cmd(&["get", "nodes", "-w"])
+        .stdout(Stdio::from(std::fs::File::create(&table_path).unwrap()))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     common::wait_for(Duration::from_secs(20), "the initial ADDED", || (!events(&out_path).is_empty()).then_some(()));
+    common::wait_for(Duration::from_secs(20), "the table header", || {
+        std::fs::read_to_string(&table_path).unwrap_or_default().contains("w1").then_some(())
+    });
     lab.kubectl(&["annotate", "node", "w1", "seen=yes"]);
     lab.kubectl(&["delete", "node", "w1"]);
     let ev = common::wait_for(Duration::from_secs(20), "MODIFIED and DELETED events", || {
         let e = events(&out_path);
         (e.iter().any(|(t, _)| t == "DELETED")).then_some(e)
     });
-    let _ = w.kill();
-    let _ = w.wait();
+    let rows = common::wait_for(Duration::from_secs(20), "three table rows", || {
+        let text = std::fs::read_to_string(&table_path).unwrap_or_default();
+        let rows: Vec<Vec<String>> = text.lines().map(|l| l.split_whitespace().map(String::from).collect()).collect();
+        (rows.len() >= 4).then_some(rows)
+    });
+    for c in [&mut w, &mut t] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    assert_eq!(rows[0], ["NAME", "STATUS", "AGE"]);
+    assert!(
+        rows[1..].iter().all(|r| r.len() == 3 && r[0] == "w1" && r[1] == "Ready"),
+        "every watch row in the table's columns: {rows:?}"
+    );
     let types: Vec<&str> = ev.iter().map(|(t, _)| t.as_str()).collect();
     assert_eq!(types, ["ADDED", "MODIFIED", "DELETED"], "{ev:?}");
     assert_eq!(ev[1].1["metadata"]["annotations"]["seen"], "yes");
@@ -342,6 +365,13 @@ fn a_watch_or_continue_from_a_forgotten_version_gets_410_gone() {
         "the snapshot is of version {rv}"
     );
 
+    // An exact list at rv is the state of then, not of now.
+    let (code, exact) =
+        lab.curl(&[&format!("https://127.0.0.1:6443/api/v1/nodes?resourceVersion={rv}&resourceVersionMatch=Exact")]);
+    assert_eq!(code, 200, "{exact}");
+    let exact: Value = serde_json::from_str(&exact).unwrap();
+    assert_eq!(exact["metadata"]["resourceVersion"], rv.to_string());
+    assert!(exact["items"].as_array().unwrap().iter().all(|n| n["metadata"]["labels"].get("x").is_none()));
     // Three more changes push rv out of the history (3 events kept).
     for i in 1..=3 {
         lab.kubectl(&["label", "node", &format!("g{i}"), "y=2"]);
@@ -357,6 +387,9 @@ fn a_watch_or_continue_from_a_forgotten_version_gets_410_gone() {
     let (code, body) = lab.curl(&[&format!("https://127.0.0.1:6443/api/v1/nodes?limit=5&continue={cont}")]);
     assert_eq!(code, 410, "{body}");
     assert_eq!(status_of(&body)["reason"], "Expired");
+    let (code, body) =
+        lab.curl(&[&format!("https://127.0.0.1:6443/api/v1/nodes?resourceVersion={rv}&resourceVersionMatch=Exact")]);
+    assert_eq!(code, 410, "{body}");
 
     // Compaction by the admin endpoint: the newest version still watches, one before it does not.
     let (code, body) = lab.curl(&["-X", "POST", "https://127.0.0.1:6443/weft-test/compact"]);
@@ -382,6 +415,20 @@ fn a_restarted_server_keeps_objects_versions_and_credentials() {
     lab.kubectl(&["annotate", "node", "r1", "a=1"]);
     let before = lab.node("r1");
     let token = lab.token();
+    // A second server on the same directory is refused (it would interleave the writes).
+    let second = lab
+        .ns
+        .command(common::weft_bin())
+        .args(["test-apiserver", "--listen", "127.0.0.1:6444", "--dir"])
+        .arg(lab.state())
+        .output()
+        .unwrap();
+    assert_eq!(second.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("in use by another test API server"),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
     lab.kill9();
     lab.spawn(&[]);
     assert_eq!(lab.token(), token, "the same token: clients' kubeconfigs stay valid");

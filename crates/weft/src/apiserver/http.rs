@@ -221,7 +221,7 @@ pub async fn handle(sh: Arc<Shared>, req: Request<hyper::body::Incoming>) -> Res
     match (name, method) {
         (None, Method::GET) => {
             if truthy(&q, "watch") {
-                watch(sh, res, ns, &q)
+                watch(sh, res, ns, &q, accept.contains("as=Table"))
             } else {
                 list(&sh, res, ns, &q, &accept)
             }
@@ -445,6 +445,18 @@ fn list(sh: &Shared, res: &'static Resource, ns: Option<&str>, q: &HashMap<Strin
             };
             (Some(rv), Some(after))
         }
+        None if q.get("resourceVersionMatch").is_some_and(|m| m == "Exact") => match Store::parse_rv(rv_param) {
+            // The state exactly at that version (410 when the history no longer has it).
+            Ok(rv) if rv <= sh.store.resource_version() => (Some(rv), None),
+            Ok(rv) => {
+                return fail(
+                    504,
+                    "Timeout",
+                    &format!("Too large resource version: {rv}, current: {}", sh.store.resource_version()),
+                );
+            }
+            Err(e) => return error(&e),
+        },
         None => {
             if !rv_param.is_empty() && rv_param != "0" {
                 match Store::parse_rv(rv_param) {
@@ -464,7 +476,7 @@ fn list(sh: &Shared, res: &'static Resource, ns: Option<&str>, q: &HashMap<Strin
     };
     let snap = match sh.store.list(res, ns, at) {
         Ok(s) => s,
-        Err(ApiError::Gone { .. }) if at.is_some() => {
+        Err(ApiError::Gone { .. }) if after.is_some() => {
             return fail(
                 410,
                 "Expired",
@@ -580,6 +592,16 @@ fn line(ty: &str, object: &Value) -> Bytes {
     Bytes::from(v)
 }
 
+fn event_line(ty: &str, obj: &Value, res: &Resource, as_table: bool) -> Bytes {
+    if as_table {
+        let rv =
+            obj.pointer("/metadata/resourceVersion").and_then(Value::as_str).and_then(|r| r.parse().ok()).unwrap_or(0);
+        line(ty, &table(res, &[obj], rv))
+    } else {
+        line(ty, obj)
+    }
+}
+
 fn bookmark(res: &Resource, rv: u64, initial_end: bool) -> Bytes {
     let mut meta = json!({"resourceVersion": rv.to_string(), "creationTimestamp": null});
     if initial_end {
@@ -588,7 +610,15 @@ fn bookmark(res: &Resource, rv: u64, initial_end: bool) -> Bytes {
     line("BOOKMARK", &json!({"kind": res.kind, "apiVersion": res.api_version(), "metadata": meta}))
 }
 
-fn watch(sh: Arc<Shared>, res: &'static Resource, ns: Option<&str>, q: &HashMap<String, String>) -> Resp {
+/// A watch stream; with `as_table` (what `kubectl get -w` asks for) each event carries a
+/// one-row Table, as the real server sends.
+fn watch(
+    sh: Arc<Shared>,
+    res: &'static Resource,
+    ns: Option<&str>,
+    q: &HashMap<String, String>,
+    as_table: bool,
+) -> Resp {
     let sel = match Selectors::parse(res, q) {
         Ok(s) => s,
         Err(e) => return error(&e),
@@ -629,7 +659,7 @@ fn watch(sh: Arc<Shared>, res: &'static Resource, ns: Option<&str>, q: &HashMap<
                     }
                 };
                 for o in snap.items.iter().filter(|o| sel.matches(o)) {
-                    if tx.send(line("ADDED", o)).await.is_err() {
+                    if tx.send(event_line("ADDED", o, res, as_table)).await.is_err() {
                         return;
                     }
                 }
@@ -665,7 +695,7 @@ fn watch(sh: Arc<Shared>, res: &'static Resource, ns: Option<&str>, q: &HashMap<
                     EventType::Modified if was_match => "DELETED",
                     _ => continue,
                 };
-                if tx.send(line(ty, &e.obj)).await.is_err() {
+                if tx.send(event_line(ty, &e.obj, res, as_table)).await.is_err() {
                     return;
                 }
             }

@@ -170,6 +170,8 @@ struct Persist {
     dir: PathBuf,
     log: std::fs::File,
     lines: usize,
+    /// Held while the store is open: two servers on one directory would interleave writes.
+    _lock: nix::fcntl::Flock<std::fs::File>,
 }
 
 struct Inner {
@@ -416,6 +418,17 @@ impl Store {
     /// Opens the store persisted in `dir` (`state.json` + `state.log`), or a new one.
     pub fn open(dir: &Path, max_history: usize) -> Result<Self, String> {
         crate::fsutil::ensure_dir(dir, 0o700).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let lock_path = dir.join("lock");
+        let lock_file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| format!("opening {}: {e}", lock_path.display()))?;
+        let lock =
+            nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+                format!("{} is in use by another test API server ({e}); stop it or use another --dir", dir.display())
+            })?;
         crate::fsutil::remove_stale_temps(dir, SNAPSHOT);
         let mut rv = 0u64;
         let mut objects = BTreeMap::new();
@@ -465,7 +478,7 @@ impl Store {
             .append(true)
             .open(&log_path)
             .map_err(|e| format!("opening {}: {e}", log_path.display()))?;
-        let persist = Persist { dir: dir.to_path_buf(), log, lines: 0 };
+        let persist = Persist { dir: dir.to_path_buf(), log, lines: 0, _lock: lock };
         let s = Self::empty(max_history, Some(persist), rv, objects);
         s.lock().snapshot().map_err(|e| format!("writing {}: {e}", snap.display()))?;
         if fresh {
