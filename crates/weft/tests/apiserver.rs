@@ -766,3 +766,75 @@ fn kubectl_serves_namespaces_pods_and_networkpolicies() {
     let left: Value = serde_json::from_str(&lab.kubectl(&["get", "pods,networkpolicies", "-A", "-o", "json"])).unwrap();
     assert_eq!(left["items"], json!([]));
 }
+
+#[test]
+fn five_thousand_nodes_page_consistently_while_they_change() {
+    use k8s_openapi::api::core::v1::Node;
+    use kube::api::{Api, ListParams};
+    use weft::apiserver::store::WriteOpts;
+
+    let lab = Lab::new("big").start(|_| {});
+    let store = lab.srv.as_ref().unwrap().store().clone();
+    let nodes = weft::apiserver::resources::find("", "v1", "nodes").unwrap();
+    let t0 = std::time::Instant::now();
+    for i in 0..5000u32 {
+        let n = json!({"metadata": {"name": format!("n{i:04}"), "annotations": {
+                "flannel.alpha.coreos.com/backend-type": "vxlan",
+                "flannel.alpha.coreos.com/backend-data": format!("{{\"VNI\":1,\"VtepMAC\":\"12:c6:65:89:{:02x}:{:02x}\"}}", i / 256, i % 256),
+                "flannel.alpha.coreos.com/public-ip": format!("10.1.{}.{}", i / 250, i % 250 + 1),
+                "flannel.alpha.coreos.com/kube-subnet-manager": "true"}},
+            "spec": {"podCIDR": format!("10.{}.{}.0/24", 100 + i / 256, i % 256)}});
+        store.create(nodes, "", n, WriteOpts::default()).unwrap();
+    }
+    let created = t0.elapsed();
+    let kubeconfig = lab.kubeconfig();
+    let st = store.clone();
+    let (names, pages, listed) = in_netns(&lab.ns.name, move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let kc = kube::config::Kubeconfig::read_from(&kubeconfig).unwrap();
+            let client =
+                kube::Client::try_from(kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.unwrap())
+                    .unwrap();
+            let api: Api<Node> = Api::all(client);
+            let t = std::time::Instant::now();
+            let (mut names, mut pages, mut token) = (Vec::new(), 0, None::<String>);
+            loop {
+                let mut lp = ListParams::default().limit(500);
+                if let Some(c) = &token {
+                    lp = lp.continue_token(c);
+                }
+                let page = api.list(&lp).await.unwrap();
+                pages += 1;
+                names.extend(page.items.into_iter().map(|n| n.metadata.name.unwrap()));
+                if pages == 1 {
+                    // Changes between pages must not show: the pages are one snapshot.
+                    st.delete(nodes, "", "n4999", None, false).unwrap();
+                    st.create(nodes, "", json!({"metadata": {"name": "n5000"}}), WriteOpts::default()).unwrap();
+                }
+                token = page.metadata.continue_.filter(|c| !c.is_empty());
+                if token.is_none() {
+                    break;
+                }
+            }
+            (names, pages, t.elapsed())
+        })
+    })
+    .unwrap();
+    eprintln!(
+        "5000 nodes: created in {created:?} (store), listed in {pages} pages of 500 in {listed:?} (kube-rs over TLS)"
+    );
+    assert_eq!(pages, 10);
+    assert_eq!(names.len(), 5000);
+    assert_eq!(names.last().map(String::as_str), Some("n4999"), "the node deleted after page 1 is in the snapshot");
+    assert!(!names.iter().any(|n| n == "n5000"), "the node created after page 1 is not");
+    let mut sorted = names.clone();
+    sorted.dedup();
+    assert_eq!(sorted.len(), 5000, "no node twice");
+    // resourceVersion=0 is served whole, as the real watch cache does.
+    let (code, body) = lab.curl(&["https://127.0.0.1:6443/api/v1/nodes?limit=500&resourceVersion=0"]);
+    assert_eq!(code, 200);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["items"].as_array().unwrap().len(), 5000);
+    assert!(v["metadata"].get("continue").is_none());
+}
