@@ -462,7 +462,10 @@ fn a_restarted_server_keeps_objects_versions_and_credentials() {
 
 #[test]
 fn hostile_requests_get_kubernetes_status_errors_and_the_server_stays_up() {
-    let lab = Lab::new("hos").start(|o| o.max_body = 64 * 1024);
+    let lab = Lab::new("hos").start(|o| {
+        o.max_body = 64 * 1024;
+        o.body_timeout = Duration::from_secs(2);
+    });
     let url = "https://127.0.0.1:6443/api/v1/nodes";
     let json_ct = "Content-Type: application/json";
     let file = |name: &str, content: String| -> String {
@@ -633,6 +636,32 @@ fn hostile_requests_get_kubernetes_status_errors_and_the_server_stays_up() {
             .unwrap(),
     );
     assert_ne!(c, 200);
+    // A body that never finishes arriving: a 400 Status after the body timeout, not a hang.
+    let token = lab.token();
+    let answer = in_netns(&lab.ns.name, move || {
+        let tls = std::process::Command::new("openssl")
+            .args(["s_client", "-quiet", "-connect", LISTEN])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn();
+        let mut c = tls.unwrap();
+        use std::io::{Read, Write};
+        let mut stdin = c.stdin.take().unwrap();
+        write!(stdin, "POST /api/v1/nodes HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: 1000\r\n\r\n{{\"meta").unwrap();
+        stdin.flush().unwrap();
+        let started = std::time::Instant::now();
+        let mut out = c.stdout.take().unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = out.read(&mut buf).unwrap_or(0);
+        let _ = c.kill();
+        let _ = c.wait();
+        (String::from_utf8_lossy(&buf[..n]).into_owned(), started.elapsed())
+    })
+    .unwrap();
+    assert!(answer.0.starts_with("HTTP/1.1 400"), "{answer:?}");
+    assert!(answer.0.contains("timed out reading the request body"), "{answer:?}");
+    assert!(answer.1 < Duration::from_secs(30), "{answer:?}");
     let (c, b) = lab.curl(&[&format!("{url}/h")]);
     assert_eq!(c, 200, "still serving after hostile input: {b}");
 }

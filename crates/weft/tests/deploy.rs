@@ -337,6 +337,9 @@ fn install_cni_refuses_bad_input_and_changes_nothing() {
     let (code, _, err) = s.run(&[&format!("--plugin-src={}", s.p("nope").display())]);
     assert_eq!(code, 1);
     assert!(err.contains(&s.p("nope").display().to_string()), "{err}");
+    let (code, _, err) = s.run(&["--plugin-src=/dev/zero"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("/dev/zero: not a regular file"), "{err}");
     let (code, _, err) = s.run(&[&format!("--conf-src={}", s.p("cfg").display())]);
     assert_eq!(code, 1);
     assert!(err.contains("not a regular file"), "{err}");

@@ -26,6 +26,8 @@ pub struct Shared {
     pub bookmark_interval: Duration,
     /// The largest request body accepted.
     pub max_body: usize,
+    /// How long a request body may take to arrive.
+    pub body_timeout: Duration,
     /// The address clients reach the server at (for `/api`'s serverAddressByClientCIDRs).
     pub address: String,
 }
@@ -364,15 +366,19 @@ async fn read_body(sh: &Shared, req: Request<hyper::body::Incoming>) -> Result<V
         return Err(TOO_LARGE);
     }
     let mut stream = Body::new(req.into_body()).into_data_stream();
-    let mut out = Vec::new();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|_| "the request body could not be read")?;
-        if out.len() + chunk.len() > sh.max_body {
-            return Err(TOO_LARGE);
+    let read = async {
+        let mut out = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|_| "the request body could not be read")?;
+            if out.len() + chunk.len() > sh.max_body {
+                return Err(TOO_LARGE);
+            }
+            out.extend_from_slice(&chunk);
         }
-        out.extend_from_slice(&chunk);
-    }
-    Ok(out)
+        Ok(out)
+    };
+    // A client that trickles its body does not hold a request forever.
+    tokio::time::timeout(sh.body_timeout, read).await.unwrap_or(Err("timed out reading the request body"))
 }
 
 async fn read_json(sh: &Shared, req: Request<hyper::body::Incoming>) -> Result<Value, Resp> {

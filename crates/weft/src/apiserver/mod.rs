@@ -42,6 +42,8 @@ pub struct Options {
     pub bookmark_interval: Duration,
     /// The largest request body accepted (the real server's limit is 3 MiB).
     pub max_body: usize,
+    /// How long a request body may take to arrive (the real server's request timeout is 60 s).
+    pub body_timeout: Duration,
 }
 
 impl Options {
@@ -53,6 +55,7 @@ impl Options {
             history: store::DEFAULT_HISTORY,
             bookmark_interval: Duration::from_secs(60),
             max_body: 3 * 1024 * 1024,
+            body_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -99,6 +102,7 @@ fn prepare(opts: &Options) -> Result<Prepared, String> {
         token: creds.token,
         bookmark_interval: opts.bookmark_interval,
         max_body: opts.max_body,
+        body_timeout: opts.body_timeout,
         address: format!("{host}:{}", addr.port()),
     });
     Ok(Prepared { listener, tls, shared, addr })
