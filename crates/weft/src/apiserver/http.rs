@@ -512,26 +512,44 @@ fn list(sh: &Shared, res: &'static Resource, ns: Option<&str>, q: &HashMap<Strin
     if accept.contains("as=Table") {
         return json_response(200, &table(res, &items, snap.rv));
     }
-    let items: Vec<Value> = items
-        .into_iter()
-        .map(|o| {
-            let mut o = o.clone();
-            if let Some(m) = o.as_object_mut() {
-                m.remove("kind");
-                m.remove("apiVersion");
-            }
-            o
-        })
-        .collect();
     let mut meta = json!({"resourceVersion": snap.rv.to_string()});
     if let Some(c) = cont {
         meta["continue"] = json!(c);
         meta["remainingItemCount"] = json!(remaining);
     }
-    json_response(
-        200,
-        &json!({"kind": format!("{}List", res.kind), "apiVersion": res.api_version(), "metadata": meta, "items": items}),
-    )
+    let list = ListBody {
+        kind: format!("{}List", res.kind),
+        api_version: res.api_version(),
+        metadata: meta,
+        items: items.into_iter().map(Untyped).collect(),
+    };
+    let body = serde_json::to_vec(&list).unwrap_or_default();
+    Response::builder().header(header::CONTENT_TYPE, "application/json").body(Body::from(body)).unwrap_or_default()
+}
+
+/// A list response, serialized straight from the stored objects (no copies).
+#[derive(serde::Serialize)]
+struct ListBody<'a> {
+    kind: String,
+    #[serde(rename = "apiVersion")]
+    api_version: String,
+    metadata: Value,
+    items: Vec<Untyped<'a>>,
+}
+
+/// An object without `kind` and `apiVersion`, as list items are sent.
+struct Untyped<'a>(&'a Value);
+
+impl serde::Serialize for Untyped<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let Some(m) = self.0.as_object() else { return self.0.serialize(s) };
+        let mut out = s.serialize_map(None)?;
+        for (k, v) in m.iter().filter(|(k, _)| *k != "kind" && *k != "apiVersion") {
+            out.serialize_entry(k, v)?;
+        }
+        out.end()
+    }
 }
 
 /// A `meta.k8s.io/v1` Table, which `kubectl get` asks for: name and age, plus the
