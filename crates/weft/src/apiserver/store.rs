@@ -827,3 +827,113 @@ impl Store {
 fn namespaces() -> &'static Resource {
     RESOURCES.iter().find(|r| r.plural == "namespaces").expect("namespaces are served")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn res(plural: &str) -> &'static Resource {
+        RESOURCES.iter().find(|r| r.plural == plural).unwrap()
+    }
+
+    fn rv_of(v: &Value) -> u64 {
+        meta_str(v, "resourceVersion").parse().unwrap()
+    }
+
+    #[test]
+    fn a_write_that_changes_nothing_keeps_the_version_and_makes_no_event() {
+        let s = Store::in_memory(100);
+        let n = s
+            .create(res("nodes"), "", json!({"metadata": {"name": "a", "labels": {"x": "1"}}}), WriteOpts::default())
+            .unwrap();
+        let before = s.resource_version();
+        let p = json!({"metadata": {"labels": {"x": "1"}}});
+        let same = s.patch(res("nodes"), "", "a", PatchType::Merge, &p, false, WriteOpts::default()).unwrap();
+        assert_eq!(rv_of(&same), rv_of(&n));
+        assert_eq!(s.resource_version(), before);
+        assert!(s.events_after(before, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn status_writes_change_status_and_for_nodes_metadata_never_spec() {
+        let s = Store::in_memory(100);
+        let w = WriteOpts::default();
+        s.create(res("nodes"), "", json!({"metadata": {"name": "a"}, "spec": {"podCIDR": "10.0.0.0/24"}}), w).unwrap();
+        let p = json!({"metadata": {"annotations": {"k": "v"}}, "spec": {"podCIDR": "9.9.9.0/24"}, "status": {"phase": "Running"}});
+        let n = s.patch(res("nodes"), "", "a", PatchType::Merge, &p, true, w).unwrap();
+        assert_eq!(n["metadata"]["annotations"]["k"], "v");
+        assert_eq!(n["spec"]["podCIDR"], "10.0.0.0/24");
+        assert_eq!(n["status"]["phase"], "Running");
+        // Pods: status only; their metadata is reset as the real server does.
+        s.create(res("pods"), "default", json!({"metadata": {"name": "p"}, "spec": {"containers": []}}), w).unwrap();
+        let p = json!({"metadata": {"labels": {"k": "v"}}, "status": {"podIP": "10.0.0.5"}});
+        let pod = s.patch(res("pods"), "default", "p", PatchType::Merge, &p, true, w).unwrap();
+        assert_eq!(pod["status"]["podIP"], "10.0.0.5");
+        assert!(pod["metadata"].get("labels").is_none());
+        // A resource without a status subresource has no status path.
+        s.create(res("configmaps"), "default", json!({"metadata": {"name": "c"}}), w).unwrap();
+        let e = s.patch(res("configmaps"), "default", "c", PatchType::Merge, &json!({}), true, w).unwrap_err();
+        assert!(matches!(e, ApiError::NotFound { .. }), "{e}");
+    }
+
+    #[test]
+    fn lists_at_an_older_version_are_reconstructed_until_compaction() {
+        let s = Store::in_memory(100);
+        let w = WriteOpts::default();
+        let nodes = res("nodes");
+        s.create(nodes, "", json!({"metadata": {"name": "a"}}), w).unwrap();
+        let at = s.resource_version();
+        s.create(nodes, "", json!({"metadata": {"name": "b"}}), w).unwrap();
+        s.patch(nodes, "", "a", PatchType::Merge, &json!({"metadata": {"labels": {"x": "y"}}}), false, w).unwrap();
+        s.delete(nodes, "", "a", None, false).unwrap();
+        let old = s.list(nodes, None, Some(at)).unwrap();
+        assert_eq!(old.rv, at);
+        assert_eq!(old.items.len(), 1);
+        assert_eq!(old.items[0]["metadata"]["name"], "a");
+        assert!(old.items[0]["metadata"].get("labels").is_none());
+        let now = s.list(nodes, None, None).unwrap();
+        assert_eq!(now.items.len(), 1);
+        assert_eq!(now.items[0]["metadata"]["name"], "b");
+        s.compact();
+        assert!(matches!(s.list(nodes, None, Some(at)), Err(ApiError::Gone { .. })));
+        assert!(matches!(s.events_after(at, 10), Err(ApiError::Gone { .. })));
+        assert!(s.events_after(s.resource_version(), 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_bounded_history_forgets_the_oldest_changes() {
+        let s = Store::in_memory(2);
+        let start = s.resource_version();
+        for n in ["a", "b", "c"] {
+            s.create(res("nodes"), "", json!({"metadata": {"name": n}}), WriteOpts::default()).unwrap();
+        }
+        assert!(
+            matches!(s.events_after(start, 10), Err(ApiError::Gone { requested, oldest }) if requested == start && oldest == start + 1)
+        );
+        let evs = s.events_after(start + 1, 10).unwrap();
+        assert_eq!(evs.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(), ["b", "c"]);
+    }
+
+    #[test]
+    fn a_reopened_store_has_every_object_and_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = WriteOpts::default();
+        let (a, rv) = {
+            let s = Store::open(dir.path(), 10).unwrap();
+            assert!(Store::open(dir.path(), 10).is_err(), "one server per directory");
+            let a = s.create(res("nodes"), "", json!({"metadata": {"name": "a"}}), w).unwrap();
+            s.create(res("nodes"), "", json!({"metadata": {"name": "gone"}}), w).unwrap();
+            s.delete(res("nodes"), "", "gone", None, false).unwrap();
+            (a, s.resource_version())
+        };
+        let s = Store::open(dir.path(), 10).unwrap();
+        assert_eq!(s.resource_version(), rv);
+        assert_eq!(*s.get(res("nodes"), "", "a").unwrap(), *a);
+        assert!(s.get(res("nodes"), "", "gone").is_err());
+        assert_eq!(s.list(res("namespaces"), None, None).unwrap().items.len(), 4, "seeded once, not again");
+        drop(s);
+        std::fs::write(dir.path().join(SNAPSHOT), "garbage").unwrap();
+        let e = Store::open(dir.path(), 10).err().unwrap();
+        assert!(e.contains("not a state file") && e.contains("move it away"), "{e}");
+    }
+}
