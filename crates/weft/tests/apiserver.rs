@@ -867,3 +867,34 @@ fn five_thousand_nodes_page_consistently_while_they_change() {
     assert_eq!(v["items"].as_array().unwrap().len(), 5000);
     assert!(v["metadata"].get("continue").is_none());
 }
+
+#[test]
+fn stopping_the_server_ends_open_watches_and_a_new_one_serves_the_same_state() {
+    let mut lab = Lab::new("stp").start(|_| {});
+    assert!(lab.kubectl_stdin(&["create", "-f", "-"], &node_json("s1", "10.244.6.0/24")).status.success());
+    let kubeconfig = std::fs::read_to_string(lab.kubeconfig()).unwrap();
+    let mut watch = lab
+        .ns
+        .command("curl")
+        .args(["-sS", "-N", "--cacert"])
+        .arg(lab.state().join("ca.crt"))
+        .args(["-H", &format!("Authorization: Bearer {}", lab.token())])
+        .arg("https://127.0.0.1:6443/api/v1/nodes?watch=1&timeoutSeconds=600")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The watch is open once it delivered the initial ADDED.
+    let mut out = watch.stdout.take().unwrap();
+    let mut first = [0u8; 16];
+    use std::io::Read;
+    out.read_exact(&mut first).unwrap();
+    assert!(first.starts_with(b"{\"type\":\"ADDED\""), "{}", String::from_utf8_lossy(&first));
+    let stopped = std::time::Instant::now();
+    lab.srv.take().unwrap().stop();
+    common::wait_for(Duration::from_secs(10), "the watch to end", || watch.try_wait().unwrap());
+    assert!(stopped.elapsed() < Duration::from_secs(10));
+    let lab = lab.start(|_| {});
+    assert_eq!(std::fs::read_to_string(lab.kubeconfig()).unwrap(), kubeconfig, "clients keep their kubeconfig");
+    assert_eq!(lab.node("s1")["spec"]["podCIDR"], "10.244.6.0/24");
+}
