@@ -391,6 +391,9 @@ fn a_watch_or_continue_from_a_forgotten_version_gets_410_gone() {
         lab.curl(&[&format!("https://127.0.0.1:6443/api/v1/nodes?resourceVersion={rv}&resourceVersionMatch=Exact")]);
     assert_eq!(code, 410, "{body}");
 
+    // A version the server never had (state wiped) is expired too: the client re-lists.
+    let (_, body) = lab.curl(&["https://127.0.0.1:6443/api/v1/nodes?watch=1&resourceVersion=999999&timeoutSeconds=1"]);
+    assert_eq!(watch_events(&body)[0]["object"]["code"], 410, "{body}");
     // Compaction by the admin endpoint: the newest version still watches, one before it does not.
     let (code, body) = lab.curl(&["-X", "POST", "https://127.0.0.1:6443/weft-test/compact"]);
     assert_eq!(code, 200, "{body}");

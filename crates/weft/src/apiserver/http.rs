@@ -673,6 +673,16 @@ fn watch(
         let in_scope =
             |e_res: &Resource, e_ns: &str| std::ptr::eq(e_res, res) && ns.as_deref().is_none_or(|n| n == e_ns);
         let mut last = match (start, initial) {
+            (Some(rv), false) if rv > store.resource_version() => {
+                // A version this server never had (its state was wiped or replaced): the
+                // client must re-list, or it would wait for versions that mean other things.
+                let msg = format!(
+                    "too new resource version: {rv} (the server is at {}); list again",
+                    store.resource_version()
+                );
+                let _ = tx.send(line("ERROR", &status_value(410, "Expired", &msg))).await;
+                return;
+            }
             (Some(rv), false) => rv,
             _ => {
                 let snap = match store.list(res, ns.as_deref(), None) {

@@ -13,6 +13,8 @@
 //! Forcing `410 Gone`: keep few events (`--history N`: a watch or continue from a version
 //! older than the last N changes gets 410), or compact now: `POST /weft-test/compact` (with
 //! the token), `kill -USR1 <pid>` for the process, or [`ApiServer::compact`] in-process.
+//! A watch from a version newer than the server's (its state was wiped) also gets 410, so
+//! that the client re-lists instead of waiting for versions that mean something else.
 
 pub mod certs;
 pub mod http;
