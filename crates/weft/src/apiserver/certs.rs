@@ -38,9 +38,7 @@ fn openssl(dir: &Path, args: &[&str]) -> Result<(), String> {
 
 /// The subjectAltNames of the server certificate for `ip`.
 fn sans(ip: &str) -> String {
-    let mut s = format!("IP:{ip},IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default");
-    s.push_str(",DNS:kubernetes.default.svc");
-    s
+    format!("IP:{ip},IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc")
 }
 
 /// Makes (or reuses) the CA, the server certificate for `ip` and the token in `dir`.
