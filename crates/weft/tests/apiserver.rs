@@ -729,6 +729,19 @@ fn kube_rs_lists_watches_and_patches_status() {
                 }
             }
             assert_eq!(seen.len(), 2, "Init and one InitApply: {seen:?}");
+            // The streaming list (sendInitialEvents + the initial-events-end bookmark) as well.
+            let mut s = watcher(api.clone(), watcher::Config::default().streaming_lists()).boxed();
+            let mut streamed = Vec::new();
+            loop {
+                match tokio::time::timeout(Duration::from_secs(10), s.try_next()).await {
+                    Ok(Ok(Some(watcher::Event::InitDone))) => break,
+                    Ok(Ok(Some(watcher::Event::InitApply(n)))) => streamed.push(n.metadata.name.unwrap()),
+                    Ok(Ok(Some(watcher::Event::Init))) => {}
+                    other => panic!("streaming watcher: {other:?}"),
+                }
+            }
+            assert_eq!(streamed, ["k1"]);
+            drop(s);
             srv_store.delete(nodes, "", "k1", None, false).unwrap();
             match tokio::time::timeout(Duration::from_secs(10), w.try_next()).await {
                 Ok(Ok(Some(watcher::Event::Delete(n)))) => assert_eq!(n.metadata.name.as_deref(), Some("k1")),
