@@ -160,7 +160,11 @@ fn the_pieces_fit_together() {
     // The DaemonSet.
     let ds = doc(&docs, "DaemonSet");
     let pod = &ds["spec"]["template"]["spec"];
-    assert_eq!(ds["spec"]["selector"]["matchLabels"]["app"], ds["spec"]["template"]["metadata"]["labels"]["app"]);
+    // flannel's name and (immutable) selector: applying this over kube-flannel.yml is a rolling update.
+    assert_eq!(ds["metadata"]["name"], "kube-flannel-ds");
+    assert_eq!(ds["spec"]["selector"], json!({"matchLabels": {"app": "flannel"}}));
+    assert_eq!(ds["spec"]["template"]["metadata"]["labels"]["app"], "flannel");
+    assert_eq!(ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"], 1);
     assert_eq!(pod["hostNetwork"], true);
     assert_eq!(pod["serviceAccountName"], sa["metadata"]["name"]);
     assert_eq!(pod["priorityClassName"], "system-node-critical");
