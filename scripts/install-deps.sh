@@ -19,4 +19,7 @@ fi
 if [[ " ${missing[*]-} " == *" etcd-server "* ]] && command -v systemctl >/dev/null 2>&1; then
   systemctl stop etcd >/dev/null 2>&1 || true
 fi
+# tests/apiserver.rs drives the test API server with kubectl: an upstream kubectl 1.32 binary
+# (not installed from apt here).
+command -v kubectl >/dev/null 2>&1 || echo "note: kubectl not found; tests/apiserver.rs needs kubectl 1.32 in PATH" >&2
 exit 0

@@ -3,6 +3,7 @@
 //! This crate holds everything with effects (store clients, netlink, HTTP, processes); the
 //! decisions it acts on come from `weft-core`.
 
+pub mod apiserver;
 pub mod backend;
 pub mod cli;
 pub mod cni;
@@ -10,6 +11,7 @@ pub mod daemon;
 pub mod firewall;
 pub mod fsutil;
 pub mod host;
+pub mod install_cni;
 pub mod kernel;
 pub mod lab;
 pub mod leases;

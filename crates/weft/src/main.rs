@@ -8,7 +8,7 @@ use weft_core::flags;
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 fn usage() -> String {
-    "Usage: weft <command> [flags]\n\nCommands:\n  daemon   run the per-host agent (flanneld's job); see weft daemon --help\n  leases   list the subnet leases of a store; see weft leases --help\n  lab      a whole cluster in network namespaces on this machine; see weft lab help\n  version  print the version\n".into()
+    "Usage: weft <command> [flags]\n\nCommands:\n  daemon   run the per-host agent (flanneld's job); see weft daemon --help\n  leases   list the subnet leases of a store; see weft leases --help\n  install-cni  install the CNI plugin and conflist (the DaemonSet's init step); see weft install-cni --help\n  lab      a whole cluster in network namespaces on this machine; see weft lab help\n  version  print the version\n".into()
 }
 
 fn init_logging(verbosity: u64) {
@@ -103,6 +103,67 @@ fn leases(args: &[String]) -> ExitCode {
     }
 }
 
+/// `weft install-cni`: the DaemonSet's init step.
+fn install_cni(args: &[String]) -> ExitCode {
+    use weft::install_cni::{self as ic, InstallError, Step};
+    let opts = match ic::parse(args) {
+        Ok(Some(o)) => o,
+        Ok(None) => {
+            print!("{}", ic::usage());
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("weft install-cni: {e}\n\n{}", ic::usage());
+            return ExitCode::from(2);
+        }
+    };
+    match ic::run(&opts) {
+        Ok((plugin, conf)) => {
+            let say = |what: &str, step: Step, dest: &Option<std::path::PathBuf>| {
+                if let Some(d) = dest {
+                    let verb = if step == Step::Installed { "installed" } else { "already up to date:" };
+                    println!("weft install-cni: {what} {verb} {}", d.display());
+                }
+            };
+            say("plugin", plugin, &opts.plugin_dest);
+            say("conflist", conf, &opts.conf_dest);
+            ExitCode::SUCCESS
+        }
+        Err(e @ InstallError::Usage(_)) => {
+            eprintln!("weft install-cni: {e}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("weft install-cni: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `weft test-apiserver` (hidden): the small Kubernetes API server of tests and the lab.
+fn test_apiserver(args: &[String]) -> ExitCode {
+    let opts = match weft::apiserver::parse_args(args) {
+        Ok(Some(o)) => o,
+        Ok(None) => {
+            print!("{}", weft::apiserver::usage());
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("weft test-apiserver: {e}\n\n{}", weft::apiserver::usage());
+            return ExitCode::from(2);
+        }
+    };
+    die_on_broken_pipe(false);
+    init_logging(0);
+    match runtime().block_on(weft::apiserver::run(opts)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weft test-apiserver: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 /// The CNI plugin: runtimes run us with `CNI_COMMAND` set, whatever our name.
 fn cni_plugin() -> ExitCode {
     tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(false).with_max_level(tracing::Level::WARN).init();
@@ -129,6 +190,8 @@ fn main() -> ExitCode {
     match args.get(1).map(String::as_str) {
         Some("daemon") => daemon(&args[2..]),
         Some("leases") => leases(&args[2..]),
+        Some("test-apiserver") => test_apiserver(&args[2..]),
+        Some("install-cni") => install_cni(&args[2..]),
         Some("lab") => {
             init_logging(0);
             ExitCode::from(weft::lab::run(&args[2..]))
