@@ -14,8 +14,8 @@ use super::render::{TABLE, comment, forward_rules, group_rules};
 /// The table as the kernel lists it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KernelTable {
-    /// The table's comment.
-    pub comment: String,
+    /// The table's comment (nft 1.0.6 leaves it out of its JSON; later versions print it).
+    pub comment: Option<String>,
     /// Maps and sets, read back into the compiler's structure (node left empty).
     pub ruleset: Ruleset,
     /// Chain name → its rules, each summarised as the list of its statement kinds
@@ -107,7 +107,7 @@ impl KernelTable {
         for item in items {
             if let Some(table) = item.get("table") {
                 if table["name"] == TABLE {
-                    t.comment = table["comment"].as_str().unwrap_or_default().to_string();
+                    t.comment = table["comment"].as_str().map(String::from);
                 }
             } else if let Some(map) = item.get("map") {
                 let name = map["name"].as_str().unwrap_or_default();
@@ -173,12 +173,12 @@ impl KernelTable {
         Ok(t)
     }
 
-    /// Whether the kernel holds exactly `desired`: same comment, same elements in every map
+    /// Whether the kernel holds exactly `desired`: same comment (when listed), same elements in every map
     /// and set, the same chains with the same number of rules, each group chain ending in
     /// `drop`. (Rule text is owned by [`super::render`]; a rule someone edited in place
     /// with the same statement kinds is not detected.)
     pub fn matches(&self, desired: &Ruleset) -> bool {
-        if self.comment != comment(desired) {
+        if self.comment.as_ref().is_some_and(|c| *c != comment(desired)) {
             return false;
         }
         if self.ruleset.ingress != desired.ingress || self.ruleset.egress != desired.egress {
