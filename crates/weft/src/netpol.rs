@@ -253,14 +253,16 @@ impl PolicyTable {
     }
 
     /// Makes the kernel hold `rs`. A ruleset equal to the last one applied costs nothing
-    /// (a change elsewhere in the cluster that does not affect this node's pods); otherwise
-    /// the kernel's table is read and, if it differs, replaced in one atomic transaction.
-    /// `Ok(true)` when a transaction ran.
+    /// (a change elsewhere in the cluster that does not affect this node's pods); a
+    /// different one is written in one atomic transaction. Before the first write (a
+    /// restarted daemon) the kernel's table is read, and left alone if it already holds
+    /// `rs`. `Ok(true)` when a transaction ran.
     pub async fn update(&mut self, rs: &Ruleset) -> Result<bool, FirewallError> {
-        if self.applied.as_ref() == Some(rs) {
-            return Ok(false);
+        match &self.applied {
+            Some(prev) if prev == rs => Ok(false),
+            Some(_) => self.write(rs).await,
+            None => self.write_if_different(rs).await,
         }
-        self.write_if_different(rs).await
     }
 
     /// Re-checks the kernel against the last ruleset applied and repairs drift (a set,
@@ -277,8 +279,12 @@ impl PolicyTable {
             self.applied = Some(rs.clone());
             return Ok(false);
         }
+        self.write(rs).await
+    }
+
+    async fn write(&mut self, rs: &Ruleset) -> Result<bool, FirewallError> {
         // Forget what was applied first: a failed transaction leaves the old table intact,
-        // and the next update must retry.
+        // and the next update must read the kernel and retry.
         self.applied = None;
         nft(&["-f", "-"], Some(&render(rs))).await?;
         self.transactions += 1;
