@@ -699,3 +699,34 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    /// Whatever arrives from the API (or a hostile client of it), parsing never panics and
+    /// what it accepts is within the API's bounds.
+    #[test]
+    fn hostile_values_never_panic(
+        cidr in "[0-9a-fA-F:./ x-]{0,45}",
+        except in prop::collection::vec("[0-9a-f:./]{0,45}", 0..3),
+        op in ".{0,12}",
+        proto in prop::option::of(".{0,6}"),
+        port in prop::option::of(prop_oneof![any::<i64>().prop_map(PortRef::Number), ".{0,20}".prop_map(PortRef::Name)]),
+        end in prop::option::of(any::<i64>()),
+        listing in ".{0,200}",
+    ) {
+        if let Ok(b) = IpBlock::parse(&cidr, &except) {
+            for e in &b.except {
+                prop_assert!(b.cidr.contains(e) && e.prefix_len() > b.cidr.prefix_len());
+            }
+        }
+        let _ = Operator::parse(&op);
+        if let Ok(p) = PolicyPort::new(proto.as_deref(), port, end) {
+            match p.port {
+                PortMatch::Range(a, z) => prop_assert!(a >= 1 && a <= z),
+                PortMatch::Named(n) => prop_assert!(valid_port_name(&n)),
+                PortMatch::Any => {}
+            }
+        }
+        let _ = KernelTable::parse(&listing);
+        let _ = KernelTable::parse(&format!("{{\"nftables\": [{listing}]}}"));
+    }
+}
