@@ -196,21 +196,23 @@ pub fn block_ranges(b: &IpBlock, out: &mut Vec<(Fam, u128, u128)>) {
     out.extend(parts.into_iter().map(|(a, z)| (f, a, z)));
 }
 
-fn resolve<'a>(c: &Cluster, owners: &BTreeMap<IpAddr, &'a Pod>, policy_ns: &str, rule: &'a Rule) -> Remote<'a> {
+/// Owned addresses grouped by namespace, so a peer looks only at the namespaces it selects.
+type ByNamespace<'a> = BTreeMap<&'a str, Vec<(IpAddr, &'a Pod)>>;
+
+fn resolve<'a>(c: &Cluster, by_ns: &ByNamespace<'a>, policy_ns: &str, rule: &'a Rule) -> Remote<'a> {
     let mut r = Remote { everything: rule.peers.is_empty(), pods: Vec::new(), blocks: Vec::new() };
-    let mut ns_cache: BTreeMap<&str, bool> = BTreeMap::new();
     for peer in &rule.peers {
         match peer {
             Peer::Block(b) => r.blocks.push(b),
             Peer::Pods { pods, namespaces } => {
-                ns_cache.clear();
-                for (ip, p) in owners {
-                    let ns_ok = *ns_cache.entry(p.namespace.as_str()).or_insert_with(|| match namespaces {
-                        None => p.namespace == policy_ns,
-                        Some(sel) => sel.matches(&c.namespace_labels(&p.namespace)),
-                    });
-                    if ns_ok && pods.as_ref().is_none_or(|s| s.matches(&p.labels)) {
-                        r.pods.push((*ip, *p));
+                for (ns, members) in by_ns {
+                    let ns_ok = match namespaces {
+                        None => *ns == policy_ns,
+                        Some(sel) => sel.matches(&c.namespace_labels(ns)),
+                    };
+                    if ns_ok {
+                        r.pods
+                            .extend(members.iter().filter(|(_, p)| pods.as_ref().is_none_or(|s| s.matches(&p.labels))));
                     }
                 }
             }
@@ -372,10 +374,16 @@ fn rectangles(mut rects: Vec<Rect>) -> Vec<Segment> {
 /// Compiles the policy of node `node`: entries for the pods on that node only.
 pub fn compile(c: &Cluster, node: &str) -> Ruleset {
     let owners = owners(c);
+    let mut by_ns: ByNamespace = BTreeMap::new();
+    for (ip, p) in &owners {
+        by_ns.entry(p.namespace.as_str()).or_default().push((*ip, *p));
+    }
     let mut rs = Ruleset { node: node.to_string(), ..Default::default() };
     for dir in [Direction::Ingress, Direction::Egress] {
-        // Remote sides are resolved once per (policy, rule), not per local pod.
-        let mut remotes: BTreeMap<(usize, usize), Remote> = BTreeMap::new();
+        // Remote sides are resolved once per distinct peer list (many policies share one,
+        // e.g. "all namespaces" for DNS), not per local pod. The policy's namespace is part
+        // of the key only when a peer refers to it.
+        let mut remotes: BTreeMap<(&str, &[Peer]), Remote> = BTreeMap::new();
         let mut memo: BTreeMap<(Vec<usize>, Vec<ContainerPort>), usize> = BTreeMap::new();
         let mut index: BTreeMap<Group, usize> = BTreeMap::new();
         let out = match dir {
@@ -415,8 +423,10 @@ pub fn compile(c: &Cluster, node: &str) -> Ruleset {
             let mut raw = Raw::default();
             for &pi in &key.0 {
                 let p = &c.policies[pi];
-                for (ri, rule) in p.rules(dir).unwrap_or_default().iter().enumerate() {
-                    let remote = remotes.entry((pi, ri)).or_insert_with(|| resolve(c, &owners, &p.namespace, rule));
+                for rule in p.rules(dir).unwrap_or_default() {
+                    let own_ns = rule.peers.iter().any(|peer| matches!(peer, Peer::Pods { namespaces: None, .. }));
+                    let key = (if own_ns { p.namespace.as_str() } else { "" }, rule.peers.as_slice());
+                    let remote = remotes.entry(key).or_insert_with(|| resolve(c, &by_ns, &p.namespace, rule));
                     raw.add_rule(dir, pod, rule, remote, &owners);
                 }
             }
