@@ -13,6 +13,7 @@ pub mod flags;
 pub mod iface;
 pub mod ipam;
 pub mod lease;
+pub mod netpol;
 pub mod packet;
 pub mod plan;
 pub mod schedule;
