@@ -7,6 +7,7 @@
 
 mod common;
 
+use std::net::{Ipv4Addr, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Child, Stdio};
@@ -77,9 +78,9 @@ fn tcp_stream(server: &weft::lab::netns::Netns, client: &weft::lab::netns::Netns
     v["end"]["sum_received"]["bytes"].as_u64().unwrap_or_else(|| panic!("no received bytes in {out}"))
 }
 
-/// UDP payloads to or from port 51820 seen on the LAN's bridge ports for `secs`, read
-/// with an AF_PACKET socket inside the LAN namespace.
-fn capture(lan: String, secs: u64) -> std::thread::JoinHandle<Vec<Vec<u8>>> {
+/// UDP payloads to or from port 51820 seen on the LAN's bridge ports for `secs`, with
+/// their destination address, read with an AF_PACKET socket inside the LAN namespace.
+fn capture(lan: String, secs: u64) -> std::thread::JoinHandle<Vec<(Ipv4Addr, Vec<u8>)>> {
     std::thread::spawn(move || {
         weft::lab::netns::in_netns(&lan, move || {
             // SAFETY: socket(2) with constant arguments; the result is checked and owned.
@@ -121,7 +122,8 @@ fn capture(lan: String, secs: u64) -> std::thread::JoinHandle<Vec<Vec<u8>>> {
                 let (sport, dport) =
                     (u16::from_be_bytes([f[udp], f[udp + 1]]), u16::from_be_bytes([f[udp + 2], f[udp + 3]]));
                 if sport == 51820 || dport == 51820 {
-                    out.push(f[udp + 8..].to_vec());
+                    let dst = Ipv4Addr::new(f[30], f[31], f[32], f[33]);
+                    out.push((dst, f[udp + 8..].to_vec()));
                 }
             }
             out
@@ -248,14 +250,52 @@ fn interop_with_wireguard_go_encrypted_both_ways_and_a_deleted_lease_ends_it() {
     assert!(ping(h1, &b_ip, "5", &["-s", "200", "-p", &hex]));
     assert!(ping(h2, &a_ip, "5", &["-s", "200", "-p", &hex]));
     let seen = cap.join().unwrap();
-    let data: Vec<&Vec<u8>> = seen.iter().filter(|p| p.first() == Some(&4) && p.len() >= 200).collect();
+    let data: Vec<&Vec<u8>> = seen.iter().map(|(_, p)| p).filter(|p| p.first() == Some(&4) && p.len() >= 200).collect();
     assert!(data.len() >= 10, "captured {} WireGuard data datagrams of {} on port 51820", data.len(), seen.len());
     assert!(
-        !seen.iter().any(|p| p.windows(pattern.len()).any(|w| w == pattern)),
+        !seen.iter().any(|(_, p)| p.windows(pattern.len()).any(|w| w == pattern)),
         "a ping payload crossed the LAN in clear"
     );
+
+    // An attacker on the LAN replays one of wireguard-go's datagrams to weft, and sends a
+    // forged one (a fresh counter, so only the tag can give it away): both dropped, by
+    // reason, and the peer's endpoint is not hijacked.
+    let to_a: Vec<u8> = seen
+        .iter()
+        .find(|(dst, p)| *dst == Ipv4Addr::new(192, 0, 2, 11) && p.first() == Some(&4) && p.len() >= 200)
+        .map(|(_, p)| p.clone())
+        .expect("a data datagram from wireguard-go to weft");
+    let mut forged = to_a.clone();
+    let counter = u64::from_le_bytes(forged[8..16].try_into().unwrap()) + 1_000;
+    forged[8..16].copy_from_slice(&counter.to_le_bytes());
+    let (replay0, auth0) = (
+        metric(&c, r#"weft_wireguard_drops_total{reason="replay"}"#),
+        metric(&c, r#"weft_wireguard_drops_total{reason="auth_failure"}"#),
+    );
+    weft::lab::netns::in_netns(&c.lan.ns.name, move || {
+        let s = UdpSocket::bind("192.0.2.1:0").unwrap();
+        s.send_to(&to_a, "192.0.2.11:51820").unwrap();
+        s.send_to(&forged, "192.0.2.11:51820").unwrap();
+    })
+    .unwrap();
+    wait_for(Duration::from_secs(5), "the replay and the forgery to be counted", || {
+        (metric(&c, r#"weft_wireguard_drops_total{reason="replay"}"#) > replay0
+            && metric(&c, r#"weft_wireguard_drops_total{reason="auth_failure"}"#) > auth0)
+            .then_some(())
+    });
+    assert!(ping(h1, &b_ip, "3", &[]), "the peer's endpoint survived the attacker's datagrams");
     assert_eq!(metric(&c, r#"weft_wireguard_path{path="userspace"}"#), 1);
     assert!(metric(&c, r#"weft_wireguard_packets_total{kind="rx"}"#) > 0);
+
+    // flannel-wg deleted behind weft's back: re-created, re-addressed, routed, and the
+    // sessions carry on.
+    h1.ip(&["link", "del", "flannel-wg"]).unwrap();
+    wait_for(Duration::from_secs(20), "traffic after flannel-wg was re-created", || {
+        ping(h1, &b_ip, "1", &[]).then_some(())
+    });
+    assert!(ping(h2, &a_ip, "3", &[]), "wireguard-go → weft after the repair");
+    let routes = h1.exec("ip", &["route", "show", "dev", "flannel-wg"]).unwrap();
+    assert!(routes.contains("10.5.0.0/16 scope link"), "{routes}");
 
     // The peer's lease deleted: neither side gets through any more.
     let unknown_before = metric(&c, r#"weft_wireguard_drops_total{reason="unknown_key"}"#);

@@ -106,8 +106,7 @@ impl Kernel {
     /// deletes it again. `Err` carries the kernel's answer (no module: "operation not
     /// supported").
     pub async fn probe_wireguard(&self, name: &str) -> Result<(), KernelError> {
-        let msg = LinkUnspec::new_with_name(name).build();
-        let mut msg = msg;
+        let mut msg = LinkUnspec::new_with_name(name).build();
         msg.attributes.push(LinkAttribute::LinkInfo(vec![netlink_packet_route::link::LinkInfo::Kind(
             netlink_packet_route::link::InfoKind::Wireguard,
         )]));
@@ -123,21 +122,6 @@ impl Kernel {
         let Some(l) = by_name(&self.handle, name).await? else { return Ok(false) };
         self.handle.link().del(l.header.index).execute().await.map_err(err(format!("delete {name}")))?;
         Ok(true)
-    }
-
-    /// The kind of link `name` (`tun`, `wireguard`, `vxlan`, …), if it exists and says.
-    pub async fn link_kind(&self, name: &str) -> Result<Option<String>, KernelError> {
-        let Some(l) = by_name(&self.handle, name).await? else { return Ok(None) };
-        for a in &l.attributes {
-            if let LinkAttribute::LinkInfo(infos) = a {
-                for i in infos {
-                    if let netlink_packet_route::link::LinkInfo::Kind(k) = i {
-                        return Ok(Some(k.to_string()));
-                    }
-                }
-            }
-        }
-        Ok(None)
     }
 
     /// Routes all of `network` to device `index` (`scope link proto boot`) unless a route

@@ -691,7 +691,9 @@ impl NetToTun {
                 for d in recv[..n].chunks(seg.max(1)) {
                     let b = &mut bufs[staged];
                     b.clear();
-                    b.resize(off + PACKET, 0);
+                    // Plaintext is never longer than its datagram (a handshake answer is shorter
+                    // than an initiation).
+                    b.resize(off + d.len().max(HANDSHAKE_INIT), 0);
                     if let Some(len) = self.datagram(&table, d, from, &mut b[off..], &mut scratch) {
                         b.truncate(off + len);
                         staged += 1;
