@@ -34,6 +34,10 @@ fn require_tools() {
     }
 }
 
+/// wireguard-go's control socket (`/var/run/wireguard/flannel-wg.sock`) is one file for
+/// every namespace: the tests that run it take turns.
+static WIREGUARD_GO: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// A process killed on drop.
 struct Proc(Child);
 
@@ -132,48 +136,10 @@ fn capture(lan: String, secs: u64) -> std::thread::JoinHandle<Vec<(Ipv4Addr, Vec
     })
 }
 
-fn metric(c: &Cluster, name: &str) -> i64 {
-    c.metric(0, &format!("{name} ")).unwrap_or(0)
-}
-
-#[test]
-fn interop_with_wireguard_go_encrypted_both_ways_and_a_deleted_lease_ends_it() {
-    require_tools();
-    let c = cluster("wgi", 2, &config());
-    let key_file = c.dir.join("a.wgkey");
-    let _a = start_weft(&c, &key_file);
-    let env = c.wait_env(0);
-    assert!(env.contains("FLANNEL_MTU=1420\n"), "{env}");
-    let a_ip = subnet_base(&env);
-
-    // The key: generated, 0400, and A's lease carries its public key byte for byte as
-    // flanneld writes it.
-    let mode = std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode, 0o400);
-    let a_pub = c.hosts[0].exec("sh", &["-c", &format!("wg pubkey < {}", key_file.display())]).unwrap();
-    let a_pub = a_pub.trim();
-    let a_key = format!("{PREFIX}/subnets/{}-24", a_ip);
-    assert_eq!(
-        c.etcd.etcdctl(&["get", "--print-value-only", &a_key]).unwrap().trim(),
-        format!(
-            r#"{{"PublicIP":"192.0.2.11","PublicIPv6":null,"BackendType":"wireguard","BackendData":{{"PublicKey":"{a_pub}","Port":51820}}}}"#
-        )
-    );
-    let log = std::fs::read_to_string(c.dir.join(format!("{}.log", c.hosts[0].name))).unwrap_or_default();
-    let private = std::fs::read_to_string(&key_file).unwrap();
-    assert!(!log.contains(private.trim()), "the private key reached the log");
-    assert!(log.contains("wireguard path: userspace"), "{log}");
-
-    // flannel-wg as flanneld makes it: MTU, address, the network's route.
-    let h1 = &c.hosts[0];
-    let link: serde_json::Value =
-        serde_json::from_str(&h1.exec("ip", &["-j", "-d", "addr", "show", "flannel-wg"]).unwrap()).unwrap();
-    assert_eq!(link[0]["mtu"], 1420);
-    assert_eq!(link[0]["addr_info"][0]["local"], a_ip.as_str(), "{link}");
-    let routes = h1.exec("ip", &["route", "show", "dev", "flannel-wg"]).unwrap();
-    assert!(routes.contains("10.5.0.0/16 scope link"), "{routes}");
-
-    // Host 2: wireguard-go, set up from its lease as flanneld would.
+/// Host 2 as flanneld would set it up from its lease, on wireguard-go: the device, key,
+/// port, weft's host as the peer (PSK, endpoint, allowed IPs), address and route; its lease
+/// written to etcd. Returns the process, host 2's overlay address and its lease key.
+fn wireguard_go(c: &Cluster, a_ip: &str, a_pub: &str) -> (Proc, String, String) {
     let h2 = &c.hosts[1];
     let b_third = if a_ip == "10.5.200.0" { 201 } else { 200 };
     let b_ip = format!("10.5.{b_third}.0");
@@ -181,7 +147,7 @@ fn interop_with_wireguard_go_encrypted_both_ways_and_a_deleted_lease_ends_it() {
     let b_pub = h2.exec("sh", &["-c", &format!("echo {b_priv} | wg pubkey")]).unwrap().trim().to_string();
     std::fs::write(c.dir.join("b.key"), &b_priv).unwrap();
     std::fs::write(c.dir.join("psk"), PSK).unwrap();
-    let _wg = Proc(
+    let wg = Proc(
         h2.command("wireguard-go")
             .args(["-f", "flannel-wg"])
             .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")
@@ -226,6 +192,55 @@ fn interop_with_wireguard_go_encrypted_both_ways_and_a_deleted_lease_ends_it() {
         r#"{{"PublicIP":"192.0.2.12","PublicIPv6":null,"BackendType":"wireguard","BackendData":{{"PublicKey":"{b_pub}","Port":51820}}}}"#
     );
     c.etcd.etcdctl(&["put", &b_key, &b_lease]).unwrap();
+
+    (wg, b_ip, b_key)
+}
+
+fn metric(c: &Cluster, name: &str) -> i64 {
+    c.metric(0, &format!("{name} ")).unwrap_or(0)
+}
+
+#[test]
+fn interop_with_wireguard_go_encrypted_both_ways_and_a_deleted_lease_ends_it() {
+    require_tools();
+    let _turn = WIREGUARD_GO.lock().unwrap_or_else(|p| p.into_inner());
+    let c = cluster("wgi", 2, &config());
+    let key_file = c.dir.join("a.wgkey");
+    let _a = start_weft(&c, &key_file);
+    let env = c.wait_env(0);
+    assert!(env.contains("FLANNEL_MTU=1420\n"), "{env}");
+    let a_ip = subnet_base(&env);
+
+    // The key: generated, 0400, and A's lease carries its public key byte for byte as
+    // flanneld writes it.
+    let mode = std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o400);
+    let a_pub = c.hosts[0].exec("sh", &["-c", &format!("wg pubkey < {}", key_file.display())]).unwrap();
+    let a_pub = a_pub.trim();
+    let a_key = format!("{PREFIX}/subnets/{}-24", a_ip);
+    assert_eq!(
+        c.etcd.etcdctl(&["get", "--print-value-only", &a_key]).unwrap().trim(),
+        format!(
+            r#"{{"PublicIP":"192.0.2.11","PublicIPv6":null,"BackendType":"wireguard","BackendData":{{"PublicKey":"{a_pub}","Port":51820}}}}"#
+        )
+    );
+    let log = std::fs::read_to_string(c.dir.join(format!("{}.log", c.hosts[0].name))).unwrap_or_default();
+    let private = std::fs::read_to_string(&key_file).unwrap();
+    assert!(!log.contains(private.trim()), "the private key reached the log");
+    assert!(log.contains("wireguard path: userspace"), "{log}");
+
+    // flannel-wg as flanneld makes it: MTU, address, the network's route.
+    let h1 = &c.hosts[0];
+    let link: serde_json::Value =
+        serde_json::from_str(&h1.exec("ip", &["-j", "-d", "addr", "show", "flannel-wg"]).unwrap()).unwrap();
+    assert_eq!(link[0]["mtu"], 1420);
+    assert_eq!(link[0]["addr_info"][0]["local"], a_ip.as_str(), "{link}");
+    let routes = h1.exec("ip", &["route", "show", "dev", "flannel-wg"]).unwrap();
+    assert!(routes.contains("10.5.0.0/16 scope link"), "{routes}");
+
+    // Host 2: wireguard-go, set up from its lease as flanneld would.
+    let h2 = &c.hosts[1];
+    let (_wg, b_ip, b_key) = wireguard_go(&c, &a_ip, a_pub);
 
     // Pings both ways (the first from weft starts the handshake).
     wait_for(Duration::from_secs(20), "a first ping from weft to wireguard-go", || {
@@ -322,4 +337,41 @@ fn a_malformed_key_file_stops_the_daemon_and_is_left_alone() {
     assert!(log.contains("is not a key") && log.contains("delete it"), "{log}");
     assert_eq!(std::fs::read_to_string(&key_file).unwrap(), "this is not a key\n", "never overwritten");
     assert!(!common::links(&c.hosts[0]).contains(&"flannel-wg".to_string()));
+}
+
+#[test]
+fn traffic_flows_across_a_rekey() {
+    require_tools();
+    let _turn = WIREGUARD_GO.lock().unwrap_or_else(|p| p.into_inner());
+    let c = cluster("wgl", 2, &config());
+    let key_file = c.dir.join("a.wgkey");
+    let _a = start_weft(&c, &key_file);
+    let a_ip = subnet_base(&c.wait_env(0));
+    let a_pub = c.hosts[0].exec("sh", &["-c", &format!("wg pubkey < {}", key_file.display())]).unwrap();
+    let (h1, h2) = (&c.hosts[0], &c.hosts[1]);
+    let (_wg, b_ip, _) = wireguard_go(&c, &a_ip, a_pub.trim());
+    wait_for(Duration::from_secs(20), "a first ping from weft to wireguard-go", || {
+        ping(h1, &b_ip, "1", &[]).then_some(())
+    });
+    let handshakes = |ns: &weft::lab::netns::Netns| -> u64 {
+        let out = ns.exec("wg", &["show", "flannel-wg", "latest-handshakes"]).unwrap();
+        out.split_whitespace().nth(1).and_then(|t| t.parse().ok()).unwrap_or(0)
+    };
+    let first = handshakes(h2);
+    assert!(first > 0, "no handshake yet");
+    let sent_before = metric(&c, r#"weft_wireguard_packets_total{kind="handshake_sent"}"#)
+        + metric(&c, r#"weft_wireguard_packets_total{kind="handshake_received"}"#);
+    // WireGuard rekeys a session after 120 s of use: ping both ways for 135 s.
+    let back = h2.command("ping").args(["-q", "-c", "270", "-i", "0.5", &a_ip]).stdout(Stdio::piped()).spawn().unwrap();
+    let out = h1.exec("ping", &["-q", "-c", "270", "-i", "0.5", &b_ip]).unwrap_or_else(|e| e.to_string());
+    let back = String::from_utf8_lossy(&back.wait_with_output().unwrap().stdout).to_string();
+    let received = |s: &str| -> u64 {
+        s.split(',').find_map(|p| p.trim().strip_suffix(" received").and_then(|n| n.parse().ok())).unwrap_or(0)
+    };
+    assert!(received(&out) >= 265, "weft → wireguard-go across the rekey: {out}");
+    assert!(received(&back) >= 265, "wireguard-go → weft across the rekey: {back}");
+    assert!(handshakes(h2) > first, "no new handshake in 135 s: no rekey happened");
+    let sent_after = metric(&c, r#"weft_wireguard_packets_total{kind="handshake_sent"}"#)
+        + metric(&c, r#"weft_wireguard_packets_total{kind="handshake_received"}"#);
+    assert!(sent_after > sent_before, "weft took part in no new handshake");
 }
