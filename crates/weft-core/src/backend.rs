@@ -9,7 +9,7 @@ use crate::config::BackendConfig;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BackendError {
     /// `Backend.Type` names no backend.
-    #[error("unknown backend type {0:?}: set Backend.Type to vxlan, host-gw, udp or alloc")]
+    #[error("unknown backend type {0:?}: set Backend.Type to vxlan, host-gw, wireguard, udp or alloc")]
     Unknown(String),
     /// A key has a bad value.
     #[error("network config field Backend.{field}: {problem}")]
@@ -56,6 +56,8 @@ pub enum BackendSpec {
     Vxlan(VxlanSettings),
     /// Userspace TUN⇄UDP.
     Udp(UdpSettings),
+    /// WireGuard (`flannel-wg`).
+    Wireguard(crate::wireguard::WireguardSettings),
 }
 
 /// VXLAN header overhead over the underlay (outer IPv4 20 + UDP 8 + VXLAN 8 + Ethernet 14).
@@ -120,6 +122,7 @@ impl BackendSpec {
                 };
                 Ok(BackendSpec::Udp(UdpSettings { port }))
             }
+            "wireguard" => Ok(BackendSpec::Wireguard(crate::wireguard::WireguardSettings::from_config(cfg)?)),
             other => Err(BackendError::Unknown(other.to_string())),
         }
     }
@@ -130,6 +133,7 @@ impl BackendSpec {
             BackendSpec::Alloc | BackendSpec::Udp(_) => "",
             BackendSpec::HostGw => "host-gw",
             BackendSpec::Vxlan(_) => "vxlan",
+            BackendSpec::Wireguard(_) => crate::wireguard::LEASE_TYPE,
         }
     }
 
@@ -139,6 +143,7 @@ impl BackendSpec {
             BackendSpec::Alloc | BackendSpec::HostGw => iface_mtu,
             BackendSpec::Vxlan(v) => v.mtu.unwrap_or(iface_mtu).saturating_sub(VXLAN_OVERHEAD),
             BackendSpec::Udp(_) => iface_mtu.saturating_sub(UDP_OVERHEAD),
+            BackendSpec::Wireguard(w) => w.mtu(iface_mtu),
         }
     }
 }
@@ -222,7 +227,7 @@ mod tests {
         assert_eq!(BackendSpec::Vxlan(v).mtu(1500), 8950);
         assert!(spec(r#"{"Type":"vxlan","VNI":"one"}"#).unwrap_err().to_string().contains("Backend.VNI"));
         assert!(spec(r#"{"Type":"vxlan","VNI":16777216}"#).unwrap_err().to_string().contains("out of range"));
-        assert!(spec(r#"{"Type":"wireguard"}"#).unwrap_err().to_string().contains("unknown backend type"));
+        assert!(spec(r#"{"Type":"ipsec"}"#).unwrap_err().to_string().contains("unknown backend type"));
     }
 
     #[test]
@@ -231,6 +236,9 @@ mod tests {
         assert_eq!(spec(r#"{"Type":"host-gw"}"#).unwrap().mtu(1500), 1500);
         assert_eq!(spec(r#"{"Type":"udp"}"#).unwrap().mtu(1500), 1472);
         assert_eq!(spec(r#"{"Type":"alloc"}"#).unwrap().mtu(1500), 1500);
+        assert_eq!(spec(r#"{"Type":"wireguard"}"#).unwrap().mtu(1500), 1420);
+        assert_eq!(spec(r#"{"Type":"wireguard","MTU":9000}"#).unwrap().mtu(1500), 8920);
+        assert_eq!(spec(r#"{"Type":"wireguard"}"#).unwrap().lease_type(), "wireguard");
     }
 
     #[test]

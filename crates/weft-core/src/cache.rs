@@ -288,6 +288,27 @@ mod tests {
         assert!(v.rejected().is_empty());
     }
 
+    #[test]
+    fn a_bad_or_borrowed_wireguard_key_keeps_the_peer_out() {
+        use crate::validate::tests::wg;
+        let mut v = LeaseCache::new(rules());
+        let key = r#"{"PublicKey":"HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=","Port":51820}"#;
+        let out = v.put(wg("10.5.2.0-24", "192.0.2.12", Some(r#"{"PublicKey":"nope"}"#), 1));
+        assert!(out.events.is_empty());
+        assert_eq!(out.rejected[0].1.label(), "bad_wireguard_key");
+        assert!(out.rejected[0].1.to_string().contains("PublicKey"), "{}", out.rejected[0].1);
+        // Fixed: accepted.
+        let good = wg("10.5.2.0-24", "192.0.2.12", Some(key), 1);
+        assert_eq!(v.put(good.clone()).events, vec![LeaseEvent::Added(good.clone())]);
+        // A newer lease that copies the key is one peer too many for WireGuard.
+        let thief = wg("10.5.3.0-24", "192.0.2.13", Some(key), 2);
+        let out = v.put(thief.clone());
+        assert!(out.events.is_empty());
+        assert_eq!(out.rejected[0].1.label(), "conflict");
+        assert!(out.rejected[0].1.to_string().contains("wireguard PublicKey"), "{}", out.rejected[0].1);
+        assert_eq!(v.delete(&good.key).events, vec![LeaseEvent::Removed(good), LeaseEvent::Added(thief)]);
+    }
+
     fn arb_lease() -> impl Strategy<Value = Lease> {
         (0u8..6, 0u8..4, 0u8..4, any::<bool>(), 0i64..50).prop_map(|(sub, ip, mac, vxlan, rev)| {
             let key = format!("10.5.{sub}.0-24");

@@ -19,3 +19,4 @@ pub mod plan;
 pub mod schedule;
 pub mod subnet_env;
 pub mod validate;
+pub mod wireguard;

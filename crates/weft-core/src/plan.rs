@@ -113,7 +113,8 @@ pub fn plan<'a>(spec: &BackendSpec, peers: impl IntoIterator<Item = &'a Lease>, 
                     }
                 }
             }
-            BackendSpec::Alloc | BackendSpec::Udp(_) => {}
+            // wireguard peers live in its own peer table, not in routes.
+            BackendSpec::Alloc | BackendSpec::Udp(_) | BackendSpec::Wireguard(_) => {}
         }
     }
     p

@@ -53,6 +53,8 @@ pub enum Reject {
     PublicIp(String),
     /// The vxlan `VtepMAC` is missing, malformed, multicast or zero.
     VtepMac(String),
+    /// The wireguard `PublicKey` (or `Port`) is missing or malformed.
+    WireguardKey(String),
     /// An older lease claims the same subnet, public address or VTEP MAC.
     Conflict {
         /// What both claim.
@@ -71,6 +73,7 @@ impl Reject {
             Reject::OverlapsOwn(_) => "overlaps_own",
             Reject::PublicIp(_) => "bad_public_ip",
             Reject::VtepMac(_) => "bad_vtep_mac",
+            Reject::WireguardKey(_) => "bad_wireguard_key",
             Reject::Conflict { .. } => "conflict",
         }
     }
@@ -83,7 +86,8 @@ impl fmt::Display for Reject {
             | Reject::WrongLength(s)
             | Reject::OverlapsOwn(s)
             | Reject::PublicIp(s)
-            | Reject::VtepMac(s) => f.write_str(s),
+            | Reject::VtepMac(s)
+            | Reject::WireguardKey(s) => f.write_str(s),
             Reject::Conflict { what, winner } => {
                 write!(f, "{what} is already claimed by the older lease {winner}; delete one of the two keys")
             }
@@ -144,6 +148,32 @@ fn vtep_macs(lease: &Lease, rules: &Rules) -> Result<Vec<Mac>, Reject> {
     Ok(macs)
 }
 
+/// The public keys a wireguard lease advertises (only checked for the families the network
+/// uses; the IPv6 side's data only when the lease has it, since the single-tunnel modes
+/// write none).
+fn wireguard_keys(lease: &Lease, rules: &Rules) -> Result<Vec<crate::wireguard::Key>, Reject> {
+    if lease.attrs.backend_type != crate::wireguard::LEASE_TYPE {
+        return Ok(Vec::new());
+    }
+    let mut keys = Vec::new();
+    let parse = |d: Option<&serde_json::value::RawValue>, name: &str| match d {
+        None => Err(Reject::WireguardKey(format!("its {name} has no wireguard PublicKey"))),
+        Some(d) => crate::wireguard::parse_backend_data(d.get())
+            .map(|(k, _)| k)
+            .map_err(|e| Reject::WireguardKey(format!("its wireguard {name} is unusable: {e}"))),
+    };
+    if lease.key.v4.is_some() && rules.v4.is_some() {
+        keys.push(parse(lease.attrs.backend_data.as_deref(), "BackendData")?);
+    }
+    if lease.key.v6.is_some() && rules.v6.is_some() && lease.attrs.backend_v6_data.is_some() {
+        keys.push(parse(lease.attrs.backend_v6_data.as_deref(), "BackendV6Data")?);
+    }
+    if lease.key.v6.is_some() && rules.v6.is_some() && keys.is_empty() {
+        return Err(Reject::WireguardKey("it has neither BackendData nor BackendV6Data with a PublicKey".into()));
+    }
+    Ok(keys)
+}
+
 /// The rules one peer lease must satisfy on its own.
 pub fn check(lease: &Lease, rules: &Rules) -> Result<(), Reject> {
     let key = lease.key;
@@ -171,6 +201,7 @@ pub fn check(lease: &Lease, rules: &Rules) -> Result<(), Reject> {
         let Some((net, len)) = rules.v6 else {
             // An IPv4 network ignores the IPv6 half of a dual-stack lease, as flannel does.
             if key.v4.is_some() {
+                wireguard_keys(lease, rules)?;
                 return vtep_macs(lease, rules).map(|_| ());
             }
             return Err(Reject::OutsideNetwork(format!("subnet {sub} is IPv6 but the network has no IPv6Network")));
@@ -197,6 +228,7 @@ pub fn check(lease: &Lease, rules: &Rules) -> Result<(), Reject> {
             None => {}
         }
     }
+    wireguard_keys(lease, rules)?;
     vtep_macs(lease, rules).map(|_| ())
 }
 
@@ -207,6 +239,8 @@ pub(crate) enum Claim {
     V6(Ipv6Net),
     Ip(IpAddr),
     Mac(Mac),
+    /// A WireGuard public key: two peers with one key would be one peer to WireGuard.
+    Key([u8; 32]),
 }
 
 impl Claim {
@@ -216,6 +250,7 @@ impl Claim {
             Claim::V6(n) => format!("subnet {n}"),
             Claim::Ip(ip) => format!("public address {ip}"),
             Claim::Mac(m) => format!("VtepMAC {}", mac_to_string(m)),
+            Claim::Key(k) => format!("wireguard PublicKey {}", crate::wireguard::Key(*k).to_base64()),
         }
     }
 }
@@ -235,6 +270,7 @@ pub(crate) fn claims(lease: &Lease, rules: &Rules) -> Vec<Claim> {
         }
     }
     c.extend(vtep_macs(lease, rules).unwrap_or_default().into_iter().map(Claim::Mac));
+    c.extend(wireguard_keys(lease, rules).unwrap_or_default().into_iter().map(|k| Claim::Key(k.0)));
     c.sort();
     c.dedup();
     c
@@ -305,5 +341,36 @@ pub(crate) mod tests {
             ok6.attrs.public_ipv6 = Some(ip.parse().unwrap());
             assert_eq!(check(&ok6, &r6).unwrap_err().label(), "bad_public_ip", "{ip}");
         }
+    }
+
+    pub(crate) fn wg(key: &str, ip: &str, data: Option<&str>, rev: i64) -> Lease {
+        let mut l = lease(key, ip, rev);
+        l.attrs.backend_type = "wireguard".into();
+        l.attrs.backend_data = data.map(|d| RawValue::from_string(d.to_string()).unwrap());
+        l
+    }
+
+    #[test]
+    fn wireguard_leases_need_a_public_key() {
+        let r = rules();
+        let k = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=";
+        let good = format!(r#"{{"PublicKey":"{k}","Port":51820}}"#);
+        assert_eq!(check(&wg("10.5.2.0-24", "192.0.2.12", Some(&good), 1), &r), Ok(()));
+        for bad in [
+            None,
+            Some("{}"),
+            Some(r#"{"PublicKey":""}"#),
+            Some(r#"{"PublicKey":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}"#),
+            Some(r#"{"PublicKey":"HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8yk"}"#),
+            Some(r#"{"PublicKey":["x"]}"#),
+            Some(r#"{"PublicKey":"HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=","Port":-1}"#),
+        ] {
+            let e = check(&wg("10.5.2.0-24", "192.0.2.12", bad, 1), &r).unwrap_err();
+            assert_eq!(e.label(), "bad_wireguard_key", "{bad:?}");
+            assert!(e.to_string().contains("wireguard") || e.to_string().contains("PublicKey"), "{e}");
+        }
+        // Claims: the key is one lease's only.
+        let c = claims(&wg("10.5.2.0-24", "192.0.2.12", Some(&good), 1), &r);
+        assert!(c.iter().any(|c| matches!(c, Claim::Key(_))), "{c:?}");
     }
 }

@@ -21,3 +21,4 @@ pub mod nsenter;
 pub mod process;
 pub mod registry;
 pub mod udp;
+pub mod wireguard;

@@ -56,6 +56,14 @@ pub struct Metrics {
     pub store_progress_ms: Gauge,
     /// Unix time (ms) the daemon's main loop last ran (0: not yet).
     pub main_loop_ms: Gauge,
+    /// wireguard packets, by kind (tx, rx, handshake_sent, handshake_received, keepalive).
+    pub wg_packets: Family<Labels, Counter>,
+    /// wireguard drops, by reason (auth_failure, replay, unknown_key, no_peer, …).
+    pub wg_drops: Family<Labels, Counter>,
+    /// The wireguard data path in use (1): `path` = kernel or userspace.
+    pub wg_path: Family<Labels, Gauge>,
+    /// wireguard peers configured.
+    pub wg_peers: Gauge,
 }
 
 impl Default for Metrics {
@@ -88,6 +96,10 @@ impl Metrics {
             store_endpoint_up: Family::default(),
             store_progress_ms: Gauge::default(),
             main_loop_ms: Gauge::default(),
+            wg_packets: Family::default(),
+            wg_drops: Family::default(),
+            wg_path: Family::default(),
+            wg_peers: Gauge::default(),
         };
         registry.register(
             "weft_lease_expiry_timestamp_seconds",
@@ -122,6 +134,10 @@ impl Metrics {
         registry.register("weft_udp_drops", "udp backend packets dropped, by reason", m.udp_drops.clone());
         registry.register("weft_udp_offload", "udp backend offload paths in use", m.udp_offload.clone());
         registry.register("weft_errors", "Errors by kind", m.errors.clone());
+        registry.register("weft_wireguard_packets", "wireguard packets, by kind", m.wg_packets.clone());
+        registry.register("weft_wireguard_drops", "wireguard packets dropped, by reason", m.wg_drops.clone());
+        registry.register("weft_wireguard_path", "wireguard data path in use (1), by path", m.wg_path.clone());
+        registry.register("weft_wireguard_peers", "wireguard peers configured", m.wg_peers.clone());
         registry.register(
             "weft_leases_rejected",
             "Peer leases rejected (invalid, or losing a conflict to an older lease), by reason",

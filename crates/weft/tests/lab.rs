@@ -187,5 +187,5 @@ fn bench_measures_a_backend_in_a_lab_of_its_own() {
     assert!(row["ping_avg_ms"].as_f64().unwrap() > 0.0, "{out}");
     let left: Vec<String> = common::namespaces().into_iter().filter(|n| n.contains(&name)).collect();
     assert!(left.is_empty(), "the temporary lab is gone: {left:?}");
-    assert_eq!(lab(&["bench", "--name", &name, "--backend", "wireguard"]).status.code(), Some(2));
+    assert_eq!(lab(&["bench", "--name", &name, "--backend", "ipsec"]).status.code(), Some(2));
 }

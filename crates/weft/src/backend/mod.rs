@@ -5,6 +5,7 @@ pub mod alloc;
 pub mod host_gw;
 pub mod udp;
 pub mod vxlan;
+pub mod wireguard;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -189,6 +190,9 @@ impl DataPlane {
                 cfg.v4.map(|r| r.network),
                 cfg.v4.map(|r| r.subnet_len).unwrap_or(24),
             )?),
+            BackendSpec::Wireguard(settings) => {
+                Box::new(wireguard::WireguardBackend::open(&kernel, cfg, ext, settings, spec.mtu(ext.mtu)).await?)
+            }
         };
         backend.advertise(&mut attrs);
         let mut links = Links { external: ext.index, ..Links::default() };

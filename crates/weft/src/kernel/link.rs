@@ -102,6 +102,28 @@ impl Kernel {
         ensure_address(&self.handle, index, addr, network).await
     }
 
+    /// Whether this kernel can create a `wireguard` link: creates one called `name` and
+    /// deletes it again. `Err` carries the kernel's answer (no module: "operation not
+    /// supported").
+    pub async fn probe_wireguard(&self, name: &str) -> Result<(), KernelError> {
+        let mut msg = LinkUnspec::new_with_name(name).build();
+        msg.attributes.push(LinkAttribute::LinkInfo(vec![netlink_packet_route::link::LinkInfo::Kind(
+            netlink_packet_route::link::InfoKind::Wireguard,
+        )]));
+        self.handle.link().add(msg).execute().await.map_err(err(format!("create a wireguard link {name}")))?;
+        if let Some(l) = by_name(&self.handle, name).await? {
+            self.handle.link().del(l.header.index).execute().await.map_err(err(format!("delete {name}")))?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the link called `name` if there is one; `Ok(true)` when it was there.
+    pub async fn delete_link(&self, name: &str) -> Result<bool, KernelError> {
+        let Some(l) = by_name(&self.handle, name).await? else { return Ok(false) };
+        self.handle.link().del(l.header.index).execute().await.map_err(err(format!("delete {name}")))?;
+        Ok(true)
+    }
+
     /// Routes all of `network` to device `index` (`scope link proto boot`) unless a route
     /// for it is already there (ours from an earlier pass, or someone else's: left alone).
     pub async fn ensure_device_route(&self, network: Ipv4Net, index: u32) -> Result<(), KernelError> {

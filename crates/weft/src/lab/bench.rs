@@ -83,7 +83,7 @@ pub fn measure(lab: &Lab, seconds: u32) -> Result<Figures, LabError> {
 }
 
 /// Every backend, with the suffix its temporary lab's name gets.
-pub const BACKENDS: [(&str, &str); 3] = [("vxlan", "vx"), ("host-gw", "hg"), ("udp", "ud")];
+pub const BACKENDS: [(&str, &str); 4] = [("vxlan", "vx"), ("host-gw", "hg"), ("udp", "ud"), ("wireguard", "wg")];
 
 /// Brings up a two-host lab per backend in `backends`, measures it, takes it down; with
 /// vxlan also the LAN between the two hosts without any overlay, as the ceiling.

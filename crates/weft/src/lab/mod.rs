@@ -26,7 +26,7 @@ pub fn usage() -> String {
     "Usage: weft lab <command> [flags]\n\n\
      Commands:\n  \
      up          build a cluster: LAN, outside host, store, one daemon per host, pods via CNI\n              \
-     [--hosts 3] [--pods-per-host 2] [--backend vxlan|host-gw|udp] [--store local|etcd] [--name weft]\n              \
+     [--hosts 3] [--pods-per-host 2] [--backend vxlan|host-gw|udp|wireguard] [--store local|etcd] [--name weft]\n              \
      [--etcd-members 1] [--etcd-tls] (a real etcd cluster, members in their own namespaces)\n  \
      status      hosts, subnets, daemons and pods [--json]\n  \
      check       ping every pod from every pod, and the outside host (masqueraded) [--json]\n  \
@@ -100,7 +100,7 @@ fn dispatch(args: &[String]) -> Result<u8, LabError> {
                 NAME,
                 spec("hosts", Kind::Uint, "3", "number of hosts"),
                 spec("pods-per-host", Kind::Uint, "2", "pods per host"),
-                spec("backend", Kind::Str, "vxlan", "vxlan, host-gw or udp"),
+                spec("backend", Kind::Str, "vxlan", "vxlan, host-gw, udp or wireguard"),
                 spec("store", Kind::Str, "local", "local (embedded) or etcd (a real etcd server)"),
                 spec("etcd-members", Kind::Uint, "1", "etcd cluster members (--store etcd), each in its own namespace"),
                 spec("etcd-tls", Kind::Bool, "false", "etcd with TLS, each member with its own certificate"),
@@ -170,7 +170,7 @@ fn dispatch(args: &[String]) -> Result<u8, LabError> {
             } else if !v.str("backend").is_empty() {
                 let Some(one) = bench::BACKENDS.iter().find(|(b, _)| *b == v.str("backend")) else {
                     return Err(LabError::Usage(format!(
-                        "unknown --backend {:?}: use vxlan, host-gw or udp",
+                        "unknown --backend {:?}: use vxlan, host-gw, udp or wireguard",
                         v.str("backend")
                     )));
                 };

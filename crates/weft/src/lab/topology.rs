@@ -155,6 +155,9 @@ fn spawn_daemon(lab: &Lab, index: u8) -> io::Result<u32> {
         .args(["netns", "exec", &format!("{}-h{index}", lab.name)])
         .arg(exe)
         .args(daemon_args(lab, index))
+        // Each host its own WireGuard key, kept across `lab restart` (flannel's default path
+        // is one file for the whole machine).
+        .env(weft_core::wireguard::KEY_FILE_ENV, dir.join("wgkey"))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -277,8 +280,11 @@ pub fn up(o: &UpOptions) -> Result<Lab, LabError> {
     if !(1..=50).contains(&o.hosts) || o.pods_per_host > 50 {
         return Err(LabError::Usage("use 1 to 50 --hosts and 0 to 50 --pods-per-host".into()));
     }
-    if !["vxlan", "host-gw", "udp", "alloc"].contains(&o.backend.as_str()) {
-        return Err(LabError::Usage(format!("unknown --backend {:?}: use vxlan, host-gw or udp", o.backend)));
+    if !["vxlan", "host-gw", "udp", "wireguard", "alloc"].contains(&o.backend.as_str()) {
+        return Err(LabError::Usage(format!(
+            "unknown --backend {:?}: use vxlan, host-gw, udp or wireguard",
+            o.backend
+        )));
     }
     if !["local", "etcd"].contains(&o.store.as_str()) {
         return Err(LabError::Usage(format!("unknown --store {:?}: use local or etcd", o.store)));

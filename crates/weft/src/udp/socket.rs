@@ -133,6 +133,12 @@ impl Socket {
     /// datagrams (0 for one), and the sender. `wait = false` returns `WouldBlock` at once
     /// when nothing is queued.
     pub fn recv(&self, buf: &mut [u8], wait: bool) -> io::Result<(usize, usize, Ipv4Addr)> {
+        self.recv_from(buf, wait).map(|(n, seg, from)| (n, seg, *from.ip()))
+    }
+
+    /// As [`Socket::recv`], with the sender's port (WireGuard answers where a datagram
+    /// came from).
+    pub fn recv_from(&self, buf: &mut [u8], wait: bool) -> io::Result<(usize, usize, SocketAddrV4)> {
         // SAFETY: sockaddr_in is plain old data.
         let mut from: libc::sockaddr_in = unsafe { zeroed() };
         let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
@@ -162,7 +168,8 @@ impl Socket {
             }
             (n as usize, seg)
         };
-        Ok((n, if seg >= n { 0 } else { seg }, Ipv4Addr::from(u32::from_be(from.sin_addr.s_addr))))
+        let addr = SocketAddrV4::new(Ipv4Addr::from(u32::from_be(from.sin_addr.s_addr)), u16::from_be(from.sin_port));
+        Ok((n, if seg >= n { 0 } else { seg }, addr))
     }
 
     /// Sets how long a waiting receive blocks.
