@@ -7,6 +7,7 @@ pub mod backend;
 pub mod cli;
 pub mod cni;
 pub mod daemon;
+pub mod docker_opts;
 pub mod firewall;
 pub mod fsutil;
 pub mod host;

@@ -8,7 +8,7 @@ use weft_core::flags;
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 fn usage() -> String {
-    "Usage: weft <command> [flags]\n\nCommands:\n  daemon   run the per-host agent (flanneld's job); see weft daemon --help\n  leases   list the subnet leases of a store; see weft leases --help\n  lab      a whole cluster in network namespaces on this machine; see weft lab help\n  version  print the version\n".into()
+    "Usage: weft <command> [flags]\n\nCommands:\n  daemon   run the per-host agent (flanneld's job); see weft daemon --help\n  leases   list the subnet leases of a store; see weft leases --help\n  lab      a whole cluster in network namespaces on this machine; see weft lab help\n  docker-opts  write Docker's options from subnet.env (flannel's mk-docker-opts.sh); see weft docker-opts --help\n  version  print the version\n".into()
 }
 
 fn init_logging(verbosity: u64) {
@@ -129,6 +129,7 @@ fn main() -> ExitCode {
     match args.get(1).map(String::as_str) {
         Some("daemon") => daemon(&args[2..]),
         Some("leases") => leases(&args[2..]),
+        Some("docker-opts") => ExitCode::from(weft::docker_opts::run(&args[2..])),
         Some("lab") => {
             init_logging(0);
             ExitCode::from(weft::lab::run(&args[2..]))
