@@ -4,6 +4,7 @@
 //! decisions it acts on come from `weft-core`.
 
 pub mod backend;
+pub mod cleanup;
 pub mod cli;
 pub mod cni;
 pub mod daemon;

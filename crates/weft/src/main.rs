@@ -8,7 +8,7 @@ use weft_core::flags;
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 fn usage() -> String {
-    "Usage: weft <command> [flags]\n\nCommands:\n  daemon   run the per-host agent (flanneld's job); see weft daemon --help\n  leases   list the subnet leases of a store; see weft leases --help\n  lab      a whole cluster in network namespaces on this machine; see weft lab help\n  docker-opts  write Docker's options from subnet.env (flannel's mk-docker-opts.sh); see weft docker-opts --help\n  version  print the version\n".into()
+    "Usage: weft <command> [flags]\n\nCommands:\n  daemon   run the per-host agent (flanneld's job); see weft daemon --help\n  leases   list the subnet leases of a store; see weft leases --help\n  lab      a whole cluster in network namespaces on this machine; see weft lab help\n  cleanup  remove everything weft installed on this host (--release-lease: and our lease); see weft cleanup --help\n  docker-opts  write Docker's options from subnet.env (flannel's mk-docker-opts.sh); see weft docker-opts --help\n  version  print the version\n".into()
 }
 
 fn init_logging(verbosity: u64) {
@@ -103,6 +103,34 @@ fn leases(args: &[String]) -> ExitCode {
     }
 }
 
+fn cleanup(args: &[String]) -> ExitCode {
+    use weft::cleanup::{CLEANUP_FLAGS, parse_with, usage_with};
+    let (opts, v) = match parse_with(CLEANUP_FLAGS, args, &env) {
+        Ok(Some(p)) => p,
+        Ok(None) => {
+            print!("{}", usage_with("weft cleanup", CLEANUP_FLAGS));
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("weft cleanup: {e}\n\n{}", usage_with("weft cleanup", CLEANUP_FLAGS));
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(opts.verbosity);
+    let cni_dir = std::path::PathBuf::from(v.str("cni-data-dir"));
+    let report = runtime().block_on(weft::cleanup::run(&opts, v.bool("release-lease"), &cni_dir));
+    for line in &report.removed {
+        println!("removed {line}");
+    }
+    if report.removed.is_empty() && report.failed.is_empty() {
+        println!("nothing of weft's was left on this host");
+    }
+    for line in &report.failed {
+        eprintln!("weft cleanup: {line}");
+    }
+    if report.failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) }
+}
+
 /// The CNI plugin: runtimes run us with `CNI_COMMAND` set, whatever our name.
 fn cni_plugin() -> ExitCode {
     tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(false).with_max_level(tracing::Level::WARN).init();
@@ -129,6 +157,7 @@ fn main() -> ExitCode {
     match args.get(1).map(String::as_str) {
         Some("daemon") => daemon(&args[2..]),
         Some("leases") => leases(&args[2..]),
+        Some("cleanup") => cleanup(&args[2..]),
         Some("docker-opts") => ExitCode::from(weft::docker_opts::run(&args[2..])),
         Some("lab") => {
             init_logging(0);
