@@ -16,6 +16,7 @@ pub mod kernel;
 pub mod lab;
 pub mod leases;
 pub mod metrics;
+pub mod notify;
 pub mod nsenter;
 pub mod process;
 pub mod registry;

@@ -64,7 +64,9 @@ fn daemon(args: &[String]) -> ExitCode {
     };
     die_on_broken_pipe(false);
     init_logging(opts.verbosity);
-    match runtime().block_on(weft::daemon::run(opts)) {
+    let result = runtime().block_on(weft::daemon::run(opts));
+    weft::notify::stopping();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
