@@ -9,6 +9,7 @@ pub mod cache;
 pub mod cni;
 pub mod config;
 pub mod docker_opts;
+pub mod doctor;
 pub mod firewall;
 pub mod flags;
 pub mod iface;

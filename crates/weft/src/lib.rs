@@ -9,6 +9,7 @@ pub mod cli;
 pub mod cni;
 pub mod daemon;
 pub mod docker_opts;
+pub mod doctor;
 pub mod firewall;
 pub mod fsutil;
 pub mod host;

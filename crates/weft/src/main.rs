@@ -8,7 +8,7 @@ use weft_core::flags;
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 fn usage() -> String {
-    "Usage: weft <command> [flags]\n\nCommands:\n  daemon   run the per-host agent (flanneld's job); see weft daemon --help\n  leases   list the subnet leases of a store; see weft leases --help\n  lab      a whole cluster in network namespaces on this machine; see weft lab help\n  cleanup  remove everything weft installed on this host (--release-lease: and our lease); see weft cleanup --help\n  docker-opts  write Docker's options from subnet.env (flannel's mk-docker-opts.sh); see weft docker-opts --help\n  version  print the version\n".into()
+    "Usage: weft <command> [flags]\n\nCommands:\n  daemon   run the per-host agent (flanneld's job); see weft daemon --help\n  leases   list the subnet leases of a store; see weft leases --help\n  lab      a whole cluster in network namespaces on this machine; see weft lab help\n  doctor   check this host and its daemon: ok / warning / problem with fixes (exit 0/1/2); see weft doctor --help\n  cleanup  remove everything weft installed on this host (--release-lease: and our lease); see weft cleanup --help\n  docker-opts  write Docker's options from subnet.env (flannel's mk-docker-opts.sh); see weft docker-opts --help\n  version  print the version\n".into()
 }
 
 fn init_logging(verbosity: u64) {
@@ -105,6 +105,29 @@ fn leases(args: &[String]) -> ExitCode {
     }
 }
 
+fn doctor(args: &[String]) -> ExitCode {
+    use weft::cleanup::{parse_with, usage_with};
+    use weft::doctor::DOCTOR_FLAGS;
+    let (opts, v) = match parse_with(DOCTOR_FLAGS, args, &env) {
+        Ok(Some(p)) => p,
+        Ok(None) => {
+            print!("{}", usage_with("weft doctor", DOCTOR_FLAGS));
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("weft doctor: {e}\n\n{}", usage_with("weft doctor", DOCTOR_FLAGS));
+            return ExitCode::from(2);
+        }
+    };
+    // Quiet: the report is the output; store retries and the like are not.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_max_level(tracing::Level::ERROR)
+        .init();
+    ExitCode::from(runtime().block_on(weft::doctor::run(&opts, v.bool("json"), v.str("cni-bridge"))))
+}
+
 fn cleanup(args: &[String]) -> ExitCode {
     use weft::cleanup::{CLEANUP_FLAGS, parse_with, usage_with};
     let (opts, v) = match parse_with(CLEANUP_FLAGS, args, &env) {
@@ -160,6 +183,7 @@ fn main() -> ExitCode {
         Some("daemon") => daemon(&args[2..]),
         Some("leases") => leases(&args[2..]),
         Some("cleanup") => cleanup(&args[2..]),
+        Some("doctor") => doctor(&args[2..]),
         Some("docker-opts") => ExitCode::from(weft::docker_opts::run(&args[2..])),
         Some("lab") => {
             init_logging(0);
