@@ -12,6 +12,11 @@ fn usage() -> String {
 }
 
 fn init_logging(verbosity: u64) {
+    init_logging_as(verbosity, false)
+}
+
+/// Logs to stderr as text, or as one JSON object per line (`--log-format=json`).
+fn init_logging_as(verbosity: u64, json: bool) {
     let default = match verbosity {
         0 | 1 => "info",
         2 | 3 => "debug",
@@ -20,6 +25,10 @@ fn init_logging(verbosity: u64) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     use std::io::IsTerminal;
+    if json {
+        tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).init();
+        return;
+    }
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
@@ -63,7 +72,7 @@ fn daemon(args: &[String]) -> ExitCode {
         }
     };
     die_on_broken_pipe(false);
-    init_logging(opts.verbosity);
+    init_logging_as(opts.verbosity, opts.log_json);
     let result = runtime().block_on(weft::daemon::run(opts));
     weft::notify::stopping();
     match result {
@@ -141,7 +150,7 @@ fn cleanup(args: &[String]) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(opts.verbosity);
+    init_logging_as(opts.verbosity, opts.log_json);
     let cni_dir = std::path::PathBuf::from(v.str("cni-data-dir"));
     let report = runtime().block_on(weft::cleanup::run(&opts, v.bool("release-lease"), &cni_dir));
     for line in &report.removed {

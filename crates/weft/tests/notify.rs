@@ -1,7 +1,7 @@
 //! systemd's notify protocol, with a `NOTIFY_SOCKET` the test binds: `READY=1` comes once
 //! subnet.env is written and the data plane is programmed, with `STATUS=` naming the lease;
 //! `WATCHDOG=1` keeps coming when `WATCHDOG_USEC` is set for us (never for another pid);
-//! SIGTERM brings `STOPPING=1`. The unit files pass `systemd-analyze verify` when it exists.
+//! SIGTERM brings `STOPPING=1`. `--log-format=json` logs one JSON object per line. The unit files pass `systemd-analyze verify` when it exists.
 
 mod common;
 
@@ -79,7 +79,8 @@ fn ready_status_watchdog_and_stopping_reach_the_notify_socket() {
     assert!(w.iter().filter(|l| *l == "WATCHDOG=1").count() >= 3, "watchdog pings: {w:?}");
 
     // Another process's watchdog (WATCHDOG_PID not ours) is not fed; READY still comes.
-    let a2 = args(2);
+    let mut a2 = args(2);
+    a2.push("--log-format=json".into());
     let a2: Vec<&str> = a2.iter().map(String::as_str).collect();
     let mut d2 = Daemon::start_with_env(
         &hosts[1],
@@ -99,6 +100,15 @@ fn ready_status_watchdog_and_stopping_reach_the_notify_socket() {
     assert!(d1.wait_exit(Duration::from_secs(15)).success());
     d2.signal(libc::SIGTERM);
     assert!(d2.wait_exit(Duration::from_secs(15)).success());
+    // --log-format=json: every line of h2's log is one JSON object with level and message.
+    let log = d2.log();
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(lines.len() >= 3, "{log}");
+    for l in &lines {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        assert!(v["level"].is_string() && v["fields"]["message"].is_string(), "{l}");
+    }
+    assert!(lines.iter().any(|l| l.contains("acquired lease")), "{log}");
 }
 
 fn verify(dir: &Path) -> Option<std::process::Output> {
