@@ -4,7 +4,8 @@
 //! tables, `subnet.env` and the CNI plugin's saved state — and, with `--release-lease`, our
 //! lease in the store. Takes the daemon's flags (and `FLANNELD_*` environment), so it acts on
 //! exactly what that daemon used. Idempotent; safe with no daemon or half a daemon's state.
-//! Run it after the daemon has stopped: a running daemon puts its state back.
+//! Run it after the daemon has stopped: a running daemon puts its state back, so cleanup
+//! refuses while one answers on `--healthz-port`.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -109,6 +110,16 @@ fn own_subnets(path: &Path) -> (Vec<IpNet>, Option<SubnetKey>) {
 /// Runs cleanup. `release`: also delete our lease; `cni_dir`: the CNI plugin's dataDir.
 pub async fn run(opts: &DaemonOptions, release: bool, cni_dir: &Path) -> Report {
     let mut report = Report::default();
+    // A running daemon would put everything back (and lose its lease under it): refuse.
+    if let Some(addr) = crate::doctor::health_addr(opts)
+        && let Ok((200, body)) = crate::doctor::http_get(addr, "/healthz").await
+    {
+        report.failed.push(format!(
+            "a weft daemon answers on {addr} ({}): stop it first (systemctl stop weft), then run cleanup again",
+            body.trim()
+        ));
+        return report;
+    }
     let (subnets, key) = own_subnets(&opts.subnet_file);
     let handle = match crate::host::connect() {
         Ok(h) => Some(h),

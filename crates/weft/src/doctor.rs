@@ -133,7 +133,7 @@ fn bridge_ports(bridge: &str) -> Vec<Dev> {
 }
 
 /// A plain HTTP/1.0 GET with a deadline: (status, body).
-async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+pub(crate) async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let fetch = async {
         let mut s = tokio::net::TcpStream::connect(addr).await?;
@@ -152,16 +152,21 @@ fn metric(body: &str, name: &str) -> Option<f64> {
     body.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
-async fn health(opts: &DaemonOptions) -> Health {
+/// Where the daemon's health server answers (`None`: `--healthz-port=0`).
+pub(crate) fn health_addr(opts: &DaemonOptions) -> Option<SocketAddr> {
     if opts.healthz_port == 0 {
-        return Health::Off;
+        return None;
     }
     let ip = match opts.healthz_ip {
         IpAddr::V4(a) if a.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
         IpAddr::V6(a) if a.is_unspecified() => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
         ip => ip,
     };
-    let addr = SocketAddr::new(ip, opts.healthz_port);
+    Some(SocketAddr::new(ip, opts.healthz_port))
+}
+
+async fn health(opts: &DaemonOptions) -> Health {
+    let Some(addr) = health_addr(opts) else { return Health::Off };
     let healthz = match http_get(addr, "/healthz").await {
         Ok((200, _)) => Ok(()),
         Ok((_, body)) => Err(body.trim().to_string()),

@@ -11,6 +11,22 @@ fn usage() -> String {
     "Usage: weft <command> [flags]\n\nCommands:\n  daemon   run the per-host agent (flanneld's job); see weft daemon --help\n  leases   list the subnet leases of a store; see weft leases --help\n  lab      a whole cluster in network namespaces on this machine; see weft lab help\n  doctor   check this host and its daemon: ok / warning / problem with fixes (exit 0/1/2); see weft doctor --help\n  cleanup  remove everything weft installed on this host (--release-lease: and our lease); see weft cleanup --help\n  docker-opts  write Docker's options from subnet.env (flannel's mk-docker-opts.sh); see weft docker-opts --help\n  version  print the version\n".into()
 }
 
+/// `weft --help`: every command and every flag.
+fn full_help() -> String {
+    use weft::cleanup::CLEANUP_FLAGS;
+    use weft::doctor::DOCTOR_FLAGS;
+    format!(
+        "{}\n== weft daemon\n{}\n== weft doctor: the daemon's flags and\n{}\n== weft cleanup: the daemon's flags and\n{}\n== weft docker-opts\n{}\n== weft leases\n{}\n== weft lab\n{}",
+        usage(),
+        flags::usage("weft daemon", &cli::daemon_specs()),
+        flags::usage("weft doctor", DOCTOR_FLAGS),
+        flags::usage("weft cleanup", CLEANUP_FLAGS),
+        weft_core::docker_opts::usage("weft docker-opts"),
+        weft::leases::usage(),
+        weft::lab::usage(),
+    )
+}
+
 fn init_logging(verbosity: u64) {
     init_logging_as(verbosity, false)
 }
@@ -203,7 +219,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Some("help" | "--help" | "-help" | "-h") => {
-            print!("{}", usage());
+            print!("{}", full_help());
             ExitCode::SUCCESS
         }
         Some(other) => {

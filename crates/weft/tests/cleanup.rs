@@ -146,6 +146,7 @@ fn run_scenario(lan: &Lan, hosts: &[Netns], dir: &Path, s: &Scenario) {
             format!("--net-config-path={}", dir.join("net-conf.json").display()),
             format!("--subnet-file={}", dir.join(format!("h{i}/subnet.env")).display()),
             "--ip-masq".into(),
+            "--healthz-port=8081".into(),
         ];
         f.extend(s.extra.iter().map(|x| x.to_string()));
         f
@@ -165,9 +166,16 @@ fn run_scenario(lan: &Lan, hosts: &[Netns], dir: &Path, s: &Scenario) {
     std::fs::write(dir.join("cni/.0123abcd.ifname"), "eth0").unwrap();
     assert_eq!(leases(&store).len(), 2);
 
+    // A daemon that answers on its health port: cleanup refuses and changes nothing.
+    let cni = format!("--cni-data-dir={}", dir.join("cni").display());
+    let o = cleanup(&hosts[0], &args1, &["--release-lease", &cni]);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("stop it first"), "{o:?}");
+    assert!(env1.exists() && dir.join("cni/0123abcd").exists() && leases(&store).len() == 2);
+    assert!(programmed(&hosts[0], s), "the daemon's state is untouched");
+
     d1.signal(if s.kill { libc::SIGKILL } else { libc::SIGTERM });
     d1.wait_exit(Duration::from_secs(15));
-    let cni = format!("--cni-data-dir={}", dir.join("cni").display());
     let o = cleanup(&hosts[0], &args1, &["--release-lease", &cni]);
     assert!(o.status.success(), "cleanup failed: {}", String::from_utf8_lossy(&o.stderr));
     let after = snapshot(&hosts[0]);

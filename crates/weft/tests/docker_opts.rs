@@ -163,3 +163,25 @@ if [[ "$combined_opts" = true ]]; then echo "${combined_opts_key}=\"${docker_opt
         }
     }
 }
+
+/// `weft --help` lists every command and every flag, the new ones included.
+#[test]
+fn weft_help_lists_every_command_and_flag() {
+    let o = std::process::Command::new(common::weft_bin()).arg("--help").output().unwrap();
+    assert!(o.status.success());
+    let help = String::from_utf8_lossy(&o.stdout);
+    for cmd in ["daemon", "leases", "lab", "doctor", "cleanup", "docker-opts", "version"] {
+        assert!(help.contains(&format!("\n  {cmd} ")), "command {cmd} missing:\n{help}");
+    }
+    let specs = weft::cli::daemon_specs()
+        .into_iter()
+        .chain(weft::doctor::DOCTOR_FLAGS.iter().copied())
+        .chain(weft::cleanup::CLEANUP_FLAGS.iter().copied());
+    for s in specs {
+        assert!(help.contains(&format!("--{}", s.name)), "flag --{} missing", s.name);
+    }
+    for f in ["-f", "-d", "-i", "-c", "-m", "-k"] {
+        assert!(help.contains(&format!("[{f}")), "docker-opts {f} missing");
+    }
+    assert!(help.contains("--log-format") && help.contains("--release-lease") && help.contains("--json"));
+}
