@@ -8,6 +8,8 @@ pub mod backend;
 pub mod cache;
 pub mod cni;
 pub mod config;
+pub mod docker_opts;
+pub mod doctor;
 pub mod firewall;
 pub mod flags;
 pub mod iface;

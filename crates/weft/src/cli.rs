@@ -68,6 +68,7 @@ pub const DAEMON_FLAGS: &[Spec] = &[
     s("healthz-port", Kind::Uint, "0", "the port for the health server (/healthz, /readyz, /metrics); 0 disables it"),
     s("set-node-network-unavailable", Kind::Bool, "true", "kube: set the NetworkUnavailable condition"),
     s("v", Kind::Uint, "0", "log verbosity (0 info, 2 debug, 4 trace)"),
+    s("log-format", Kind::Str, "text", "log format: text, or json (one JSON object per line)"),
     s("vmodule", Kind::Str, "", "accepted for flanneld compatibility; ignored"),
     s("log_backtrace_at", Kind::Str, "", "accepted for flanneld compatibility; ignored"),
 ];
@@ -123,6 +124,8 @@ pub struct DaemonOptions {
     pub healthz_port: u16,
     /// `-v`.
     pub verbosity: u64,
+    /// `--log-format=json`: one JSON object per log line.
+    pub log_json: bool,
 }
 
 fn bad(msg: String) -> FlagError {
@@ -206,6 +209,11 @@ pub fn parse_daemon(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Re
             .unwrap_or(std::net::IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
         healthz_port,
         verbosity: v.uint("v"),
+        log_json: match v.str("log-format") {
+            "text" => false,
+            "json" => true,
+            other => return Err(bad(format!("invalid value {other:?} for flag -log-format: use text or json"))),
+        },
     }))
 }
 
@@ -235,6 +243,8 @@ mod tests {
         assert!(parse(&["-public-ip=nope"]).unwrap_err().0.contains("expected an IPv4 address"));
         assert!(parse(&["-healthz-port=70000"]).unwrap_err().0.contains("0 to 65535"));
         assert!(parse(&["-store=zookeeper"]).unwrap_err().0.contains("etcd or local"));
+        assert!(parse(&["-log-format=yaml"]).unwrap_err().0.contains("text or json"));
+        assert!(parse(&["--log-format", "json"]).unwrap().unwrap().log_json);
         let o = parse(&["-store", "local", "-local-store=/tmp/x.db", "-iface", "eth1", "-public-ip=192.0.2.1"])
             .unwrap()
             .unwrap();

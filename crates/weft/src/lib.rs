@@ -5,9 +5,12 @@
 
 pub mod apiserver;
 pub mod backend;
+pub mod cleanup;
 pub mod cli;
 pub mod cni;
 pub mod daemon;
+pub mod docker_opts;
+pub mod doctor;
 pub mod firewall;
 pub mod fsutil;
 pub mod host;
@@ -17,6 +20,7 @@ pub mod lab;
 pub mod leases;
 pub mod metrics;
 pub mod netpol;
+pub mod notify;
 pub mod nsenter;
 pub mod process;
 pub mod registry;

@@ -8,10 +8,33 @@ use weft_core::flags;
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 fn usage() -> String {
-    "Usage: weft <command> [flags]\n\nCommands:\n  daemon   run the per-host agent (flanneld's job); see weft daemon --help\n  leases   list the subnet leases of a store; see weft leases --help\n  install-cni  install the CNI plugin and conflist (the DaemonSet's init step); see weft install-cni --help\n  lab      a whole cluster in network namespaces on this machine; see weft lab help\n  version  print the version\n".into()
+    "Usage: weft <command> [flags]\n\nCommands:\n  daemon   run the per-host agent (flanneld's job); see weft daemon --help\n  leases   list the subnet leases of a store; see weft leases --help\n  install-cni  install the CNI plugin and conflist (the DaemonSet's init step); see weft install-cni --help
+  lab      a whole cluster in network namespaces on this machine; see weft lab help\n  doctor   check this host and its daemon: ok / warning / problem with fixes (exit 0/1/2); see weft doctor --help\n  cleanup  remove everything weft installed on this host (--release-lease: and our lease); see weft cleanup --help\n  docker-opts  write Docker's options from subnet.env (flannel's mk-docker-opts.sh); see weft docker-opts --help\n  version  print the version\n".into()
+}
+
+/// `weft --help`: every command and every flag.
+fn full_help() -> String {
+    use weft::cleanup::CLEANUP_FLAGS;
+    use weft::doctor::DOCTOR_FLAGS;
+    format!(
+        "{}\n== weft daemon\n{}\n== weft install-cni\n{}\n== weft doctor: the daemon's flags and\n{}\n== weft cleanup: the daemon's flags and\n{}\n== weft docker-opts\n{}\n== weft leases\n{}\n== weft lab\n{}",
+        usage(),
+        flags::usage("weft daemon", &cli::daemon_specs()),
+        weft::install_cni::usage(),
+        flags::usage("weft doctor", DOCTOR_FLAGS),
+        flags::usage("weft cleanup", CLEANUP_FLAGS),
+        weft_core::docker_opts::usage("weft docker-opts"),
+        weft::leases::usage(),
+        weft::lab::usage(),
+    )
 }
 
 fn init_logging(verbosity: u64) {
+    init_logging_as(verbosity, false)
+}
+
+/// Logs to stderr as text, or as one JSON object per line (`--log-format=json`).
+fn init_logging_as(verbosity: u64, json: bool) {
     let default = match verbosity {
         0 | 1 => "info",
         2 | 3 => "debug",
@@ -20,6 +43,10 @@ fn init_logging(verbosity: u64) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     use std::io::IsTerminal;
+    if json {
+        tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).init();
+        return;
+    }
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
@@ -63,8 +90,10 @@ fn daemon(args: &[String]) -> ExitCode {
         }
     };
     die_on_broken_pipe(false);
-    init_logging(opts.verbosity);
-    match runtime().block_on(weft::daemon::run(opts)) {
+    init_logging_as(opts.verbosity, opts.log_json);
+    let result = runtime().block_on(weft::daemon::run(opts));
+    weft::notify::stopping();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
@@ -164,6 +193,57 @@ fn test_apiserver(args: &[String]) -> ExitCode {
     }
 }
 
+fn doctor(args: &[String]) -> ExitCode {
+    use weft::cleanup::{parse_with, usage_with};
+    use weft::doctor::DOCTOR_FLAGS;
+    let (opts, v) = match parse_with(DOCTOR_FLAGS, args, &env) {
+        Ok(Some(p)) => p,
+        Ok(None) => {
+            print!("{}", usage_with("weft doctor", DOCTOR_FLAGS));
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("weft doctor: {e}\n\n{}", usage_with("weft doctor", DOCTOR_FLAGS));
+            return ExitCode::from(2);
+        }
+    };
+    // Quiet: the report is the output; store retries and the like are not.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_max_level(tracing::Level::ERROR)
+        .init();
+    ExitCode::from(runtime().block_on(weft::doctor::run(&opts, v.bool("json"), v.str("cni-bridge"))))
+}
+
+fn cleanup(args: &[String]) -> ExitCode {
+    use weft::cleanup::{CLEANUP_FLAGS, parse_with, usage_with};
+    let (opts, v) = match parse_with(CLEANUP_FLAGS, args, &env) {
+        Ok(Some(p)) => p,
+        Ok(None) => {
+            print!("{}", usage_with("weft cleanup", CLEANUP_FLAGS));
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("weft cleanup: {e}\n\n{}", usage_with("weft cleanup", CLEANUP_FLAGS));
+            return ExitCode::from(2);
+        }
+    };
+    init_logging_as(opts.verbosity, opts.log_json);
+    let cni_dir = std::path::PathBuf::from(v.str("cni-data-dir"));
+    let report = runtime().block_on(weft::cleanup::run(&opts, v.bool("release-lease"), &cni_dir));
+    for line in &report.removed {
+        println!("removed {line}");
+    }
+    if report.removed.is_empty() && report.failed.is_empty() {
+        println!("nothing of weft's was left on this host");
+    }
+    for line in &report.failed {
+        eprintln!("weft cleanup: {line}");
+    }
+    if report.failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) }
+}
+
 /// The CNI plugin: runtimes run us with `CNI_COMMAND` set, whatever our name.
 fn cni_plugin() -> ExitCode {
     tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(false).with_max_level(tracing::Level::WARN).init();
@@ -192,6 +272,9 @@ fn main() -> ExitCode {
         Some("leases") => leases(&args[2..]),
         Some("test-apiserver") => test_apiserver(&args[2..]),
         Some("install-cni") => install_cni(&args[2..]),
+        Some("cleanup") => cleanup(&args[2..]),
+        Some("doctor") => doctor(&args[2..]),
+        Some("docker-opts") => ExitCode::from(weft::docker_opts::run(&args[2..])),
         Some("lab") => {
             init_logging(0);
             ExitCode::from(weft::lab::run(&args[2..]))
@@ -201,7 +284,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Some("help" | "--help" | "-help" | "-h") => {
-            print!("{}", usage());
+            print!("{}", full_help());
             ExitCode::SUCCESS
         }
         Some(other) => {

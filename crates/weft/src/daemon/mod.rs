@@ -93,6 +93,7 @@ fn shutdown_signal() -> watch::Receiver<bool> {
         };
         tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
         tracing::info!("shutting down (a second signal stops at once)");
+        crate::notify::stopping();
         let _ = tx.send(true);
         tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
         std::process::exit(130);
@@ -202,6 +203,7 @@ async fn run_with<R: Registry>(
     ready: watch::Sender<bool>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), DaemonError> {
+    let _watchdog = crate::notify::spawn_watchdog(metrics.clone()).map(AbortOnDrop);
     let Some(cfg) = network_config(&*reg, &shutdown).await else { return Ok(()) };
     if cfg.backend.defaulted {
         tracing::warn!(
@@ -292,6 +294,11 @@ async fn run_with<R: Registry>(
         return Ok(());
     }
     tracing::info!(path = %opts.subnet_file.display(), "wrote subnet file; ready");
+    crate::notify::ready(&format!(
+        "lease {own} ({} backend), subnet file {}",
+        d.dataplane.backend(),
+        opts.subnet_file.display()
+    ));
 
     let (tx, mut rx) = mpsc::channel(256);
     let watcher = tokio::spawn(lease_watch::run_as(

@@ -4,6 +4,7 @@
 
 pub mod link;
 pub mod monitor;
+pub mod teardown;
 pub mod translate;
 pub mod vxlan;
 
