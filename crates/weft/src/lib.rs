@@ -3,6 +3,7 @@
 //! This crate holds everything with effects (store clients, netlink, HTTP, processes); the
 //! decisions it acts on come from `weft-core`.
 
+pub mod apiserver;
 pub mod backend;
 pub mod cli;
 pub mod cni;

@@ -103,6 +103,30 @@ fn leases(args: &[String]) -> ExitCode {
     }
 }
 
+/// `weft test-apiserver` (hidden): the small Kubernetes API server of tests and the lab.
+fn test_apiserver(args: &[String]) -> ExitCode {
+    let opts = match weft::apiserver::parse_args(args) {
+        Ok(Some(o)) => o,
+        Ok(None) => {
+            print!("{}", weft::apiserver::usage());
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("weft test-apiserver: {e}\n\n{}", weft::apiserver::usage());
+            return ExitCode::from(2);
+        }
+    };
+    die_on_broken_pipe(false);
+    init_logging(0);
+    match runtime().block_on(weft::apiserver::run(opts)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weft test-apiserver: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 /// The CNI plugin: runtimes run us with `CNI_COMMAND` set, whatever our name.
 fn cni_plugin() -> ExitCode {
     tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(false).with_max_level(tracing::Level::WARN).init();
@@ -129,6 +153,7 @@ fn main() -> ExitCode {
     match args.get(1).map(String::as_str) {
         Some("daemon") => daemon(&args[2..]),
         Some("leases") => leases(&args[2..]),
+        Some("test-apiserver") => test_apiserver(&args[2..]),
         Some("lab") => {
             init_logging(0);
             ExitCode::from(weft::lab::run(&args[2..]))
