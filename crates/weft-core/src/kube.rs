@@ -451,6 +451,31 @@ pub fn node_lease(view: &NodeView, names: &AnnotationNames, v4: bool, v6: bool) 
     Ok(Some(Lease { key, attrs, expiry: Expiry::Unknown, revision: view.created }))
 }
 
+/// The network config text with `SubnetLen` / `IPv6SubnetLen` set to the length of our
+/// node's podCIDRs when the config leaves them out: in Kubernetes the subnet size is
+/// kube-controller-manager's `--node-cidr-mask-size`, not flannel's default, and every peer
+/// lease is checked against it. `None` when nothing is to change (or the result would not be
+/// a valid config: then the config's own problem is reported as it is).
+pub fn config_with_node_lengths(text: &str, view: &NodeView) -> Option<String> {
+    let serde_json::Value::Object(mut obj) = serde_json::from_str(text).ok()? else { return None };
+    let (v4, v6) = node_subnets(view).ok()?;
+    let mut changed = false;
+    if let Some(n) = v4
+        && crate::config::field(&obj, "SubnetLen").is_none()
+    {
+        obj.insert("SubnetLen".into(), n.prefix_len().into());
+        changed = true;
+    }
+    if let Some(n) = v6
+        && crate::config::field(&obj, "IPv6SubnetLen").is_none()
+    {
+        obj.insert("IPv6SubnetLen".into(), n.prefix_len().into());
+        changed = true;
+    }
+    let out = serde_json::Value::Object(obj).to_string();
+    (changed && NetworkConfig::parse(&out).is_ok()).then_some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -619,6 +644,22 @@ mod tests {
         assert!(e.contains("no IPv4 podCIDR"), "{e}");
         let e = own_key(&view("me", "nonsense", &[]), &cfg).unwrap_err().to_string();
         assert!(e.contains("not a CIDR"), "{e}");
+    }
+
+    #[test]
+    fn the_subnet_length_is_the_node_cidr_mask_size() {
+        let text = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
+        let out = config_with_node_lengths(text, &view("me", "10.244.7.128/25", &[])).unwrap();
+        assert_eq!(NetworkConfig::parse(&out).unwrap().v4.unwrap().subnet_len, 25);
+        // Set by the operator: kept.
+        let set = r#"{"Network":"10.244.0.0/16","SubnetLen":24}"#;
+        assert_eq!(config_with_node_lengths(set, &view("me", "10.244.7.128/25", &[])), None);
+        // No podCIDR yet, garbage, or a length the config cannot take: unchanged.
+        let mut none = view("me", "", &[]);
+        none.pod_cidrs.clear();
+        assert_eq!(config_with_node_lengths(text, &none), None);
+        assert_eq!(config_with_node_lengths("not json", &view("me", "10.244.7.0/24", &[])), None);
+        assert_eq!(config_with_node_lengths(text, &view("me", "10.0.0.0/8", &[])), None);
     }
 
     #[test]

@@ -40,8 +40,9 @@ const WATCH_TIMEOUT_SECS: u32 = 30;
 const READ_TIMEOUT: Duration = Duration::from_secs(45);
 /// How long `list` waits for the first complete list of Nodes.
 const SYNC_WAIT: Duration = Duration::from_secs(20);
-/// Changes kept for watches that fall behind; older ones make a watch re-list.
-const LOG_MAX: usize = 100_000;
+/// Changes kept for watches that fall behind; older ones make a watch re-list (from memory:
+/// cheap). A watch only needs the changes after its list, so few are kept.
+const LOG_MAX: usize = 4096;
 /// How often a watch reports that the API server is answering.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
@@ -504,11 +505,21 @@ impl Registry for KubeRegistry {
     }
 
     async fn network_config(&self) -> Result<String, RegistryError> {
-        std::fs::read_to_string(&self.net_config_path).map_err(|e| {
+        let text = std::fs::read_to_string(&self.net_config_path).map_err(|e| {
             RegistryError::ConfigMissing(format!(
                 "cannot read the network config {}: {e}; mount the kube-flannel-cfg ConfigMap there or set --net-config-path",
                 self.net_config_path.display()
             ))
+        })?;
+        // Subnets are the controller's podCIDRs: their length, not flannel's default, is
+        // what peer leases are checked against.
+        let view = self.own_node().await?;
+        Ok(match core::config_with_node_lengths(&text, &view) {
+            Some(adjusted) => {
+                tracing::info!(node = %view.name, "subnet length from our node's podCIDR: {adjusted}");
+                adjusted
+            }
+            None => text,
         })
     }
 
@@ -571,8 +582,9 @@ impl Registry for KubeRegistry {
                     if next < oldest && next <= st.rev {
                         Some(WatchItem::Compacted)
                     } else {
-                        let changes: Vec<Change> =
-                            st.log.iter().filter(|(r, _)| *r >= next).map(|(_, c)| c.clone()).collect();
+                        // Revisions in the log are consecutive: skip straight to `next`.
+                        let skip = usize::try_from(next - oldest).unwrap_or(0);
+                        let changes: Vec<Change> = st.log.iter().skip(skip).map(|(_, c)| c.clone()).collect();
                         (!changes.is_empty()).then(|| {
                             next = st.rev + 1;
                             WatchItem::Changes { revision: st.rev, changes }
