@@ -20,7 +20,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::watcher;
 use tokio::sync::{Notify, mpsc, watch};
@@ -109,8 +110,75 @@ async fn client(opts: &KubeOptions) -> Result<kube::Client, RegistryError> {
     kube::Client::try_from(config).map_err(|e| setup(format!("cannot build the Kubernetes client: {e}")))
 }
 
+/// A Node as weft decodes it: only the fields it reads. The rest of the object (status with
+/// its images and conditions, managed fields: most of the 5–15 KB) is skipped while
+/// decoding, so a list page of 500 nodes costs little memory.
+#[derive(Clone, Debug, Default, serde::Deserialize, serde::Serialize)]
+pub struct LeanNode {
+    /// name, resourceVersion, creationTimestamp, annotations.
+    #[serde(default, deserialize_with = "lean_meta")]
+    pub metadata: ObjectMeta,
+    /// podCIDR(s).
+    #[serde(default)]
+    pub spec: Option<LeanNodeSpec>,
+}
+
+/// The part of a Node's spec weft reads.
+#[derive(Clone, Debug, Default, serde::Deserialize, serde::Serialize)]
+pub struct LeanNodeSpec {
+    /// `spec.podCIDR`.
+    #[serde(rename = "podCIDR", default)]
+    pub pod_cidr: Option<String>,
+    /// `spec.podCIDRs`.
+    #[serde(rename = "podCIDRs", default)]
+    pub pod_cidrs: Option<Vec<String>>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LeanMeta {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    resource_version: Option<String>,
+    #[serde(default)]
+    creation_timestamp: Option<Time>,
+    #[serde(default)]
+    annotations: Option<BTreeMap<String, String>>,
+}
+
+fn lean_meta<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
+    let m = <LeanMeta as serde::Deserialize>::deserialize(d)?;
+    Ok(ObjectMeta {
+        name: m.name,
+        resource_version: m.resource_version,
+        creation_timestamp: m.creation_timestamp,
+        annotations: m.annotations,
+        ..Default::default()
+    })
+}
+
+impl k8s_openapi::Resource for LeanNode {
+    const API_VERSION: &'static str = "v1";
+    const GROUP: &'static str = "";
+    const KIND: &'static str = "Node";
+    const VERSION: &'static str = "v1";
+    const URL_PATH_SEGMENT: &'static str = "nodes";
+    type Scope = k8s_openapi::ClusterResourceScope;
+}
+
+impl k8s_openapi::Metadata for LeanNode {
+    type Ty = ObjectMeta;
+    fn metadata(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
 /// The part of a Node that matters, with only our annotations.
-fn view_of(node: &Node, names: &AnnotationNames) -> NodeView {
+fn view_of(node: &LeanNode, names: &AnnotationNames) -> NodeView {
     let meta = &node.metadata;
     let spec = node.spec.as_ref();
     NodeView {
@@ -294,7 +362,7 @@ struct Ctx {
 
 /// The fixed part of the registry, shared with its tasks.
 struct Kube {
-    nodes: Api<Node>,
+    nodes: Api<LeanNode>,
     ctx: Ctx,
 }
 
@@ -690,6 +758,27 @@ mod tests {
                 Change::Delete(k) => format!("-{k}"),
             })
             .collect()
+    }
+
+    #[test]
+    fn a_node_is_decoded_lean() {
+        let full = r#"{"apiVersion":"v1","kind":"Node","metadata":{"name":"n1","resourceVersion":"42",
+            "creationTimestamp":"2026-12-02T04:10:52Z","uid":"u","labels":{"a":"b"},
+            "annotations":{"flannel.alpha.coreos.com/public-ip":"192.0.2.5","other":"x"},
+            "managedFields":[{"manager":"kubelet","fieldsV1":{"f:status":{}}}]},
+            "spec":{"podCIDR":"10.244.5.0/24","podCIDRs":["10.244.5.0/24"],"providerID":"p"},
+            "status":{"images":[{"names":["x"],"sizeBytes":1}],"conditions":[]}}"#;
+        let n: LeanNode = serde_json::from_str(full).unwrap();
+        assert_eq!(n.metadata.resource_version.as_deref(), Some("42"));
+        assert!(n.metadata.managed_fields.is_none() && n.metadata.labels.is_none());
+        let v = view_of(&n, &ctx().names);
+        assert_eq!((v.name.as_str(), v.created), ("n1", 1_796_184_652));
+        assert_eq!(v.pod_cidrs, ["10.244.5.0/24"]);
+        assert_eq!(v.annotations.len(), 1, "only our annotations are kept: {:?}", v.annotations);
+        // Hostile shapes fail the decoding of that object, not the daemon.
+        assert!(serde_json::from_str::<LeanNode>(r#"{"metadata":{"name":5}}"#).is_err());
+        let empty: LeanNode = serde_json::from_str("{}").unwrap();
+        assert_eq!(view_of(&empty, &ctx().names), NodeView::default());
     }
 
     #[test]
