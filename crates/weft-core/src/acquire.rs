@@ -22,13 +22,15 @@ pub enum Choice {
     Previous(SubnetKey),
     /// A fresh subnet, chosen at random among the first free ones: create it.
     Fresh(SubnetKey),
+    /// The subnet the store assigned to us (Kubernetes: our node's podCIDRs).
+    Assigned(SubnetKey),
 }
 
 impl Choice {
     /// The subnet(s) chosen.
     pub fn key(&self) -> SubnetKey {
         match *self {
-            Choice::Reuse { key, .. } | Choice::Previous(key) | Choice::Fresh(key) => key,
+            Choice::Reuse { key, .. } | Choice::Previous(key) | Choice::Fresh(key) | Choice::Assigned(key) => key,
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod firewall;
 pub mod flags;
 pub mod iface;
 pub mod ipam;
+pub mod kube;
 pub mod lease;
 pub mod netpol;
 pub mod packet;

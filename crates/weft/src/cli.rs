@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use weft_core::flags::{self, FlagError, Kind, Parsed, Spec, Values};
 
 use crate::registry::etcd::EtcdOptions;
+use crate::registry::kube::KubeOptions;
 
 const fn s(name: &'static str, kind: Kind, default: &'static str, help: &'static str) -> Spec {
     Spec { name, kind, default, help }
@@ -38,12 +39,7 @@ pub const STORE_FLAGS: &[Spec] = &[
 
 /// The flags of `weft daemon` besides the store flags.
 pub const DAEMON_FLAGS: &[Spec] = &[
-    s(
-        "kube-subnet-mgr",
-        Kind::Bool,
-        "false",
-        "contact the Kubernetes API for subnet assignment instead of etcd (not supported yet)",
-    ),
+    s("kube-subnet-mgr", Kind::Bool, "false", "contact the Kubernetes API for subnet assignment instead of etcd"),
     s("kube-api-url", Kind::Str, "", "Kubernetes API server URL"),
     s("kubeconfig-file", Kind::Str, "", "kubeconfig file location"),
     s("kube-annotation-prefix", Kind::Str, "flannel.alpha.coreos.com", "Kubernetes annotation prefix"),
@@ -87,6 +83,8 @@ pub enum StoreChoice {
         /// Network config file.
         config: PathBuf,
     },
+    /// Kubernetes nodes (`--kube-subnet-mgr`).
+    Kube(KubeOptions),
 }
 
 /// Typed `weft daemon` options.
@@ -168,6 +166,23 @@ pub fn store_choice(v: &Values) -> Result<StoreChoice, FlagError> {
     }
 }
 
+/// The Kubernetes store's options: flanneld's flags, and our node from `NODE_NAME`, else
+/// from our pod (`POD_NAMESPACE`/`POD_NAME`).
+fn kube_options(v: &Values, env: &dyn Fn(&str) -> Option<String>) -> Result<KubeOptions, FlagError> {
+    let prefix = v.str("kube-annotation-prefix");
+    weft_core::kube::AnnotationNames::new(prefix).map_err(|e| bad(e.to_string()))?;
+    let var = |k: &str| env(k).filter(|s| !s.is_empty());
+    Ok(KubeOptions {
+        api_url: v.str("kube-api-url").into(),
+        kubeconfig: v.str("kubeconfig-file").into(),
+        annotation_prefix: prefix.into(),
+        set_node_network_unavailable: v.bool("set-node-network-unavailable"),
+        net_config_path: v.str("net-config-path").into(),
+        node_name: var("NODE_NAME"),
+        pod: var("POD_NAMESPACE").zip(var("POD_NAME")),
+    })
+}
+
 /// All flags of `weft daemon`.
 pub fn daemon_specs() -> Vec<Spec> {
     STORE_FLAGS.iter().chain(DAEMON_FLAGS).copied().collect()
@@ -185,14 +200,12 @@ pub fn parse_daemon(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Re
             "invalid value {margin} for flag -subnet-lease-renew-margin: it must be between 1 and 1439 minutes"
         )));
     }
-    if v.bool("kube-subnet-mgr") {
-        return Err(bad("--kube-subnet-mgr is not supported yet: use --store=etcd or --store=local".into()));
-    }
+    let store = if v.bool("kube-subnet-mgr") { StoreChoice::Kube(kube_options(&v, env)?) } else { store_choice(&v)? };
     let port = v.uint("healthz-port");
     let healthz_port =
         u16::try_from(port).map_err(|_| bad(format!("invalid value {port} for flag -healthz-port: use 0 to 65535")))?;
     Ok(Some(DaemonOptions {
-        store: store_choice(&v)?,
+        store,
         iface: v.list("iface").to_vec(),
         iface_regex: v.list("iface-regex").to_vec(),
         iface_can_reach: opt_parse(&v, "iface-can-reach", "an IP address")?,
@@ -250,5 +263,30 @@ mod tests {
             .unwrap();
         assert!(matches!(o.store, StoreChoice::Local { .. }));
         assert_eq!(o.public_ip, Some(Ipv4Addr::new(192, 0, 2, 1)));
+    }
+
+    #[test]
+    fn kube_flags_and_environment_are_flanneld_s() {
+        let args: Vec<String> =
+            ["--kube-subnet-mgr", "--kubeconfig-file=/k", "--kube-annotation-prefix=example.com/net"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+        let env = |k: &str| match k {
+            "POD_NAME" => Some("kube-flannel-ds-x".to_string()),
+            "POD_NAMESPACE" => Some("kube-flannel".to_string()),
+            "NODE_NAME" => Some(String::new()),
+            _ => None,
+        };
+        let o = parse_daemon(&args, &env).unwrap().unwrap();
+        let StoreChoice::Kube(k) = &o.store else { panic!("{:?}", o.store) };
+        assert_eq!((k.kubeconfig.as_str(), k.api_url.as_str()), ("/k", ""));
+        assert_eq!(k.node_name, None, "an empty NODE_NAME is not a name");
+        assert_eq!(k.pod, Some(("kube-flannel".into(), "kube-flannel-ds-x".into())));
+        assert!(k.set_node_network_unavailable);
+        assert_eq!(k.net_config_path, PathBuf::from("/etc/kube-flannel/net-conf.json"));
+        let env = |k: &str| (k == "FLANNELD_KUBE_ANNOTATION_PREFIX").then(|| "Example.com".to_string());
+        let e = parse_daemon(&["--kube-subnet-mgr".to_string()], &env).unwrap_err();
+        assert!(e.0.contains("invalid --kube-annotation-prefix \"Example.com\""), "{}", e.0);
     }
 }

@@ -94,6 +94,7 @@ pub async fn run(store: &StoreChoice) -> Result<Listed, RegistryError> {
     match store {
         StoreChoice::Etcd(e) => list(&EtcdRegistry::connect(e).await?).await,
         StoreChoice::Local { path, prefix, config } => list(&LocalRegistry::open(path, prefix, config)?).await,
+        StoreChoice::Kube(k) => list(&crate::registry::kube::KubeRegistry::connect(k).await?).await,
     }
 }
 

@@ -26,6 +26,7 @@ use crate::kernel::{Kernel, monitor};
 use crate::metrics::Metrics;
 use crate::registry::acquire::{AcquireFailed, acquire};
 use crate::registry::etcd::EtcdRegistry;
+use crate::registry::kube::KubeRegistry;
 use crate::registry::local::LocalRegistry;
 use crate::registry::watch as lease_watch;
 use crate::registry::{Registry, RegistryError, lease_ttl};
@@ -126,6 +127,9 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
         StoreChoice::Local { path, prefix, config } => {
             run_with(Arc::new(LocalRegistry::open(path, prefix, config)?), &opts, metrics, ready_tx, shutdown).await
         }
+        StoreChoice::Kube(k) => {
+            run_with(Arc::new(KubeRegistry::connect(k).await?), &opts, metrics, ready_tx, shutdown).await
+        }
     }
 }
 
@@ -157,7 +161,7 @@ async fn network_config<R: Registry>(reg: &R, shutdown: &watch::Receiver<bool>) 
     loop {
         let outcome = match reg.network_config().await {
             Ok(text) => NetworkConfig::parse(&text).map_err(|e| (false, e.to_string())),
-            Err(e) => Err((matches!(e, RegistryError::Unavailable { .. }), e.to_string())),
+            Err(e) => Err((e.is_transient(), e.to_string())),
         };
         match outcome {
             Ok(cfg) => return Some(cfg),
@@ -210,6 +214,7 @@ async fn run_with<R: Registry>(
             "the network config has no Backend: using udp as flannel does; set \"Backend\": {{\"Type\": \"vxlan\"}} for a faster data path"
         );
     }
+    let Some((public_ip, public_ipv6)) = public_ips(&*reg, opts, &shutdown).await? else { return Ok(()) };
     let handle = host::connect().map_err(DaemonError::Netlink)?;
     let snapshot = host::snapshot(&handle, opts.iface_can_reach).await?;
     let ext = iface::select(
@@ -218,8 +223,8 @@ async fn run_with<R: Registry>(
             iface: opts.iface.clone(),
             iface_regex: opts.iface_regex.clone(),
             can_reach: opts.iface_can_reach.is_some(),
-            public_ip: opts.public_ip,
-            public_ipv6: opts.public_ipv6,
+            public_ip,
+            public_ipv6,
             want_v4: cfg.v4.is_some(),
             want_v6: cfg.v6.is_some(),
         },
@@ -294,6 +299,7 @@ async fn run_with<R: Registry>(
         return Ok(());
     }
     tracing::info!(path = %opts.subnet_file.display(), "wrote subnet file; ready");
+    reg.up().await;
     crate::notify::ready(&format!(
         "lease {own} ({} backend), subnet file {}",
         d.dataplane.backend(),
@@ -351,8 +357,42 @@ async fn acquire_waiting<R: Registry>(
     loop {
         match acquire(reg, cfg, attrs, previous, ttl).await {
             Ok(a) => return Ok(Some(a)),
-            Err(AcquireFailed::Registry(e @ RegistryError::Unavailable { .. })) => {
+            Err(AcquireFailed::Registry(e)) if e.is_transient() => {
                 tracing::error!("failed to acquire a subnet lease, retrying in {backoff:?}: {e}");
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let mut s = shutdown.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = s.wait_for(|s| *s) => return Ok(None),
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// `--public-ip` / `--public-ipv6`, unless the store overrides them (Kubernetes: our node's
+/// `node-public-ip` annotations, as flanneld reads them before choosing the interface);
+/// waits while the store cannot be reached. `None` on shutdown.
+async fn public_ips<R: Registry>(
+    reg: &R,
+    opts: &DaemonOptions,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<Option<(Option<std::net::Ipv4Addr>, Option<std::net::Ipv6Addr>)>, DaemonError> {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        match reg.public_ip_overrides().await {
+            Ok((v4, v6)) => {
+                if let Some(ip) = v4 {
+                    tracing::info!(%ip, "the store overrides --public-ip");
+                }
+                if let Some(ip) = v6 {
+                    tracing::info!(%ip, "the store overrides --public-ipv6");
+                }
+                return Ok(Some((v4.or(opts.public_ip), v6.or(opts.public_ipv6))));
+            }
+            Err(e) if e.is_transient() => {
+                tracing::error!("cannot read our public address overrides, retrying in {backoff:?}: {e}")
             }
             Err(e) => return Err(e.into()),
         }

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod chaos;
 pub mod check;
 pub mod etcd;
+pub mod kube;
 pub mod netns;
 pub mod state;
 pub mod topology;
@@ -26,7 +27,7 @@ pub fn usage() -> String {
     "Usage: weft lab <command> [flags]\n\n\
      Commands:\n  \
      up          build a cluster: LAN, outside host, store, one daemon per host, pods via CNI\n              \
-     [--hosts 3] [--pods-per-host 2] [--backend vxlan|host-gw|udp|wireguard] [--store local|etcd] [--name weft]\n              \
+     [--hosts 3] [--pods-per-host 2] [--backend vxlan|host-gw|udp|wireguard] [--store local|etcd|kube] [--name weft]\n              \
      [--etcd-members 1] [--etcd-tls] (a real etcd cluster, members in their own namespaces)\n  \
      status      hosts, subnets, daemons and pods [--json]\n  \
      check       ping every pod from every pod, and the outside host (masqueraded) [--json]\n  \
@@ -101,7 +102,12 @@ fn dispatch(args: &[String]) -> Result<u8, LabError> {
                 spec("hosts", Kind::Uint, "3", "number of hosts"),
                 spec("pods-per-host", Kind::Uint, "2", "pods per host"),
                 spec("backend", Kind::Str, "vxlan", "vxlan, host-gw, udp or wireguard"),
-                spec("store", Kind::Str, "local", "local (embedded) or etcd (a real etcd server)"),
+                spec(
+                    "store",
+                    Kind::Str,
+                    "local",
+                    "local (embedded), etcd (a real etcd server) or kube (Kubernetes nodes on a test API server)",
+                ),
                 spec("etcd-members", Kind::Uint, "1", "etcd cluster members (--store etcd), each in its own namespace"),
                 spec("etcd-tls", Kind::Bool, "false", "etcd with TLS, each member with its own certificate"),
             ];

@@ -49,6 +49,9 @@ pub struct Lab {
     pub pods_per_host: u8,
     /// The etcd process, with `--store etcd`.
     pub etcd_pid: Option<u32>,
+    /// The test Kubernetes API server, with `--store kube`.
+    #[serde(default)]
+    pub apiserver_pid: Option<u32>,
     /// Hosts.
     pub hosts: Vec<Host>,
 }

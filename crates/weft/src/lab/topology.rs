@@ -133,7 +133,9 @@ fn daemon_args(lab: &Lab, index: u8) -> Vec<String> {
         format!("--subnet-file={}", d.join(format!("h{index}/subnet.env")).display()),
         format!("--healthz-port={HEALTH_PORT}"),
     ];
-    if let Some(c) = etcd_cluster(lab) {
+    if lab.store == "kube" {
+        args.extend(super::kube::daemon_args(lab));
+    } else if let Some(c) = etcd_cluster(lab) {
         args.extend(c.daemon_args());
     } else if lab.store == "etcd" {
         args.push(format!("--etcd-endpoints=http://{LAN}.1:2379"));
@@ -158,6 +160,7 @@ fn spawn_daemon(lab: &Lab, index: u8) -> io::Result<u32> {
         // Each host its own WireGuard key, kept across `lab restart` (flannel's default path
         // is one file for the whole machine).
         .env(weft_core::wireguard::KEY_FILE_ENV, dir.join("wgkey"))
+        .env("NODE_NAME", super::kube::node_name(index))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -268,6 +271,9 @@ fn start_host(lab: &mut Lab, index: u8) -> Result<(), LabError> {
     // before any pod exists (traffic to remote pods arrives here first).
     step("enabling forwarding", host.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]))?;
     let ns = host.persist();
+    if lab.store == "kube" {
+        super::kube::create_node(lab, index)?;
+    }
     let pid = step("starting the daemon", spawn_daemon(lab, index))?;
     lab.hosts.push(Host { index, ns, ip, pid, subnet: String::new(), pods: Vec::new() });
     let _ = lab.save();
@@ -286,8 +292,8 @@ pub fn up(o: &UpOptions) -> Result<Lab, LabError> {
             o.backend
         )));
     }
-    if !["local", "etcd"].contains(&o.store.as_str()) {
-        return Err(LabError::Usage(format!("unknown --store {:?}: use local or etcd", o.store)));
+    if !["local", "etcd", "kube"].contains(&o.store.as_str()) {
+        return Err(LabError::Usage(format!("unknown --store {:?}: use local, etcd or kube", o.store)));
     }
     if !(1..=9).contains(&o.etcd_members) || ((o.etcd_members > 1 || o.etcd_tls) && o.store != "etcd") {
         return Err(LabError::Usage("--etcd-members (1 to 9) and --etcd-tls need --store etcd".into()));
@@ -301,6 +307,7 @@ pub fn up(o: &UpOptions) -> Result<Lab, LabError> {
         store: o.store.clone(),
         pods_per_host: o.pods_per_host,
         etcd_pid: None,
+        apiserver_pid: None,
         hosts: Vec::new(),
     };
     let result = build(&mut lab, o);
@@ -356,6 +363,14 @@ fn build(lab: &mut Lab, o: &UpOptions) -> Result<(), LabError> {
         )?;
         step("writing the network config", etcd.etcdctl(&["put", "/coreos.com/network/config", &config]))?;
         lab.etcd_pid = etcd.detach();
+    } else if o.store == "kube" {
+        progress(&format!(
+            "  store: Kubernetes API server (weft test-apiserver) on https://{LAN}.1:{}, one node per host ... ",
+            super::kube::API_PORT
+        ));
+        step("writing the network config", std::fs::write(super::kube::net_conf(lab), &config))?;
+        lab.apiserver_pid = Some(super::kube::start_apiserver(lab)?);
+        step("saving the lab state", lab.save())?;
     } else {
         progress(&format!("  store: local file {} ... ", lab.dir().join("leases.db").display()));
         step("writing the network config", std::fs::write(lab.dir().join("net-conf.json"), &config))?;
@@ -394,14 +409,14 @@ fn build(lab: &mut Lab, o: &UpOptions) -> Result<(), LabError> {
 pub fn down(name: &str) -> (usize, usize) {
     let mut processes = 0;
     if let Some(lab) = Lab::load(name) {
-        for pid in lab.hosts.iter().map(|h| h.pid).chain(lab.etcd_pid) {
+        for pid in lab.hosts.iter().map(|h| h.pid).chain(lab.etcd_pid).chain(lab.apiserver_pid) {
             if alive(pid) {
                 kill(pid, libc::SIGTERM);
                 processes += 1;
             }
         }
         let deadline = Instant::now() + Duration::from_secs(3);
-        for pid in lab.hosts.iter().map(|h| h.pid).chain(lab.etcd_pid) {
+        for pid in lab.hosts.iter().map(|h| h.pid).chain(lab.etcd_pid).chain(lab.apiserver_pid) {
             while alive(pid) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -473,7 +488,9 @@ pub fn remove_host(name: &str, index: u8) -> Result<Lab, LabError> {
     let host = lab.hosts.remove(pos);
     kill(host.pid, libc::SIGTERM);
     let key = host.subnet.replace('/', "-");
-    if !key.is_empty() {
+    if lab.store == "kube" {
+        super::kube::delete_node(&lab, index)?;
+    } else if !key.is_empty() {
         delete_lease(&lab, &key)?;
     }
     for p in &host.pods {

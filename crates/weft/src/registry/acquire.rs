@@ -44,6 +44,12 @@ pub async fn acquire<R: Registry>(
     previous: Option<SubnetKey>,
     ttl: Duration,
 ) -> Result<Acquired, AcquireFailed> {
+    if let Some(key) = reg.assigned(cfg).await? {
+        // The store's subnet is ours; writing our attributes to it is all there is to take.
+        reg.renew(&key, attrs, None).await?;
+        let lease = Lease { key, attrs: attrs.clone(), expiry: Expiry::Reservation, revision: 0 };
+        return Ok(Acquired { lease, choice: Choice::Assigned(key) });
+    }
     let mut previous = previous;
     for attempt in 0..ATTEMPTS {
         let listing = reg.list().await?;
@@ -60,7 +66,7 @@ pub async fn acquire<R: Registry>(
                 Err(RegistryError::Lost(_)) => false,
                 Err(e) => return Err(e.into()),
             },
-            Choice::Previous(_) | Choice::Fresh(_) => reg.create(&key, attrs, ttl).await?,
+            Choice::Previous(_) | Choice::Fresh(_) | Choice::Assigned(_) => reg.create(&key, attrs, ttl).await?,
         };
         if taken {
             let expiry = match p.choice {

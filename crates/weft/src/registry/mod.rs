@@ -4,6 +4,7 @@
 
 pub mod acquire;
 pub mod etcd;
+pub mod kube;
 pub mod local;
 pub mod watch;
 
@@ -59,6 +60,22 @@ pub enum RegistryError {
     /// Our lease is now held by another host or was deleted; we must not use it.
     #[error("lease {0} is held by another host now")]
     Lost(SubnetKey),
+    /// The Kubernetes API server could not be reached or answered with an error.
+    #[error(
+        "Kubernetes API request failed: {0}; check that the API server is reachable (--kube-api-url, --kubeconfig-file or the in-cluster service account) and that weft may get, list and watch nodes and patch nodes/status"
+    )]
+    Kube(String),
+    /// The store has no subnet for us yet (Kubernetes: no podCIDR); wait for it.
+    #[error("{0}")]
+    NotAssigned(String),
+}
+
+impl RegistryError {
+    /// Whether waiting and trying again can help (the store is down, or has not assigned our
+    /// subnet yet), as opposed to a setup or config problem.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, RegistryError::Unavailable { .. } | RegistryError::Kube(_) | RegistryError::NotAssigned(_))
+    }
 }
 
 /// A lease list at one store revision. Entries that do not parse are skipped with a warning.
@@ -137,6 +154,32 @@ pub trait Registry: Send + Sync + 'static {
 
     /// Fills in expiry times that a list left `Unknown` (for display).
     fn resolve_expiry(&self, leases: &mut [Lease]) -> impl Future<Output = Result<(), RegistryError>> + Send;
+
+    /// The subnet the store assigns to us, for stores that assign it (Kubernetes: our node's
+    /// podCIDRs; `Err(NotAssigned)` while there is none), or `None` where we take one from the
+    /// network config ourselves (etcd, local). An assigned lease never expires; `renew`
+    /// writes our attributes to it.
+    fn assigned(
+        &self,
+        _cfg: &weft_core::config::NetworkConfig,
+    ) -> impl Future<Output = Result<Option<SubnetKey>, RegistryError>> + Send {
+        async { Ok(None) }
+    }
+
+    /// Public addresses the store sets for us, overriding `--public-ip` / `--public-ipv6`
+    /// (Kubernetes: our node's `node-public-ip` / `node-public-ipv6` annotations).
+    fn public_ip_overrides(
+        &self,
+    ) -> impl Future<Output = Result<(Option<std::net::Ipv4Addr>, Option<std::net::Ipv6Addr>), RegistryError>> + Send
+    {
+        async { Ok((None, None)) }
+    }
+
+    /// Tells the store the daemon is up (flanneld's CompleteLease; Kubernetes: the node's
+    /// NetworkUnavailable=False condition). Never blocks the daemon.
+    fn up(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 /// Parses one stored entry, logging (not failing) when another host wrote garbage.
