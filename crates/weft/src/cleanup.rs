@@ -263,6 +263,10 @@ async fn release_lease(opts: &DaemonOptions, h: &rtnetlink::Handle, key: Option<
             Ok(reg) => release_from(&reg, &mine, key).await,
             Err(e) => Err(e.to_string()),
         },
+        // The node's podCIDR is the controller manager's to give and take back, as in flannel.
+        StoreChoice::Kube(_) => Err("with --kube-subnet-mgr the lease is the node's spec.podCIDR, which the \
+             controller manager assigns and releases (delete the Node object to free it)"
+            .to_string()),
     };
     match outcome {
         Ok(released) if released.is_empty() => {}

@@ -8,19 +8,20 @@ use std::time::{Duration, SystemTime};
 
 use ipnet::IpNet;
 use weft_core::backend::{BackendSpec, UDP_OVERHEAD, VXLAN_OVERHEAD};
-use weft_core::cache::LeaseEvent;
+use weft_core::cache::LeaseCache;
 use weft_core::config::NetworkConfig;
 use weft_core::doctor::{DataPlaneDiff, Dev, Facts, Health, SubnetEnvFacts};
 use weft_core::flags::{Kind, Spec};
 use weft_core::iface::{self, Selection};
 use weft_core::lease::{Expiry, Lease};
 use weft_core::plan::{self, HostFacts};
-use weft_core::validate::{Rules, Validator};
+use weft_core::validate::Rules;
 
 use crate::cli::{DaemonOptions, StoreChoice};
 use crate::kernel::{Kernel, Links};
 use crate::registry::Registry;
 use crate::registry::etcd::EtcdRegistry;
+use crate::registry::kube::KubeRegistry;
 use crate::registry::local::LocalRegistry;
 
 /// How long one store call or health request of doctor may take.
@@ -60,6 +61,10 @@ async fn store(opts: &DaemonOptions) -> Result<(String, Vec<Lease>), String> {
         StoreChoice::Etcd(e) => from_store(&with_deadline("connecting to etcd", EtcdRegistry::connect(e)).await?).await,
         StoreChoice::Local { path, prefix, config } => {
             from_store(&LocalRegistry::open(path, prefix, config).map_err(|e| e.to_string())?).await
+        }
+        StoreChoice::Kube(k) => {
+            let reg = with_deadline("connecting to the Kubernetes API", KubeRegistry::connect(k)).await?;
+            from_store(&reg).await
         }
     }
 }
@@ -268,6 +273,9 @@ pub async fn gather(opts: &DaemonOptions, bridge: &str) -> Facts {
         BackendSpec::HostGw => ("host-gw", None, 0),
         BackendSpec::Vxlan(v) => ("vxlan", Some(format!("flannel.{}", v.vni)), VXLAN_OVERHEAD),
         BackendSpec::Udp(_) => ("udp", Some("flannel0".to_string()), UDP_OVERHEAD),
+        BackendSpec::Wireguard(_) => {
+            ("wireguard", Some(weft_core::wireguard::DEVICE.to_string()), weft_core::wireguard::OVERHEAD)
+        }
     };
     f.backend = Some(backend.to_string());
     f.overhead = overhead;
@@ -388,17 +396,14 @@ async fn dataplane(
     let mut rules = Rules::from_config(cfg);
     rules.own = Some(own.key);
     rules.own_ips = [ext.public_ip, ext.iface_addr].into_iter().flatten().map(IpAddr::V4).collect();
-    let mut validator = Validator::new(rules);
-    for l in leases.iter().filter(|l| l.key != own.key) {
-        validator.apply(&LeaseEvent::Added(l.clone()));
-    }
+    let mut peers = LeaseCache::new(rules);
+    peers.replace_all(leases.iter().cloned());
     let kernel = Kernel::new(handle.clone());
     let connected = match spec {
         BackendSpec::Vxlan(v) if v.direct_routing => kernel.connected_prefixes(ext.index).await.ok()?,
         _ => Vec::new(),
     };
-    let desired =
-        plan::plan(spec, validator.accepted(), &HostFacts { connected, vxlan6: links.vxlan6.is_some() }).state;
+    let desired = plan::plan(spec, peers.accepted(), &HostFacts { connected, vxlan6: links.vxlan6.is_some() }).state;
     let networks: Vec<IpNet> =
         cfg.v4.map(|r| IpNet::V4(r.network)).into_iter().chain(cfg.v6.map(|r| IpNet::V6(r.network))).collect();
     let own_nets: Vec<IpNet> = own.key.v4.map(IpNet::V4).into_iter().chain(own.key.v6.map(IpNet::V6)).collect();
