@@ -235,3 +235,61 @@ fn a_node_without_pod_cidr_waits_then_goes_on_and_hostile_nodes_are_skipped() {
     });
     assert!(d.alive());
 }
+
+/// Without `--kube-api-url` or `--kubeconfig-file` the daemon uses the in-cluster
+/// configuration, as in the DaemonSet: `KUBERNETES_SERVICE_HOST/PORT` and the service
+/// account's token and CA under `/var/run/secrets/kubernetes.io/serviceaccount` (mounted, as
+/// kubelet does, in a private mount namespace of the daemon's only, over a private `/run`).
+/// Without them it stops with an error that says what to give.
+#[test]
+fn in_cluster_configuration_is_used_without_url_or_kubeconfig() {
+    let w = world("kic");
+    let api_dir = w.dir.join("api");
+    let srv = start_server(&w.lan.ns, &api_dir);
+    create(&srv, json!({"metadata": {"name": "h1"}, "spec": {"podCIDR": "10.244.1.0/24"}}));
+    create(&srv, peer(2));
+    let nc = format!("--net-config-path={}", w.dir.join("net-conf.json").display());
+    let sf = format!("--subnet-file={}", w.dir.join("subnet.env").display());
+
+    // Neither flags nor an in-cluster environment: a clear error, no subnet file.
+    let mut lost = Daemon::start_with_env(&w.host, &w.dir, &["--kube-subnet-mgr", &nc, &sf, "--iface=eth0"], &[]);
+    let status = lost.wait_exit(Duration::from_secs(20));
+    assert!(!status.success());
+    assert!(lost.log().contains("--kubeconfig-file"), "the error names what to give: {}", lost.log());
+    assert!(!w.dir.join("subnet.env").exists());
+
+    let sa = "/var/run/secrets/kubernetes.io/serviceaccount";
+    let script = format!(
+        "mount --make-rprivate / && mount -t tmpfs weft-test /run && mkdir -p {sa} && \
+         cp {api}/token {sa}/token && cp {api}/ca.crt {sa}/ca.crt && echo default > {sa}/namespace && \
+         exec {weft} daemon --kube-subnet-mgr {nc} {sf} --iface=eth0",
+        api = api_dir.display(),
+        weft = common::weft_bin(),
+    );
+    let log = w.dir.join("incluster.log");
+    let err = std::fs::File::create(&log).unwrap();
+    let mut child = w
+        .host
+        .command("unshare")
+        .args(["-m", "sh", "-c", &script])
+        .env("KUBERNETES_SERVICE_HOST", "192.0.2.1")
+        .env("KUBERNETES_SERVICE_PORT", "6443")
+        .env("NODE_NAME", "h1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(err)
+        .spawn()
+        .unwrap();
+    let env = w.subnet_env();
+    assert!(env.contains("FLANNEL_SUBNET=10.244.1.1/24"), "{env}");
+    wait_routes(&w.host, &[2], &[], "the route to the peer, learnt through the in-cluster client");
+    let node = srv.store().get(nodes(), "", "h1").unwrap();
+    assert_eq!(
+        node["metadata"]["annotations"]["flannel.alpha.coreos.com/kube-subnet-manager"], "true",
+        "our annotations were written with the service account's token: {node}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    let host_view = std::fs::read(Path::new(sa).join("token")).ok();
+    assert_ne!(host_view, std::fs::read(api_dir.join("token")).ok(), "the token was mounted for the daemon only");
+}
