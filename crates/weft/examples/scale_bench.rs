@@ -114,7 +114,7 @@ impl Bench {
                 let mut pending = futures::stream::FuturesUnordered::new();
                 for i in 0..n {
                     let reg = reg.clone();
-                    // Subnets from 10.67.232.0 up stay clear of the daemon's own (random among the first 100).
+                    // Subnets from 10.67.232.0 up (Network 10.0.0.0/8): clear of the daemon's own (among the first 100).
                     let s = i + 1000;
                     let key = SubnetKey::v4(format!("10.{}.{}.0/24", 64 + s / 256, s % 256).parse().unwrap());
                     let mut attrs = LeaseAttrs::new(Ipv4Addr::from(0xC612_0000u32 + i + 1));
@@ -202,7 +202,7 @@ fn stop(mut c: Child) {
 }
 
 fn control_plane(n: u32) {
-    let b = Bench::new("c", r#"{"Network":"10.64.0.0/10","Backend":{"Type":"alloc"}}"#);
+    let b = Bench::new("c", r#"{"Network":"10.0.0.0/8","Backend":{"Type":"alloc"}}"#);
     let mut fresh = Vec::new();
     let mut again = Vec::new();
     for round in 0..20 {
@@ -268,7 +268,7 @@ fn peer_subnet(i: u32) -> String {
 }
 
 fn data_plane(n: u32) -> Row {
-    let b = Bench::new("d", r#"{"Network":"10.64.0.0/10","Backend":{"Type":"vxlan"}}"#);
+    let b = Bench::new("d", r#"{"Network":"10.0.0.0/8","Backend":{"Type":"vxlan"}}"#);
     // Leases known before the daemon starts: the first pass programs all of them.
     b.write_peers(n, true);
     let start = Instant::now();
