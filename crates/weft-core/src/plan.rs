@@ -31,7 +31,39 @@ pub struct Route {
     pub link: LinkRef,
     /// `onlink`: the next hop is reachable without a covering route (vxlan).
     pub onlink: bool,
+    /// The nexthop object the route points at (`nhid N`), when nexthop objects are used;
+    /// the planner leaves it `None` and [`assign_nexthops`] fills it in.
+    pub nhid: Option<u32>,
 }
+
+impl Route {
+    /// A route to `dst` via `via` on `link`, without a nexthop object.
+    pub fn new(dst: IpNet, via: IpAddr, link: LinkRef, onlink: bool) -> Route {
+        Route { dst, via, link, onlink, nhid: None }
+    }
+
+    /// Where the route goes, as a nexthop object would say it.
+    pub fn nexthop(&self) -> Nexthop {
+        Nexthop { via: self.via, link: self.link, onlink: self.onlink }
+    }
+}
+
+/// A nexthop object (`ip nexthop`): a gateway on a link. Routes point at it by id, so the
+/// kernel hashes them by id instead of walking every route through the same device (the
+/// IPv4 `fib_info` hash does not include the gateway, which makes plain routes quadratic).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Nexthop {
+    /// The gateway.
+    pub via: IpAddr,
+    /// Output link.
+    pub link: LinkRef,
+    /// `onlink` (vxlan).
+    pub onlink: bool,
+}
+
+/// The nexthop ids weft allocates (`ip nexthop` shows them as `id 87000001` and so on); its
+/// nexthops also carry protocol 87, which is how they are recognised.
+pub const NEXTHOP_IDS: std::ops::Range<u32> = 87_000_000..88_000_000;
 
 /// Routes, neighbours and FDB entries: desired or actual.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -42,6 +74,8 @@ pub struct KernelState {
     pub neighbors: BTreeMap<(LinkRef, IpAddr), Mac>,
     /// FDB entries: (link, MAC) → underlay destination.
     pub fdb: BTreeMap<(LinkRef, Mac), IpAddr>,
+    /// Nexthop objects by id (ours only; empty when plain routes are used).
+    pub nexthops: BTreeMap<u32, Nexthop>,
 }
 
 /// The desired state and the peers that were skipped, with why.
@@ -78,16 +112,11 @@ pub fn plan<'a>(spec: &BackendSpec, peers: impl IntoIterator<Item = &'a Lease>, 
         match spec {
             BackendSpec::HostGw => {
                 if let Some(v4) = peer.key.v4 {
-                    let r = Route {
-                        dst: v4.into(),
-                        via: peer.attrs.public_ip.into(),
-                        link: LinkRef::External,
-                        onlink: false,
-                    };
+                    let r = Route::new(v4.into(), peer.attrs.public_ip.into(), LinkRef::External, false);
                     p.state.routes.insert(r.dst, r);
                 }
                 if let (Some(v6), Some(ip6)) = (peer.key.v6, peer.attrs.public_ipv6) {
-                    let r = Route { dst: v6.into(), via: ip6.into(), link: LinkRef::External, onlink: false };
+                    let r = Route::new(v6.into(), ip6.into(), LinkRef::External, false);
                     p.state.routes.insert(r.dst, r);
                 }
             }
@@ -95,7 +124,7 @@ pub fn plan<'a>(spec: &BackendSpec, peers: impl IntoIterator<Item = &'a Lease>, 
                 if let Some(v4) = peer.key.v4 {
                     let public: IpAddr = peer.attrs.public_ip.into();
                     if v.direct_routing && facts.connected.iter().any(|n| n.contains(&public)) {
-                        let r = Route { dst: v4.into(), via: public, link: LinkRef::External, onlink: false };
+                        let r = Route::new(v4.into(), public, LinkRef::External, false);
                         p.state.routes.insert(r.dst, r);
                     } else {
                         match peer.attrs.backend_data.as_ref().and_then(|d| parse_vxlan_backend_data(d.get())) {
@@ -124,7 +153,7 @@ fn add_vxlan_peer(s: &mut KernelState, link: LinkRef, subnet: IpNet, mac: Mac, p
     let gw = base(subnet);
     s.neighbors.insert((link, gw), mac);
     s.fdb.insert((link, mac), public);
-    s.routes.insert(subnet, Route { dst: subnet, via: gw, link, onlink: true });
+    s.routes.insert(subnet, Route::new(subnet, gw, link, true));
 }
 
 /// What to change, in the order to apply it.
@@ -134,6 +163,10 @@ pub struct Ops {
     pub neighbors_set: Vec<(LinkRef, IpAddr, Mac)>,
     /// FDB entries to add or replace.
     pub fdb_set: Vec<(LinkRef, Mac, IpAddr)>,
+    /// Nexthop objects to create (exclusively: an id someone else took is never replaced).
+    pub nexthops_add: Vec<(u32, Nexthop)>,
+    /// Our nexthop objects to replace (altered behind our back).
+    pub nexthops_set: Vec<(u32, Nexthop)>,
     /// Routes to create where we have none: created exclusively, so a route of someone else
     /// with the same destination (connected, the CNI bridge's, an administrator's) is never
     /// replaced.
@@ -142,6 +175,8 @@ pub struct Ops {
     pub routes_set: Vec<Route>,
     /// Routes to delete (first when removing).
     pub routes_del: Vec<Route>,
+    /// Nexthop objects to delete (after the routes through them moved or went).
+    pub nexthops_del: Vec<(u32, Nexthop)>,
     /// FDB entries to delete.
     pub fdb_del: Vec<(LinkRef, Mac, IpAddr)>,
     /// Neighbours to delete.
@@ -158,9 +193,12 @@ impl Ops {
     pub fn len(&self) -> usize {
         self.neighbors_set.len()
             + self.fdb_set.len()
+            + self.nexthops_add.len()
+            + self.nexthops_set.len()
             + self.routes_add.len()
             + self.routes_set.len()
             + self.routes_del.len()
+            + self.nexthops_del.len()
             + self.fdb_del.len()
             + self.neighbors_del.len()
     }
@@ -172,9 +210,17 @@ impl Ops {
             self.neighbors_set.iter().map(|(l, ip, m)| format!("set neigh {ip} lladdr {} on {l:?}", mac_to_string(m))),
         );
         out.extend(self.fdb_set.iter().map(|(l, m, d)| format!("set fdb {} dst {d} on {l:?}", mac_to_string(m))));
-        out.extend(self.routes_add.iter().map(|r| format!("add route {} via {} on {:?}", r.dst, r.via, r.link)));
-        out.extend(self.routes_set.iter().map(|r| format!("set route {} via {} on {:?}", r.dst, r.via, r.link)));
-        out.extend(self.routes_del.iter().map(|r| format!("del route {} via {} on {:?}", r.dst, r.via, r.link)));
+        let nh = |verb: &str, id: &u32, n: &Nexthop| format!("{verb} nexthop id {id} via {} on {:?}", n.via, n.link);
+        out.extend(self.nexthops_add.iter().map(|(id, n)| nh("add", id, n)));
+        out.extend(self.nexthops_set.iter().map(|(id, n)| nh("set", id, n)));
+        let route = |verb: &str, r: &Route| match r.nhid {
+            Some(id) => format!("{verb} route {} nhid {id} via {} on {:?}", r.dst, r.via, r.link),
+            None => format!("{verb} route {} via {} on {:?}", r.dst, r.via, r.link),
+        };
+        out.extend(self.routes_add.iter().map(|r| route("add", r)));
+        out.extend(self.routes_set.iter().map(|r| route("set", r)));
+        out.extend(self.routes_del.iter().map(|r| route("del", r)));
+        out.extend(self.nexthops_del.iter().map(|(id, n)| nh("del", id, n)));
         out.extend(self.fdb_del.iter().map(|(l, m, d)| format!("del fdb {} dst {d} on {l:?}", mac_to_string(m))));
         out.extend(
             self.neighbors_del.iter().map(|(l, ip, m)| format!("del neigh {ip} lladdr {} on {l:?}", mac_to_string(m))),
@@ -198,6 +244,13 @@ pub fn diff(desired: &KernelState, actual: &KernelState) -> Ops {
             ops.fdb_set.push((l, mac, *dst));
         }
     }
+    for (&id, nh) in &desired.nexthops {
+        match actual.nexthops.get(&id) {
+            None => ops.nexthops_add.push((id, *nh)),
+            Some(a) if a != nh => ops.nexthops_set.push((id, *nh)),
+            Some(_) => {}
+        }
+    }
     for (dst, r) in &desired.routes {
         match actual.routes.get(dst) {
             None => ops.routes_add.push(*r),
@@ -208,6 +261,11 @@ pub fn diff(desired: &KernelState, actual: &KernelState) -> Ops {
     for (dst, r) in &actual.routes {
         if !desired.routes.contains_key(dst) {
             ops.routes_del.push(*r);
+        }
+    }
+    for (&id, nh) in &actual.nexthops {
+        if !desired.nexthops.contains_key(&id) {
+            ops.nexthops_del.push((id, *nh));
         }
     }
     for (&(l, mac), dst) in &actual.fdb {
@@ -221,6 +279,117 @@ pub fn diff(desired: &KernelState, actual: &KernelState) -> Ops {
         }
     }
     ops
+}
+
+/// Points every route of `desired` at a nexthop object: the id of one of our nexthops in
+/// `actual` that already goes the same way (so a restarted daemon adopts what is there and
+/// traffic never stops), else the lowest id of [`NEXTHOP_IDS`] that is neither ours nor
+/// `taken` (the ids of every nexthop in the kernel, whoever made it). Fills
+/// `desired.nexthops`; a duplicate or unused nexthop of ours is then left for [`diff`] to
+/// delete. Work is O(routes + nexthops) map operations.
+pub fn assign_nexthops(desired: &mut KernelState, actual: &KernelState, taken: &dyn Fn(u32) -> bool) {
+    let mut existing: BTreeMap<Nexthop, u32> = BTreeMap::new();
+    for (&id, nh) in &actual.nexthops {
+        existing.entry(*nh).or_insert(id);
+    }
+    let mut next = NEXTHOP_IDS.start;
+    desired.nexthops.clear();
+    for r in desired.routes.values_mut() {
+        let nh = r.nexthop();
+        let id = match existing.get(&nh) {
+            Some(&id) => id,
+            None => {
+                while next < NEXTHOP_IDS.end && (taken(next) || actual.nexthops.contains_key(&next)) {
+                    next += 1;
+                }
+                if next >= NEXTHOP_IDS.end {
+                    // Out of ids (a million nexthops): this route stays a plain one.
+                    r.nhid = None;
+                    continue;
+                }
+                let id = next;
+                next += 1;
+                existing.insert(nh, id);
+                id
+            }
+        };
+        r.nhid = Some(id);
+        desired.nexthops.insert(id, nh);
+    }
+}
+
+/// The changes for a few peers alone, against `model` (what the kernel holds as of the
+/// last pass), which is updated to match: the entries of peers that went (`gone`) are
+/// deleted where the model has them; those of new peers (`new`) are created, through fresh
+/// nexthop objects when `ids` is given (`taken` ids skipped, `next` the allocation cursor).
+/// Work is O(entries of these peers), whatever the number of peers. `None`, with `model`
+/// untouched, when a new entry's key is already in the model (a peer that changed: its old
+/// entries are not known here, so a full pass serves it).
+pub fn peer_delta(
+    model: &mut KernelState,
+    gone: &KernelState,
+    new: &KernelState,
+    ids: Option<(&dyn Fn(u32) -> bool, &mut u32)>,
+) -> Option<Ops> {
+    if new.routes.keys().any(|k| model.routes.contains_key(k))
+        || new.neighbors.keys().any(|k| model.neighbors.contains_key(k))
+        || new.fdb.keys().any(|k| model.fdb.contains_key(k))
+    {
+        return None;
+    }
+    let mut ops = Ops::default();
+    for (dst, r) in &gone.routes {
+        if model.routes.get(dst).is_some_and(|m| m.nexthop() == r.nexthop())
+            && let Some(m) = model.routes.remove(dst)
+        {
+            ops.routes_del.push(m);
+            if let Some(nh) = m.nhid.and_then(|id| model.nexthops.remove(&id).map(|nh| (id, nh))) {
+                ops.nexthops_del.push(nh);
+            }
+        }
+    }
+    for (k, mac) in &gone.neighbors {
+        if model.neighbors.get(k) == Some(mac) {
+            model.neighbors.remove(k);
+            ops.neighbors_del.push((k.0, k.1, *mac));
+        }
+    }
+    for (k, dst) in &gone.fdb {
+        if model.fdb.get(k) == Some(dst) {
+            model.fdb.remove(k);
+            ops.fdb_del.push((k.0, k.1, *dst));
+        }
+    }
+    let mut ids = ids;
+    for r in new.routes.values() {
+        let mut r = *r;
+        if let Some((taken, next)) = ids.as_mut() {
+            let mut tries = NEXTHOP_IDS.end - NEXTHOP_IDS.start;
+            // An id deleted in this same batch is still there when the additions run.
+            let freed = |id: u32| ops.nexthops_del.iter().any(|(d, _)| *d == id);
+            while tries > 0 && (taken(**next) || model.nexthops.contains_key(next) || freed(**next)) {
+                **next = if **next + 1 >= NEXTHOP_IDS.end { NEXTHOP_IDS.start } else { **next + 1 };
+                tries -= 1;
+            }
+            if tries > 0 {
+                let id = **next;
+                r.nhid = Some(id);
+                model.nexthops.insert(id, r.nexthop());
+                ops.nexthops_add.push((id, r.nexthop()));
+            }
+        }
+        model.routes.insert(r.dst, r);
+        ops.routes_add.push(r);
+    }
+    for (&(l, ip), mac) in &new.neighbors {
+        model.neighbors.insert((l, ip), *mac);
+        ops.neighbors_set.push((l, ip, *mac));
+    }
+    for (&(l, mac), dst) in &new.fdb {
+        model.fdb.insert((l, mac), *dst);
+        ops.fdb_set.push((l, mac, *dst));
+    }
+    Some(ops)
 }
 
 #[cfg(test)]
@@ -261,7 +430,7 @@ mod tests {
         assert_eq!(p.state.neighbors.get(&(LinkRef::Vxlan4, gw)), Some(&MAC));
         assert_eq!(p.state.fdb.get(&(LinkRef::Vxlan4, MAC)), Some(&"192.0.2.12".parse().unwrap()));
         let r = p.state.routes[&"10.5.2.0/24".parse().unwrap()];
-        assert_eq!(r, Route { dst: "10.5.2.0/24".parse().unwrap(), via: gw, link: LinkRef::Vxlan4, onlink: true });
+        assert_eq!(r, Route::new("10.5.2.0/24".parse().unwrap(), gw, LinkRef::Vxlan4, true));
     }
 
     #[test]
@@ -342,12 +511,7 @@ mod tests {
         actual.neighbors.insert((LinkRef::Vxlan4, "10.5.3.0".parse().unwrap()), [0x0e, 6, 6, 6, 6, 6]);
         actual.routes.insert(
             "10.5.3.0/24".parse().unwrap(),
-            Route {
-                dst: "10.5.3.0/24".parse().unwrap(),
-                via: "10.5.3.9".parse().unwrap(),
-                link: LinkRef::Vxlan4,
-                onlink: true,
-            },
+            Route::new("10.5.3.0/24".parse().unwrap(), "10.5.3.9".parse().unwrap(), LinkRef::Vxlan4, true),
         );
         let ops = diff(&want, &actual);
         assert_eq!(ops.routes_add.len(), 1, "a missing route is created");
@@ -358,5 +522,121 @@ mod tests {
         assert_eq!(ops.neighbors_del.len(), 1);
         assert!(ops.fdb_set.is_empty());
         assert_eq!(ops.len(), 6);
+    }
+
+    fn vx_peers(n: u8) -> Vec<Lease> {
+        (0..n)
+            .map(|i| peer(&format!("10.5.{}.0-24", 10 + i), [192, 0, 2, 10 + i], "vxlan", Some([0x0e, 1, 1, 1, 1, i])))
+            .collect()
+    }
+
+    #[test]
+    fn nexthops_are_assigned_fresh_ids_around_taken_ones_and_routes_point_at_them() {
+        let mut want = plan(&vxlan(false), &vx_peers(3), &HostFacts::default()).state;
+        let taken = |id: u32| id == NEXTHOP_IDS.start || id == NEXTHOP_IDS.start + 2;
+        assign_nexthops(&mut want, &KernelState::default(), &taken);
+        let ids: Vec<u32> = want.routes.values().map(|r| r.nhid.unwrap()).collect();
+        let s = NEXTHOP_IDS.start;
+        assert_eq!(ids, vec![s + 1, s + 3, s + 4], "ids someone else holds are skipped");
+        for r in want.routes.values() {
+            assert_eq!(want.nexthops[&r.nhid.unwrap()], r.nexthop());
+        }
+        let ops = diff(&want, &KernelState::default());
+        assert_eq!(ops.nexthops_add.len(), 3);
+        assert_eq!(ops.routes_add.len(), 3);
+        assert!(ops.routes_add.iter().all(|r| r.nhid.is_some()));
+    }
+
+    #[test]
+    fn a_restart_adopts_existing_nexthops_and_routes_and_changes_nothing() {
+        let mut first = plan(&vxlan(false), &vx_peers(3), &HostFacts::default()).state;
+        assign_nexthops(&mut first, &KernelState::default(), &|_| false);
+        // What the kernel holds after the first daemon, with ids out of the usual order.
+        let mut actual = first.clone();
+        let (dst, mut r) = actual.routes.pop_first().unwrap();
+        actual.nexthops.remove(&r.nhid.unwrap());
+        r.nhid = Some(NEXTHOP_IDS.start + 500);
+        actual.nexthops.insert(NEXTHOP_IDS.start + 500, r.nexthop());
+        actual.routes.insert(dst, r);
+        let mut again = plan(&vxlan(false), &vx_peers(3), &HostFacts::default()).state;
+        let in_kernel: Vec<u32> = actual.nexthops.keys().copied().collect();
+        assign_nexthops(&mut again, &actual, &|id| in_kernel.contains(&id));
+        assert_eq!(again, actual, "every id adopted");
+        assert!(diff(&again, &actual).is_empty());
+    }
+
+    #[test]
+    fn plain_routes_move_to_nexthops_in_place_and_back_and_stale_nexthops_go() {
+        let plain = plan(&vxlan(false), &vx_peers(2), &HostFacts::default()).state;
+        let mut nh = plain.clone();
+        assign_nexthops(&mut nh, &plain, &|_| false);
+        // flannel's plain routes: replaced (never deleted first), nexthops created before.
+        let ops = diff(&nh, &plain);
+        assert_eq!((ops.nexthops_add.len(), ops.routes_set.len(), ops.routes_add.len()), (2, 2, 0));
+        assert!(ops.routes_del.is_empty() && ops.nexthops_del.is_empty());
+        // The fallback (nexthops off): routes replaced by plain ones, our nexthops deleted.
+        let ops = diff(&plain, &nh);
+        assert_eq!((ops.routes_set.len(), ops.nexthops_del.len()), (2, 2));
+        assert!(ops.routes_set.iter().all(|r| r.nhid.is_none()));
+        // A peer gone: its route and nexthop go; a duplicate nexthop of ours goes too.
+        let mut actual = nh.clone();
+        actual.nexthops.insert(NEXTHOP_IDS.start + 77, *nh.nexthops.values().next().unwrap());
+        let mut want = plan(&vxlan(false), &vx_peers(1), &HostFacts::default()).state;
+        let ids: Vec<u32> = actual.nexthops.keys().copied().collect();
+        assign_nexthops(&mut want, &actual, &|id| ids.contains(&id));
+        let ops = diff(&want, &actual);
+        assert_eq!(ops.routes_del.len(), 1);
+        assert_eq!(ops.nexthops_del.len(), 2, "{ops:?}");
+        assert!(ops.nexthops_add.is_empty() && ops.routes_set.is_empty());
+        // A nexthop of ours altered by hand (same id, another gateway) is put back.
+        let mut altered = nh.clone();
+        let (&id, n) = altered.nexthops.iter_mut().next().unwrap();
+        n.via = "10.9.9.9".parse().unwrap();
+        let ops = diff(&nh, &altered);
+        assert_eq!(ops.nexthops_set, vec![(id, nh.nexthops[&id])]);
+    }
+
+    #[test]
+    fn a_peer_delta_touches_only_those_peers_and_matches_a_full_diff() {
+        let peers = vx_peers(5);
+        let mut model = plan(&vxlan(false), &peers[..4], &HostFacts::default()).state;
+        assign_nexthops(&mut model, &KernelState::default(), &|_| false);
+        let before = model.clone();
+        // Peer 4 arrives, peer 1 goes.
+        let new = plan(&vxlan(false), &peers[4..], &HostFacts::default()).state;
+        let gone = plan(&vxlan(false), &peers[1..2], &HostFacts::default()).state;
+        let taken = |id: u32| id == NEXTHOP_IDS.start + 4;
+        let mut next = NEXTHOP_IDS.start;
+        let ops = peer_delta(&mut model, &gone, &new, Some((&taken, &mut next))).unwrap();
+        assert_eq!(
+            (ops.routes_add.len(), ops.nexthops_add.len(), ops.neighbors_set.len(), ops.fdb_set.len()),
+            (1, 1, 1, 1)
+        );
+        assert_eq!(
+            (ops.routes_del.len(), ops.nexthops_del.len(), ops.neighbors_del.len(), ops.fdb_del.len()),
+            (1, 1, 1, 1)
+        );
+        assert_eq!(ops.len(), 8);
+        let id = ops.nexthops_add[0].0;
+        assert_eq!(id, NEXTHOP_IDS.start + 5, "ours (0..=3) and the taken id skipped");
+        // The model is what a full plan of the new peer set gives, with the same ids kept.
+        let mut want = plan(
+            &vxlan(false),
+            peers.iter().enumerate().filter(|(i, _)| *i != 1).map(|(_, p)| p),
+            &HostFacts::default(),
+        )
+        .state;
+        assign_nexthops(&mut want, &model, &|_| false);
+        assert_eq!(want, model);
+        assert!(diff(&want, &model).is_empty());
+        // A changed peer (its key already there) is left to a full pass, model untouched.
+        let mut m2 = before.clone();
+        let changed = plan(&vxlan(false), &peers[..1], &HostFacts::default()).state;
+        assert_eq!(peer_delta(&mut m2, &KernelState::default(), &changed, None), None);
+        assert_eq!(m2, before);
+        // Without nexthops: plain routes.
+        let mut plain = plan(&vxlan(false), &peers[..1], &HostFacts::default()).state;
+        let ops = peer_delta(&mut plain, &KernelState::default(), &new, None).unwrap();
+        assert!(ops.routes_add[0].nhid.is_none() && ops.nexthops_add.is_empty());
     }
 }

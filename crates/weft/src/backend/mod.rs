@@ -145,6 +145,15 @@ pub struct DataPlane {
     interest: SharedInterest,
     /// Whether the external interface is missing (logged once).
     ext_missing: bool,
+    /// Peer changes since the last pass, for a pass that touches only their entries.
+    pending: Vec<LeaseEvent>,
+    /// Whether the model (`interest.desired`) matches the kernel: set by a clean full pass,
+    /// cleared by any failure.
+    model_ok: bool,
+    /// When the last full pass (dump and diff of everything) ran.
+    last_full: Option<Instant>,
+    /// The next nexthop id to try for a new peer.
+    next_nhid: u32,
 }
 
 impl Drop for DataPlane {
@@ -223,6 +232,10 @@ impl DataPlane {
                 blackhole: false,
                 interest: Default::default(),
                 ext_missing: false,
+                pending: Vec::new(),
+                model_ok: false,
+                last_full: None,
+                next_nhid: plan::NEXTHOP_IDS.start,
             },
         })
     }
@@ -278,6 +291,7 @@ impl DataPlane {
                 self.warned.remove(&l.key);
             }
         }
+        self.pending.extend_from_slice(events);
         self.backend.peers_changed(&mut self.peers.read().accepted());
     }
 
@@ -350,21 +364,35 @@ impl DataPlane {
             }
         }
         let started = Instant::now();
+        if self.peer_pass_possible() {
+            let events = std::mem::take(&mut self.pending);
+            if let Some(r) = self.peer_pass(&events).await {
+                report.changes += r.changes;
+                report.errors.extend(r.errors);
+                return report;
+            }
+        }
+        self.pending.clear();
+        self.last_full = Some(started);
+        let changed = self.interest.read().unwrap_or_else(|p| p.into_inner()).changed.clone();
+        changed.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.model_ok = false;
         // Backends without per-peer kernel entries (udp forwards by its own table) are done.
-        let Some(p) = self.backend.plan(&mut self.peers.read().accepted()) else { return report };
+        let Some(mut p) = self.backend.plan(&mut self.peers.read().accepted()) else { return report };
         for (key, why) in p.skipped {
             if self.warned.get(&key) != Some(&why) {
                 tracing::warn!(peer = %key, "ignoring peer lease: {why}");
                 self.warned.insert(key, why);
             }
         }
-        let (actual, displaced) = match self.kernel.read_state(&self.links, &self.networks, &self.own).await {
-            Ok(a) => a,
-            Err(e) => {
-                report.errors.push(e);
-                return report;
-            }
-        };
+        let (actual, displaced) =
+            match self.kernel.read_state(&self.links, &self.networks, &self.own, &mut p.state).await {
+                Ok(a) => a,
+                Err(e) => {
+                    report.errors.push(e);
+                    return report;
+                }
+            };
         for net in displaced {
             match self.kernel.restore_own_route(net, self.links.external).await {
                 Ok(true) => {
@@ -389,7 +417,7 @@ impl DataPlane {
                 }
             }
             let applied = self.kernel.apply(&ops, &self.links).await;
-            report.errors = applied.errors;
+            report.errors.extend(applied.errors);
             for r in &applied.blocked {
                 if self.blocked.insert(r.dst) {
                     tracing::warn!(
@@ -411,6 +439,69 @@ impl DataPlane {
                 );
             }
         }
+        self.model_ok = report.errors.is_empty() && self.blocked.is_empty();
+        self.next_nhid = plan::NEXTHOP_IDS.start;
         report
+    }
+
+    /// Whether the next pass may touch only the changed peers' entries: a clean full pass
+    /// came before, within the resync period, nothing changed in the kernel since, and the
+    /// nexthop mode is known.
+    fn peer_pass_possible(&self) -> bool {
+        let changed =
+            self.interest.read().unwrap_or_else(|p| p.into_inner()).changed.load(std::sync::atomic::Ordering::SeqCst);
+        self.model_ok
+            && !changed
+            && !self.pending.is_empty()
+            && self.kernel.nexthops_in_use().is_some()
+            && self.last_full.is_some_and(|t| t.elapsed() < weft_core::schedule::RESYNC)
+    }
+
+    /// Programs the entries of the peers in `events` alone: O(changes), no dump. `None` when
+    /// a full pass must serve them (a changed peer, a duplicate, a route in the way).
+    async fn peer_pass(&mut self, events: &[LeaseEvent]) -> Option<Report> {
+        let started = Instant::now();
+        let mut keys = std::collections::BTreeSet::new();
+        let mut gone = plan::KernelState::default();
+        let mut new = plan::KernelState::default();
+        for e in events {
+            let (l, into) = match e {
+                LeaseEvent::Added(l) => (l, &mut new),
+                LeaseEvent::Removed(l) => (l, &mut gone),
+            };
+            if !keys.insert(l.key) {
+                return None;
+            }
+            let p = self.backend.plan(&mut std::iter::once(l))?;
+            for (key, why) in p.skipped {
+                if self.warned.get(&key) != Some(&why) {
+                    tracing::warn!(peer = %key, "ignoring peer lease: {why}");
+                    self.warned.insert(key, why);
+                }
+            }
+            into.routes.extend(p.state.routes);
+            into.neighbors.extend(p.state.neighbors);
+            into.fdb.extend(p.state.fdb);
+        }
+        let foreign =
+            if self.kernel.nexthops_in_use() == Some(true) { Some(self.kernel.foreign_nexthop_ids()) } else { None };
+        let ops = {
+            let mut i = self.interest.write().unwrap_or_else(|p| p.into_inner());
+            let taken = |id: u32| foreign.as_ref().is_some_and(|f| f.contains(&id));
+            let ids = foreign.is_some().then_some((&taken as &dyn Fn(u32) -> bool, &mut self.next_nhid));
+            plan::peer_delta(&mut i.desired, &gone, &new, ids)?
+        };
+        let applied = self.kernel.apply(&ops, &self.links).await;
+        let mut report = Report { changes: ops.len() - applied.errors.len().min(ops.len()), errors: applied.errors };
+        if !report.errors.is_empty() || !applied.blocked.is_empty() {
+            // The model no longer says what the kernel holds: the next pass is a full one.
+            self.model_ok = false;
+            if !applied.blocked.is_empty() {
+                return None;
+            }
+            report.changes = report.changes.min(ops.len());
+        }
+        tracing::debug!(changes = ops.len(), took_us = started.elapsed().as_micros() as u64, "peers programmed");
+        Some(report)
     }
 }

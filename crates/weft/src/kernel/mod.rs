@@ -2,22 +2,27 @@
 //! entries that belong to us, apply a diff computed by `weft_core::plan`, manage the vxlan
 //! device, and watch for changes made behind our back.
 
+pub mod batch;
 pub mod link;
 pub mod monitor;
 pub mod teardown;
 pub mod translate;
 pub mod vxlan;
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::sync::{Arc, Mutex};
 
-use futures::{StreamExt, TryStreamExt, stream};
+use futures::TryStreamExt;
 use ipnet::IpNet;
 use netlink_packet_route::AddressFamily;
-use netlink_packet_route::route::RouteMessage;
-use rtnetlink::{Handle, RouteMessageBuilder};
-use weft_core::plan::{KernelState, LinkRef, Ops, Route};
+use rtnetlink::Handle;
+use weft_core::plan::{KernelState, LinkRef, NEXTHOP_IDS, Ops, Route};
 
-pub use self::translate::{Dump, Links, WEFT_PROTOCOL};
+use self::batch::{Batcher, CREATE_EXCL, CREATE_REPLACE, Refusal, Requests};
+pub use self::translate::{Dump, Links, NexthopEntry, WEFT_PROTOCOL};
+
+/// Set to `off` (or `0`, `false`, `no`), weft programs flannel's plain routes even where the
+/// kernel has nexthop objects.
+pub const NEXTHOPS_ENV: &str = "WEFT_NEXTHOPS";
 
 /// A netlink operation that failed.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +41,25 @@ pub(crate) fn err(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> Ker
     move |source| KernelError { op, source }
 }
 
+fn refused(op: String, r: Refusal) -> KernelError {
+    let mut e = netlink_packet_core::ErrorMessage::default();
+    e.code = std::num::NonZeroI32::new(-r.errno);
+    let op = match r.message {
+        Some(m) => format!("{op} (kernel: {m})"),
+        None => op,
+    };
+    KernelError { op, source: rtnetlink::Error::NetlinkError(e) }
+}
+
+fn io_error(op: &str, e: std::io::Error) -> KernelError {
+    refused(op.to_string(), Refusal { errno: e.raw_os_error().unwrap_or(libc::EIO), message: Some(e.to_string()) })
+}
+
+const RTM_NEWROUTE: u16 = 24;
+const RTM_GETROUTE: u16 = 26;
+const RTM_NEWNEIGH: u16 = 28;
+const RTM_GETNEIGH: u16 = 30;
+
 /// What applying a diff did besides succeeding.
 #[derive(Debug, Default)]
 pub struct Applied {
@@ -46,70 +70,195 @@ pub struct Applied {
     pub blocked: Vec<Route>,
 }
 
-/// How many netlink requests are in flight at once while applying a diff.
-const PARALLEL: usize = 64;
-
 /// The only door to netlink: backends and the daemon speak in plan terms (routes,
 /// neighbours, FDB entries, links); message building and dump reading live in
 /// [`translate`], which is pure.
 #[derive(Clone)]
 pub struct Kernel {
     handle: Handle,
+    /// The batched sender (opened on first use).
+    batcher: Arc<Mutex<Option<Batcher>>>,
+    /// Whether nexthop objects are used (probed once).
+    nexthops: Arc<std::sync::OnceLock<bool>>,
+    /// The ids of others' nexthops as of the last dump (never allocated by us).
+    foreign_ids: Arc<Mutex<std::collections::HashSet<u32>>>,
 }
 
 impl Kernel {
     /// Wraps a handle.
     pub fn new(handle: Handle) -> Self {
-        Kernel { handle }
+        Kernel { handle, batcher: Default::default(), nexthops: Default::default(), foreign_ids: Default::default() }
     }
 
-    /// Dumps routes, the vxlan devices' neighbours and the FDB, and keeps what is ours
-    /// (see [`translate::read_state`]); also returns our own subnets whose route was
-    /// displaced.
+    /// Runs `f` with the batched sender on a blocking thread.
+    async fn with_batcher<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Batcher) -> std::io::Result<T> + Send + 'static,
+    ) -> std::io::Result<T> {
+        let slot = self.batcher.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = slot.lock().unwrap_or_else(|p| p.into_inner());
+            if guard.is_none() {
+                *guard = Some(Batcher::open()?);
+            }
+            let b = guard.as_mut().expect("opened above");
+            let res = f(b);
+            if res.is_err() {
+                // A socket that failed mid-batch may hold stale answers: start afresh.
+                *guard = None;
+            }
+            res
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
+    }
+
+    /// Whether nexthop objects are in use, once probed (`None` before the first pass).
+    pub fn nexthops_in_use(&self) -> Option<bool> {
+        self.nexthops.get().copied()
+    }
+
+    /// The ids of others' nexthops as of the last full read.
+    pub fn foreign_nexthop_ids(&self) -> std::collections::HashSet<u32> {
+        self.foreign_ids.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Every nexthop object in the kernel (ours and others').
+    pub async fn dump_nexthops(&self) -> Result<Vec<NexthopEntry>, KernelError> {
+        self.with_batcher(|b| {
+            let mut out = Vec::new();
+            b.dump(translate::RTM_GETNEXTHOP, &translate::nexthop_dump(), |t, p| {
+                if t == translate::RTM_NEWNEXTHOP
+                    && let Some(e) = translate::parse_nexthop(p)
+                {
+                    out.push(e);
+                }
+            })?;
+            Ok(out)
+        })
+        .await
+        .map_err(|e| io_error("dump nexthops", e))
+    }
+
+    /// Whether routes go through nexthop objects: probed once by creating (and deleting)
+    /// a blackhole nexthop of ours; off where the kernel refuses it, or with
+    /// `WEFT_NEXTHOPS=off`, and then flannel's plain routes are used.
+    pub async fn nexthops(&self) -> bool {
+        if let Some(on) = self.nexthops.get() {
+            return *on;
+        }
+        let forced_off = std::env::var(NEXTHOPS_ENV)
+            .is_ok_and(|v| matches!(v.to_ascii_lowercase().as_str(), "off" | "0" | "false" | "no"));
+        let on = if forced_off {
+            tracing::info!("nexthop objects off ({NEXTHOPS_ENV}); programming plain routes");
+            false
+        } else {
+            match self.probe_nexthops().await {
+                Ok(()) => {
+                    tracing::info!("routes go through nexthop objects (protocol 87)");
+                    true
+                }
+                Err(e) => {
+                    tracing::info!("the kernel has no usable nexthop objects ({e}); programming plain routes");
+                    false
+                }
+            }
+        };
+        *self.nexthops.get_or_init(|| on)
+    }
+
+    async fn probe_nexthops(&self) -> Result<(), KernelError> {
+        let taken: std::collections::BTreeSet<u32> = self.dump_nexthops().await?.iter().map(|n| n.id).collect();
+        let id = (NEXTHOP_IDS.start..NEXTHOP_IDS.end).rev().find(|i| !taken.contains(i)).unwrap_or(NEXTHOP_IDS.end - 1);
+        let res = self
+            .with_batcher(move |b| {
+                let mut r = Requests::default();
+                r.raw(translate::RTM_NEWNEXTHOP, CREATE_EXCL, &translate::nexthop_blackhole(id));
+                r.raw(translate::RTM_DELNEXTHOP, 0, &translate::nexthop_del(id));
+                b.send(&mut r)
+            })
+            .await
+            .map_err(|e| io_error("probe nexthops", e))?;
+        match res.into_iter().next().flatten() {
+            None => Ok(()),
+            Some(r) => Err(refused("create a probe nexthop".into(), r)),
+        }
+    }
+
+    /// Dumps nexthop objects, routes, the vxlan devices' neighbours and the FDB, and keeps
+    /// what is ours (see [`translate::read_state`]); also returns our own subnets whose route
+    /// was displaced. Where nexthop objects are used, the routes of `desired` are pointed at
+    /// them ([`weft_core::plan::assign_nexthops`]: existing ones adopted, new ids around
+    /// everyone's), so that the diff of the two is what to do.
     pub async fn read_state(
         &self,
         links: &Links,
         networks: &[IpNet],
         own: &[IpNet],
+        desired: &mut KernelState,
     ) -> Result<(KernelState, Vec<IpNet>), KernelError> {
         let mut dump = Dump::default();
-        for v6 in [false, true] {
-            let msg = if v6 {
-                RouteMessageBuilder::<Ipv6Addr>::new().build()
-            } else {
-                RouteMessageBuilder::<Ipv4Addr>::new().build()
-            };
-            let routes: Vec<RouteMessage> =
-                self.handle.route().get(msg).execute().try_collect().await.map_err(err("dump routes"))?;
-            dump.routes.extend(routes);
+        let nexthops = self.nexthops().await;
+        // Also with nexthops off: ours from an earlier run are then found and removed.
+        match self.dump_nexthops().await {
+            Ok(n) => dump.nexthops = n,
+            Err(e) if nexthops => return Err(e),
+            Err(_) => {}
         }
-        for (present, family) in [(links.vxlan4, AddressFamily::Inet), (links.vxlan6, AddressFamily::Inet6)] {
-            if present.is_none() {
-                continue;
-            }
-            let neighs: Vec<_> = self
-                .handle
-                .neighbours()
-                .get()
-                .set_address_family(family)
-                .execute()
-                .try_collect()
-                .await
-                .map_err(err("dump neighbours"))?;
-            dump.neighbours.extend(neighs);
+        let want_neigh: Vec<AddressFamily> =
+            [(links.vxlan4, AddressFamily::Inet), (links.vxlan6, AddressFamily::Inet6)]
+                .into_iter()
+                .filter_map(|(l, f)| l.map(|_| f))
+                .collect();
+        let want_fdb = links.vxlan4.is_some() || links.vxlan6.is_some();
+        // Raw dumps parsed in place: a resync reads every route, neighbour and FDB entry.
+        let (routes, neighbours, fdb) = self
+            .with_batcher(move |b| {
+                let mut routes = Vec::new();
+                for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+                    b.dump(RTM_GETROUTE, &translate::route_dump(family), |t, p| {
+                        if t == RTM_NEWROUTE
+                            && let Some(r) = translate::parse_route(p)
+                        {
+                            routes.push(r);
+                        }
+                    })?;
+                }
+                let mut neighbours = Vec::new();
+                for family in want_neigh {
+                    b.dump(RTM_GETNEIGH, &translate::neigh_dump(family), |t, p| {
+                        if t == RTM_NEWNEIGH
+                            && let Some(n) = translate::parse_neigh(p)
+                        {
+                            neighbours.push(n);
+                        }
+                    })?;
+                }
+                let mut fdb = Vec::new();
+                if want_fdb {
+                    b.dump(RTM_GETNEIGH, &translate::neigh_dump(AddressFamily::Bridge), |t, p| {
+                        if t == RTM_NEWNEIGH
+                            && let Some(n) = translate::parse_neigh(p)
+                        {
+                            fdb.push(n);
+                        }
+                    })?;
+                }
+                Ok((routes, neighbours, fdb))
+            })
+            .await
+            .map_err(|e| io_error("dump routes, neighbours and FDB entries", e))?;
+        dump.routes = routes;
+        dump.neighbours = neighbours;
+        dump.fdb = fdb;
+        let (actual, displaced) = translate::read_state(&dump, links, networks, own);
+        if nexthops {
+            let taken: std::collections::HashSet<u32> = dump.nexthops.iter().map(|n| n.id).collect();
+            weft_core::plan::assign_nexthops(desired, &actual, &|id| taken.contains(&id));
+            *self.foreign_ids.lock().unwrap_or_else(|p| p.into_inner()) =
+                taken.into_iter().filter(|id| !actual.nexthops.contains_key(id)).collect();
         }
-        if links.vxlan4.is_some() || links.vxlan6.is_some() {
-            dump.fdb = self
-                .handle
-                .neighbours()
-                .get()
-                .set_address_family(AddressFamily::Bridge)
-                .execute()
-                .try_collect()
-                .await
-                .map_err(err("dump fdb"))?;
-        }
-        Ok(translate::read_state(&dump, links, networks, own))
+        Ok((actual, displaced))
     }
 
     /// Puts back the route of our own subnet `net` on the device holding an address inside
@@ -131,96 +280,129 @@ impl Kernel {
         Ok(true)
     }
 
-    /// Applies `ops` in order (neighbours, FDB, routes; then deletions in reverse), many
-    /// requests in flight at once. Keeps going past failures and returns them all.
+    /// Applies `ops` in order (neighbours, FDB, nexthops, routes; then deletions in
+    /// reverse) as one ordered batch: many requests per `sendmsg`, every answer mapped back to
+    /// its change. Keeps going past failures and returns them all.
     pub async fn apply(&self, ops: &Ops, links: &Links) -> Applied {
+        const NEWROUTE: u16 = 24;
+        const DELROUTE: u16 = 25;
+        const NEWNEIGH: u16 = 28;
+        const DELNEIGH: u16 = 29;
+        /// What each request was, to map its answer back.
+        enum What {
+            Other(String),
+            RouteAdd(Route),
+        }
         let mut errors = Vec::new();
-        let mut blocked = Vec::new();
         let missing = |l: LinkRef| KernelError {
             op: format!("{l:?} device is missing"),
             source: rtnetlink::Error::RequestFailed,
         };
-        macro_rules! phase {
-            ($items:expr, |$it:ident| $fut:expr) => {{
-                let t = std::time::Instant::now();
-                let results: Vec<Result<(), KernelError>> =
-                    stream::iter($items.iter().map(|$it| $fut)).buffer_unordered(PARALLEL).collect().await;
-                errors.extend(results.into_iter().filter_map(Result::err));
-                tracing::debug!(items = $items.len(), took_us = t.elapsed().as_micros() as u64, "netlink phase");
-            }};
-        }
-        phase!(ops.neighbors_set, |n| async move {
-            let (l, ip, mac) = *n;
-            let idx = links.index(l).ok_or_else(|| missing(l))?;
-            let mut req = self.handle.neighbours().add(idx, ip).replace();
-            *req.message_mut() = translate::neighbour_set(idx, ip, &mac);
-            req.execute().await.map_err(err(format!("set neighbour {ip}")))
-        });
-        phase!(ops.fdb_set, |f| async move {
-            let (l, mac, dst) = *f;
-            let idx = links.index(l).ok_or_else(|| missing(l))?;
-            let mut req = self.handle.neighbours().add_bridge(idx, &mac).replace();
-            *req.message_mut() = translate::fdb_set(idx, &mac, dst);
-            req.execute().await.map_err(err(format!("set fdb {} dst {dst}", weft_core::backend::mac_to_string(&mac))))
-        });
-        // Exclusive creation: the kernel refuses (EEXIST) when any route has this destination.
-        let added: Vec<(Route, Result<(), KernelError>)> = stream::iter(ops.routes_add.iter().map(|r| async move {
-            let res = match links.index(r.link) {
-                None => Err(missing(r.link)),
-                Some(idx) => self
-                    .handle
-                    .route()
-                    .add(translate::route_add(r, idx))
-                    .execute()
-                    .await
-                    .map_err(err(format!("add route {}", r.dst))),
-            };
-            (*r, res)
-        }))
-        .buffer_unordered(PARALLEL)
-        .collect()
-        .await;
-        for (r, res) in added {
-            match res {
-                Ok(()) => {}
-                Err(KernelError { source: rtnetlink::Error::NetlinkError(e), .. }) if e.raw_code() == -libc::EEXIST => {
-                    blocked.push(r)
+        let mut reqs = Requests::default();
+        let mut what: Vec<What> = Vec::with_capacity(ops.len());
+        let mac = weft_core::backend::mac_to_string;
+        for &(l, ip, m) in &ops.neighbors_set {
+            match links.index(l) {
+                Some(idx) => {
+                    reqs.neighbour(NEWNEIGH, CREATE_REPLACE, &translate::neighbour_set(idx, ip, &m));
+                    what.push(What::Other(format!("set neighbour {ip}")));
                 }
-                Err(e) => errors.push(e),
+                None => errors.push(missing(l)),
             }
         }
-        phase!(ops.routes_set, |r| async move {
-            let idx = links.index(r.link).ok_or_else(|| missing(r.link))?;
-            self.handle
-                .route()
-                .add(translate::route_add(r, idx))
-                .replace()
-                .execute()
-                .await
-                .map_err(err(format!("set route {}", r.dst)))
-        });
-        phase!(ops.routes_del, |r| async move {
-            let idx = links.index(r.link).ok_or_else(|| missing(r.link))?;
-            let msg = translate::route_del(r, idx);
-            self.handle.route().del(msg).execute().await.map_err(err(format!("delete route {}", r.dst)))
-        });
-        phase!(ops.fdb_del, |f| async move {
-            let (l, mac, dst) = *f;
-            let idx = links.index(l).ok_or_else(|| missing(l))?;
-            let msg = translate::fdb_del(idx, &mac, dst);
-            self.handle
-                .neighbours()
-                .del(msg)
-                .execute()
-                .await
-                .map_err(err(format!("delete fdb {}", weft_core::backend::mac_to_string(&mac))))
-        });
-        phase!(ops.neighbors_del, |n| async move {
-            let (l, ip, _) = *n;
-            let idx = links.index(l).ok_or_else(|| missing(l))?;
-            let msg = translate::neighbour_del(idx, ip);
-            self.handle.neighbours().del(msg).execute().await.map_err(err(format!("delete neighbour {ip}")))
-        });
+        for &(l, m, dst) in &ops.fdb_set {
+            match links.index(l) {
+                Some(idx) => {
+                    reqs.neighbour(NEWNEIGH, CREATE_REPLACE, &translate::fdb_set(idx, &m, dst));
+                    what.push(What::Other(format!("set fdb {} dst {dst}", mac(&m))));
+                }
+                None => errors.push(missing(l)),
+            }
+        }
+        for (list, flags, verb) in [(&ops.nexthops_add, CREATE_EXCL, "add"), (&ops.nexthops_set, CREATE_REPLACE, "set")]
+        {
+            for &(id, nh) in list {
+                match links.index(nh.link) {
+                    Some(idx) => {
+                        reqs.raw(translate::RTM_NEWNEXTHOP, flags, &translate::nexthop_add(id, &nh, idx));
+                        what.push(What::Other(format!("{verb} nexthop id {id} via {}", nh.via)));
+                    }
+                    None => errors.push(missing(nh.link)),
+                }
+            }
+        }
+        // Exclusive creation: the kernel refuses (EEXIST) when any route has this destination.
+        for r in &ops.routes_add {
+            match links.index(r.link) {
+                Some(idx) => {
+                    reqs.route(NEWROUTE, CREATE_EXCL, &translate::route_add(r, idx));
+                    what.push(What::RouteAdd(*r));
+                }
+                None => errors.push(missing(r.link)),
+            }
+        }
+        for r in &ops.routes_set {
+            match links.index(r.link) {
+                Some(idx) => {
+                    reqs.route(NEWROUTE, CREATE_REPLACE, &translate::route_add(r, idx));
+                    what.push(What::Other(format!("set route {}", r.dst)));
+                }
+                None => errors.push(missing(r.link)),
+            }
+        }
+        for r in &ops.routes_del {
+            match links.index(r.link) {
+                Some(idx) => {
+                    reqs.route(DELROUTE, 0, &translate::route_del(r, idx));
+                    what.push(What::Other(format!("delete route {}", r.dst)));
+                }
+                None => errors.push(missing(r.link)),
+            }
+        }
+        for &(id, _) in &ops.nexthops_del {
+            reqs.raw(translate::RTM_DELNEXTHOP, 0, &translate::nexthop_del(id));
+            what.push(What::Other(format!("delete nexthop id {id}")));
+        }
+        for &(l, m, dst) in &ops.fdb_del {
+            match links.index(l) {
+                Some(idx) => {
+                    reqs.neighbour(DELNEIGH, 0, &translate::fdb_del(idx, &m, dst));
+                    what.push(What::Other(format!("delete fdb {}", mac(&m))));
+                }
+                None => errors.push(missing(l)),
+            }
+        }
+        for &(l, ip, _) in &ops.neighbors_del {
+            match links.index(l) {
+                Some(idx) => {
+                    reqs.neighbour(DELNEIGH, 0, &translate::neighbour_del(idx, ip));
+                    what.push(What::Other(format!("delete neighbour {ip}")));
+                }
+                None => errors.push(missing(l)),
+            }
+        }
+        let mut blocked = Vec::new();
+        if reqs.is_empty() {
+            return Applied { errors, blocked };
+        }
+        let t = std::time::Instant::now();
+        let n = reqs.len();
+        let answers = self.with_batcher(move |b| b.send(&mut reqs)).await;
+        tracing::debug!(requests = n, took_us = t.elapsed().as_micros() as u64, "netlink batch");
+        match answers {
+            Err(e) => errors.push(io_error("send a netlink batch", e)),
+            Ok(answers) => {
+                for (w, a) in what.into_iter().zip(answers) {
+                    let Some(r) = a else { continue };
+                    match w {
+                        // Someone else's route holds the destination: left alone.
+                        What::RouteAdd(route) if r.errno == libc::EEXIST => blocked.push(route),
+                        What::RouteAdd(route) => errors.push(refused(format!("add route {}", route.dst), r)),
+                        What::Other(op) => errors.push(refused(op, r)),
+                    }
+                }
+            }
+        }
         Applied { errors, blocked }
     }
 

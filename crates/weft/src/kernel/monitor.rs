@@ -19,7 +19,10 @@ use rtnetlink::MulticastGroup;
 use tokio::sync::Notify;
 use weft_core::plan::{KernelState, LinkRef, Route};
 
-use super::translate::{Links, WEFT_PROTOCOL, neigh_dst, neigh_mac, route_dst, route_gateway, route_oif};
+use super::translate::{
+    Links, NexthopEntry, RTM_DELNEXTHOP, RTM_NEWNEXTHOP, RTNLGRP_NEXTHOP, WEFT_PROTOCOL, neigh_dst, neigh_mac,
+    parse_nexthop, route_dst, route_gateway, route_nhid, route_oif,
+};
 
 /// What the data plane owns and wants, as of its last pass: the filter the monitor applies.
 #[derive(Debug, Clone, Default)]
@@ -36,8 +39,12 @@ pub struct Interest {
     pub own: Vec<IpNet>,
     /// Whether `blackhole <own subnet>` routes are wanted.
     pub blackhole: bool,
-    /// The per-peer entries wanted.
+    /// The per-peer entries wanted (with nexthop ids): also the data plane's model of what
+    /// the kernel holds, which a peer change alone updates in place.
     pub desired: KernelState,
+    /// Set when a relevant change was seen since the last full pass (which clears it): the
+    /// kernel may no longer match the model.
+    pub changed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The shared, updated-by-the-data-plane filter.
@@ -70,7 +77,8 @@ impl Interest {
     fn as_planned(&self, r: &RouteMessage, dst: IpNet) -> Option<Route> {
         let link = self.links.link(route_oif(r)?)?;
         let via = route_gateway(r)?;
-        Some(Route { dst, via, link, onlink: r.header.flags.contains(netlink_packet_route::route::RouteFlags::Onlink) })
+        let onlink = r.header.flags.contains(netlink_packet_route::route::RouteFlags::Onlink);
+        Some(Route { nhid: route_nhid(r), ..Route::new(dst, via, link, onlink) })
     }
 
     fn route(&self, r: &RouteMessage, deleted: bool) -> bool {
@@ -88,7 +96,13 @@ impl Interest {
         }
         if let Some(want) = self.desired.routes.get(&dst) {
             // Deleted: always put back. Added or replaced: only when it differs from ours.
-            return deleted || self.as_planned(r, dst) != Some(*want) || r.header.protocol != WEFT_PROTOCOL;
+            let same = match want.nhid {
+                // Through a nexthop object: the id says it all (the kernel repeats the gateway
+                // only in `nexthop_compat_mode`).
+                Some(id) => route_nhid(r) == Some(id),
+                None => self.as_planned(r, dst) == Some(*want),
+            };
+            return deleted || !same || r.header.protocol != WEFT_PROTOCOL;
         }
         let ours = r.header.protocol == WEFT_PROTOCOL;
         let on_device = route_oif(r).is_some_and(|i| self.device(i));
@@ -126,6 +140,31 @@ impl Interest {
         }
     }
 
+    /// Records that the kernel changed behind our back.
+    pub fn mark_changed(&self) {
+        self.changed.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether a nexthop notification should wake the reconciler: one we want deleted (the
+    /// kernel then drops the routes through it without telling), or one of ours that is not
+    /// as we want it. Our own pass creating what we want, or deleting what we do not, is an echo.
+    pub fn nexthop(&self, n: &NexthopEntry, deleted: bool) -> bool {
+        let want = self.desired.nexthops.get(&n.id);
+        if deleted {
+            return want.is_some();
+        }
+        let ours = n.protocol == 87;
+        let now = n.gateway.zip(n.oif.and_then(|i| self.links.link(i))).map(|(via, link)| weft_core::plan::Nexthop {
+            via,
+            link,
+            onlink: n.onlink,
+        });
+        match want {
+            Some(w) => now != Some(*w) || !ours,
+            None => ours && !n.blackhole,
+        }
+    }
+
     /// Whether a notification should wake the reconciler.
     pub fn relevant(&self, msg: &RouteNetlinkMessage) -> bool {
         match msg {
@@ -152,13 +191,41 @@ pub fn spawn(wake: Arc<Notify>, interest: SharedInterest) -> std::io::Result<tok
         MulticastGroup::Ipv6Ifaddr,
     ])?;
     tokio::spawn(conn);
+    // The netlink crates do not know nexthop messages: a socket of its own reads them.
+    let nexthops = nexthop_socket();
+    if let Ok(sock) = nexthops {
+        let (wake, interest) = (wake.clone(), interest.clone());
+        tokio::spawn(async move {
+            use rtnetlink::sys::AsyncSocketExt;
+            loop {
+                let Ok((buf, _)) = sock.recv_from_full().await else {
+                    // ENOBUFS after a burst: the next pass sees everything anyway.
+                    interest.read().unwrap_or_else(|p| p.into_inner()).mark_changed();
+                    wake.notify_one();
+                    continue;
+                };
+                let relevant = {
+                    let i = interest.read().unwrap_or_else(|p| p.into_inner());
+                    nexthop_messages(&buf).any(|(t, e)| i.nexthop(&e, t == RTM_DELNEXTHOP))
+                };
+                if relevant {
+                    interest.read().unwrap_or_else(|p| p.into_inner()).mark_changed();
+                    wake.notify_one();
+                }
+            }
+        });
+    }
     Ok(tokio::spawn(async move {
         while let Some((msg, _)) = messages.next().await {
             if let NetlinkPayload::InnerMessage(m) = msg.payload {
                 // A poisoned lock still holds the last filter; better a spurious pass than none.
-                let relevant = match interest.read() {
-                    Ok(i) => i.relevant(&m),
-                    Err(p) => p.into_inner().relevant(&m),
+                let relevant = {
+                    let i = interest.read().unwrap_or_else(|p| p.into_inner());
+                    let r = i.relevant(&m);
+                    if r {
+                        i.mark_changed();
+                    }
+                    r
                 };
                 if relevant {
                     wake.notify_one();
@@ -166,6 +233,39 @@ pub fn spawn(wake: Arc<Notify>, interest: SharedInterest) -> std::io::Result<tok
             }
         }
     }))
+}
+
+fn nexthop_socket() -> std::io::Result<rtnetlink::sys::TokioSocket> {
+    use rtnetlink::sys::AsyncSocket;
+    let mut sock = rtnetlink::sys::TokioSocket::new(rtnetlink::sys::protocols::NETLINK_ROUTE)?;
+    sock.socket_mut().bind_auto()?;
+    // Refused where the kernel has no nexthop objects: then there is nothing to watch.
+    sock.socket_mut().add_membership(RTNLGRP_NEXTHOP)?;
+    Ok(sock)
+}
+
+/// The nexthop messages in a received buffer: (type, nexthop).
+fn nexthop_messages(buf: &[u8]) -> impl Iterator<Item = (u16, NexthopEntry)> + '_ {
+    let mut rest = buf;
+    std::iter::from_fn(move || {
+        loop {
+            if rest.len() < 16 {
+                return None;
+            }
+            let len = u32::from_ne_bytes(rest[0..4].try_into().ok()?) as usize;
+            if len < 16 || len > rest.len() {
+                return None;
+            }
+            let kind = u16::from_ne_bytes([rest[4], rest[5]]);
+            let payload = &rest[16..len];
+            rest = &rest[((len + 3) & !3).min(rest.len())..];
+            if (kind == RTM_NEWNEXTHOP || kind == RTM_DELNEXTHOP)
+                && let Some(e) = parse_nexthop(payload)
+            {
+                return Some((kind, e));
+            }
+        }
+    })
 }
 
 #[cfg(test)]
@@ -185,7 +285,7 @@ mod tests {
     }
 
     fn peer() -> Route {
-        Route { dst: net("10.5.3.0/24"), via: ip("10.5.3.0"), link: LinkRef::Vxlan4, onlink: true }
+        Route::new(net("10.5.3.0/24"), ip("10.5.3.0"), LinkRef::Vxlan4, true)
     }
 
     fn interest() -> Interest {
@@ -201,6 +301,7 @@ mod tests {
             own: vec![net("10.5.1.0/24")],
             blackhole: true,
             desired,
+            changed: Default::default(),
         }
     }
 
@@ -218,7 +319,7 @@ mod tests {
         assert!(!i.relevant(&RouteNetlinkMessage::NewNeighbour(neighbour_set(7, ip("10.5.3.0"), &MAC))));
         assert!(!i.relevant(&RouteNetlinkMessage::NewNeighbour(fdb_set(7, &MAC, ip("192.0.2.3")))));
         // A stale route of ours that the pass deleted.
-        let stale = Route { dst: net("10.5.9.0/24"), via: ip("10.5.9.0"), link: LinkRef::Vxlan4, onlink: true };
+        let stale = Route::new(net("10.5.9.0/24"), ip("10.5.9.0"), LinkRef::Vxlan4, true);
         assert!(!i.relevant(&RouteNetlinkMessage::DelRoute(announced(route_add(&stale, 7)))));
         // A stale neighbour we deleted.
         assert!(!i.relevant(&RouteNetlinkMessage::DelNeighbour(neighbour_set(7, ip("10.5.9.0"), &MAC))));
@@ -264,8 +365,7 @@ mod tests {
             &[0x0e, 9, 9, 9, 9, 9]
         ))));
         // A route via the external interface displacing our own subnet's.
-        let displacing =
-            Route { dst: net("10.5.1.0/24"), via: ip("192.0.2.66"), link: LinkRef::External, onlink: false };
+        let displacing = Route::new(net("10.5.1.0/24"), ip("192.0.2.66"), LinkRef::External, false);
         assert!(i.relevant(&RouteNetlinkMessage::NewRoute(announced(route_add(&displacing, 2)))));
         // Someone else's route inside the Network.
         let mut foreign = device_route("10.5.8.0/24".parse().unwrap(), 3);
@@ -293,5 +393,52 @@ mod tests {
         i.desired = KernelState::default();
         let r = announced(device_route("10.5.0.0/16".parse().unwrap(), 9));
         assert!(i.relevant(&RouteNetlinkMessage::DelRoute(r)));
+    }
+
+    #[test]
+    fn a_wanted_nexthop_deleted_or_altered_wakes_and_our_echoes_do_not() {
+        let mut i = interest();
+        let nh = weft_core::plan::Nexthop { via: ip("10.5.3.0"), link: LinkRef::Vxlan4, onlink: true };
+        i.desired.nexthops.insert(87_000_001, nh);
+        let r = i.desired.routes.get_mut(&peer().dst).unwrap();
+        r.nhid = Some(87_000_001);
+        let entry = NexthopEntry {
+            id: 87_000_001,
+            protocol: 87,
+            oif: Some(7),
+            gateway: Some(ip("10.5.3.0")),
+            onlink: true,
+            blackhole: false,
+        };
+        assert!(!i.nexthop(&entry, false), "our own creation");
+        assert!(i.nexthop(&entry, true), "deleted by hand: its routes went silently with it");
+        assert!(i.nexthop(&NexthopEntry { gateway: Some(ip("10.5.3.9")), ..entry }, false), "altered");
+        // A stale nexthop of ours deleted by our pass; someone else's nexthops.
+        assert!(!i.nexthop(&NexthopEntry { id: 87_000_002, ..entry }, true));
+        assert!(!i.nexthop(&NexthopEntry { id: 5, protocol: 3, ..entry }, false));
+        assert!(!i.nexthop(&NexthopEntry { id: 5, protocol: 3, ..entry }, true));
+        // A stray nexthop of ours that no route wants is looked at (and deleted).
+        assert!(i.nexthop(&NexthopEntry { id: 87_000_009, ..entry }, false));
+        // The route through the wanted nexthop, as announced: an echo; through another: not.
+        let mut m = announced(route_add(&Route { nhid: Some(87_000_001), ..peer() }, 7));
+        m.header.kind = RouteType::Unicast;
+        assert!(!i.relevant(&RouteNetlinkMessage::NewRoute(m.clone())));
+        let other = announced(route_add(&Route { nhid: Some(87_000_005), ..peer() }, 7));
+        assert!(i.relevant(&RouteNetlinkMessage::NewRoute(other)));
+        // A buffer of two messages is read as two nexthops.
+        let mut buf = Vec::new();
+        for (t, p) in [
+            (RTM_NEWNEXTHOP, crate::kernel::translate::nexthop_add(1, &nh, 7)),
+            (RTM_DELNEXTHOP, crate::kernel::translate::nexthop_del(2)),
+        ] {
+            let len = 16 + p.len();
+            buf.extend_from_slice(&(len as u32).to_ne_bytes());
+            buf.extend_from_slice(&t.to_ne_bytes());
+            buf.extend_from_slice(&[0; 10]);
+            buf.extend_from_slice(&p);
+            buf.resize(buf.len() + (4 - len % 4) % 4, 0);
+        }
+        let got: Vec<_> = nexthop_messages(&buf).map(|(t, e)| (t, e.id)).collect();
+        assert_eq!(got, vec![(RTM_NEWNEXTHOP, 1), (RTM_DELNEXTHOP, 2)]);
     }
 }

@@ -13,7 +13,7 @@ use netlink_packet_route::route::{
 };
 use rtnetlink::RouteMessageBuilder;
 use weft_core::backend::Mac;
-use weft_core::plan::{KernelState, LinkRef, Route};
+use weft_core::plan::{KernelState, LinkRef, Nexthop, Route};
 
 /// The route protocol of every route weft installs (`ip route` shows `proto 87`): how a
 /// restarted daemon and the resync recognise their routes, wherever they point, and leave
@@ -123,6 +123,15 @@ fn prefix_message(net: IpNet) -> RouteMessage {
 /// The message that creates (or replaces) route `r` on link index `idx`: protocol
 /// [`WEFT_PROTOCOL`], main table, `onlink` when the plan says so.
 pub fn route_add(r: &Route, idx: u32) -> RouteMessage {
+    if let Some(id) = r.nhid {
+        // Where it goes is the nexthop's business: no gateway, device or onlink here (the
+        // kernel refuses them beside an id).
+        let mut msg = prefix_message(r.dst);
+        msg.header.protocol = WEFT_PROTOCOL;
+        msg.header.scope = RouteScope::Universe;
+        msg.attributes.push(RouteAttribute::NhId(id));
+        return msg;
+    }
     let mut msg = match (r.dst, r.via) {
         (IpNet::V4(d), IpAddr::V4(g)) => {
             let b = RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(d.network(), d.prefix_len()).gateway(g);
@@ -145,6 +154,12 @@ pub fn route_add(r: &Route, idx: u32) -> RouteMessage {
 /// the stale route has. On the external interface only a route of our protocol matches;
 /// vxlan devices are ours whole (older routes there may carry flannel's protocol).
 pub fn route_del(r: &Route, idx: u32) -> RouteMessage {
+    if r.nhid.is_some() {
+        // The kernel matches a route through a nexthop object by its id, never by device.
+        let mut msg = route_add(r, idx);
+        msg.header.protocol = RouteProtocol::Unspec;
+        return msg;
+    }
     let mut msg = route_add(r, idx);
     msg.attributes.retain(|a| !matches!(a, RouteAttribute::Gateway(_)));
     msg.header.flags.remove(RouteFlags::Onlink);
@@ -232,16 +247,280 @@ pub fn own_subnet_route(net: IpNet, index: u32, src: IpAddr) -> Option<RouteMess
     Some(msg)
 }
 
+/// `RTM_NEWNEXTHOP`, `RTM_DELNEXTHOP`, `RTM_GETNEXTHOP` (the netlink crates do not know
+/// nexthop messages; they are built and read here).
+pub const RTM_NEWNEXTHOP: u16 = 104;
+/// See [`RTM_NEWNEXTHOP`].
+pub const RTM_DELNEXTHOP: u16 = 105;
+/// See [`RTM_NEWNEXTHOP`].
+pub const RTM_GETNEXTHOP: u16 = 106;
+/// The multicast group of nexthop changes.
+pub const RTNLGRP_NEXTHOP: u32 = 32;
+const NHA_ID: u16 = 1;
+const NHA_BLACKHOLE: u16 = 4;
+const NHA_OIF: u16 = 5;
+const NHA_GATEWAY: u16 = 6;
+/// `RTNH_F_ONLINK` in `nhmsg.nh_flags`.
+const RTNH_F_ONLINK: u32 = 4;
+const NHMSG_LEN: usize = 8;
+
+/// A nexthop object as the kernel reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NexthopEntry {
+    /// Its id.
+    pub id: u32,
+    /// Who made it (ours: protocol 87).
+    pub protocol: u8,
+    /// Output device, if any.
+    pub oif: Option<u32>,
+    /// Gateway, if any.
+    pub gateway: Option<IpAddr>,
+    /// `onlink`.
+    pub onlink: bool,
+    /// A blackhole nexthop.
+    pub blackhole: bool,
+}
+
+fn push_attr(buf: &mut Vec<u8>, kind: u16, data: &[u8]) {
+    let len = 4 + data.len();
+    buf.extend_from_slice(&(len as u16).to_ne_bytes());
+    buf.extend_from_slice(&kind.to_ne_bytes());
+    buf.extend_from_slice(data);
+    buf.resize(buf.len() + (4 - len % 4) % 4, 0);
+}
+
+fn nhmsg(family: AddressFamily, flags: u32) -> Vec<u8> {
+    let mut b = Vec::with_capacity(40);
+    b.push(u8::from(family));
+    b.push(0); // scope: the kernel works it out
+    b.push(87); // protocol, as [`WEFT_PROTOCOL`]
+    b.push(0);
+    b.extend_from_slice(&flags.to_ne_bytes());
+    b
+}
+
+/// The payload of `RTM_NEWNEXTHOP` for nexthop `id` = `nh` on link index `idx`
+/// (`ip nexthop add id <id> via <gw> dev <idx> [onlink] proto 87`).
+pub fn nexthop_add(id: u32, nh: &Nexthop, idx: u32) -> Vec<u8> {
+    let family = if nh.via.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+    let mut b = nhmsg(family, if nh.onlink { RTNH_F_ONLINK } else { 0 });
+    push_attr(&mut b, NHA_ID, &id.to_ne_bytes());
+    push_attr(&mut b, NHA_OIF, &idx.to_ne_bytes());
+    match nh.via {
+        IpAddr::V4(a) => push_attr(&mut b, NHA_GATEWAY, &a.octets()),
+        IpAddr::V6(a) => push_attr(&mut b, NHA_GATEWAY, &a.octets()),
+    }
+    b
+}
+
+/// The payload of `RTM_NEWNEXTHOP` for `ip nexthop add id <id> blackhole proto 87` (the
+/// probe whether the kernel has nexthop objects: it needs no device).
+pub fn nexthop_blackhole(id: u32) -> Vec<u8> {
+    // The kernel wants a family for a blackhole (as `ip` sends it).
+    let mut b = nhmsg(AddressFamily::Inet, 0);
+    push_attr(&mut b, NHA_ID, &id.to_ne_bytes());
+    push_attr(&mut b, NHA_BLACKHOLE, &[]);
+    b
+}
+
+/// The payload of `RTM_DELNEXTHOP` (and `RTM_GETNEXTHOP` for one id) for nexthop `id`.
+pub fn nexthop_del(id: u32) -> Vec<u8> {
+    let mut b = nhmsg(AddressFamily::Unspec, 0);
+    b[2] = 0;
+    push_attr(&mut b, NHA_ID, &id.to_ne_bytes());
+    b
+}
+
+/// The payload of an `RTM_GETNEXTHOP` dump of every nexthop.
+pub fn nexthop_dump() -> Vec<u8> {
+    let mut b = nhmsg(AddressFamily::Unspec, 0);
+    b[2] = 0;
+    b
+}
+
+/// Reads a nexthop message's payload (`nhmsg` and attributes); `None` when it is too short
+/// or has no id.
+pub fn parse_nexthop(payload: &[u8]) -> Option<NexthopEntry> {
+    if payload.len() < NHMSG_LEN {
+        return None;
+    }
+    let protocol = payload[2];
+    let flags = u32::from_ne_bytes(payload[4..8].try_into().ok()?);
+    let mut e = NexthopEntry {
+        id: 0,
+        protocol,
+        oif: None,
+        gateway: None,
+        onlink: flags & RTNH_F_ONLINK != 0,
+        blackhole: false,
+    };
+    let mut rest = &payload[NHMSG_LEN..];
+    while rest.len() >= 4 {
+        let len = u16::from_ne_bytes([rest[0], rest[1]]) as usize;
+        let kind = u16::from_ne_bytes([rest[2], rest[3]]) & 0x3fff;
+        if len < 4 || len > rest.len() {
+            break;
+        }
+        let data = &rest[4..len];
+        match (kind, data.len()) {
+            (NHA_ID, 4) => e.id = u32::from_ne_bytes(data.try_into().ok()?),
+            (NHA_OIF, 4) => e.oif = Some(u32::from_ne_bytes(data.try_into().ok()?)),
+            (NHA_GATEWAY, 4) => e.gateway = Some(IpAddr::from(<[u8; 4]>::try_from(data).ok()?)),
+            (NHA_GATEWAY, 16) => e.gateway = Some(IpAddr::from(<[u8; 16]>::try_from(data).ok()?)),
+            (NHA_BLACKHOLE, _) => e.blackhole = true,
+            _ => {}
+        }
+        rest = &rest[((len + 3) & !3).min(rest.len())..];
+    }
+    (e.id != 0).then_some(e)
+}
+
+/// A route's nexthop object id (`nhid`).
+pub fn route_nhid(r: &RouteMessage) -> Option<u32> {
+    r.attributes.iter().find_map(|a| if let RouteAttribute::NhId(id) = a { Some(*id) } else { None })
+}
+
 /// What a dump of the kernel returned: routes (both families), neighbours of the vxlan
 /// devices' families, and the bridge FDB.
 #[derive(Debug, Default, Clone)]
 pub struct Dump {
+    /// Every nexthop object (empty where the kernel has none).
+    pub nexthops: Vec<NexthopEntry>,
     /// Routes.
-    pub routes: Vec<RouteMessage>,
+    pub routes: Vec<RouteEntry>,
     /// Neighbours (IPv4 and IPv6).
-    pub neighbours: Vec<NeighbourMessage>,
+    pub neighbours: Vec<NeighEntry>,
     /// FDB entries (family AF_BRIDGE).
-    pub fdb: Vec<NeighbourMessage>,
+    pub fdb: Vec<NeighEntry>,
+}
+
+/// The fields of a dumped route weft reads, parsed in place from the message (no allocation:
+/// a resync reads every route of the host).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RouteEntry {
+    /// Routing table.
+    pub table: u32,
+    /// Protocol (87: ours).
+    pub protocol: u8,
+    /// Route type (1: unicast).
+    pub kind: u8,
+    /// `rtm_flags` (`RTNH_F_ONLINK`).
+    pub flags: u32,
+    /// Destination.
+    pub dst: Option<IpNet>,
+    /// Gateway.
+    pub gateway: Option<IpAddr>,
+    /// Output interface.
+    pub oif: Option<u32>,
+    /// Nexthop object id.
+    pub nhid: Option<u32>,
+}
+
+/// The fields of a dumped neighbour or FDB entry weft reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct NeighEntry {
+    /// Address family (`AF_INET`, `AF_INET6`, `AF_BRIDGE`).
+    pub family: u8,
+    /// Device.
+    pub ifindex: u32,
+    /// IP address (the underlay address for FDB entries).
+    pub dst: Option<IpAddr>,
+    /// MAC.
+    pub mac: Option<Mac>,
+}
+
+/// Walks netlink attributes: (kind without flag bits, data).
+fn attrs(mut rest: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        if rest.len() < 4 {
+            return None;
+        }
+        let len = u16::from_ne_bytes([rest[0], rest[1]]) as usize;
+        let kind = u16::from_ne_bytes([rest[2], rest[3]]) & 0x3fff;
+        if len < 4 || len > rest.len() {
+            return None;
+        }
+        let data = &rest[4..len];
+        rest = &rest[((len + 3) & !3).min(rest.len())..];
+        Some((kind, data))
+    })
+}
+
+fn ip_of(data: &[u8]) -> Option<IpAddr> {
+    match data.len() {
+        4 => Some(IpAddr::from(<[u8; 4]>::try_from(data).ok()?)),
+        16 => Some(IpAddr::from(<[u8; 16]>::try_from(data).ok()?)),
+        _ => None,
+    }
+}
+
+fn u32_of(data: &[u8]) -> Option<u32> {
+    Some(u32::from_ne_bytes(data.try_into().ok()?))
+}
+
+/// Reads a route message's payload (`rtmsg` and attributes).
+pub fn parse_route(payload: &[u8]) -> Option<RouteEntry> {
+    const RTA_DST: u16 = 1;
+    const RTA_OIF: u16 = 4;
+    const RTA_GATEWAY: u16 = 5;
+    const RTA_TABLE: u16 = 15;
+    const RTA_NH_ID: u16 = 30;
+    if payload.len() < 12 {
+        return None;
+    }
+    let dst_len = payload[1];
+    let mut e = RouteEntry {
+        table: u32::from(payload[4]),
+        protocol: payload[5],
+        kind: payload[7],
+        flags: u32::from_ne_bytes(payload[8..12].try_into().ok()?),
+        ..RouteEntry::default()
+    };
+    for (kind, data) in attrs(&payload[12..]) {
+        match kind {
+            RTA_DST => e.dst = ip_of(data).and_then(|ip| IpNet::new(ip, dst_len).ok()),
+            RTA_OIF => e.oif = u32_of(data),
+            RTA_GATEWAY => e.gateway = ip_of(data),
+            RTA_TABLE => e.table = u32_of(data).unwrap_or(e.table),
+            RTA_NH_ID => e.nhid = u32_of(data),
+            _ => {}
+        }
+    }
+    Some(e)
+}
+
+/// Reads a neighbour message's payload (`ndmsg` and attributes).
+pub fn parse_neigh(payload: &[u8]) -> Option<NeighEntry> {
+    const NDA_DST: u16 = 1;
+    const NDA_LLADDR: u16 = 2;
+    if payload.len() < 12 {
+        return None;
+    }
+    let mut e = NeighEntry {
+        family: payload[0],
+        ifindex: u32::from_ne_bytes(payload[4..8].try_into().ok()?),
+        ..NeighEntry::default()
+    };
+    for (kind, data) in attrs(&payload[12..]) {
+        match kind {
+            NDA_DST => e.dst = ip_of(data),
+            NDA_LLADDR => e.mac = <[u8; 6]>::try_from(data).ok(),
+            _ => {}
+        }
+    }
+    Some(e)
+}
+
+/// The payload of a route dump request of `family` (`AF_INET`, `AF_INET6`).
+pub fn route_dump(family: AddressFamily) -> Vec<u8> {
+    let mut b = vec![0; 12];
+    b[0] = u8::from(family);
+    b
+}
+
+/// The payload of a neighbour dump request of `family` (`AF_BRIDGE` for the FDB).
+pub fn neigh_dump(family: AddressFamily) -> Vec<u8> {
+    route_dump(family)
 }
 
 /// The entries of `dump` that belong to us: routes of protocol [`WEFT_PROTOCOL`], wherever
@@ -254,43 +533,63 @@ pub struct Dump {
 pub fn read_state(dump: &Dump, links: &Links, networks: &[IpNet], own: &[IpNet]) -> (KernelState, Vec<IpNet>) {
     let mut displaced = Vec::new();
     let mut s = KernelState::default();
-    for r in &dump.routes {
-        if r.header.table != MAIN_TABLE || r.header.kind != RouteType::Unicast {
+    let by_id: std::collections::HashMap<u32, &NexthopEntry> = dump.nexthops.iter().map(|n| (n.id, n)).collect();
+    for n in &dump.nexthops {
+        if n.protocol != 87 || n.blackhole {
             continue;
         }
-        let (Some(dst), Some(oif)) = (route_dst(r), route_oif(r)) else { continue };
-        if own.contains(&dst) && oif == links.external && route_gateway(r).is_some() {
+        if let (Some(via), Some(link)) = (n.gateway, n.oif.and_then(|i| links.link(i))) {
+            s.nexthops.insert(n.id, Nexthop { via, link, onlink: n.onlink });
+        }
+    }
+    const UNICAST: u8 = 1;
+    const ONLINK: u32 = 4;
+    for r in &dump.routes {
+        if r.table != u32::from(MAIN_TABLE) || r.kind != UNICAST {
+            continue;
+        }
+        // A route through a nexthop object goes where the object says (the dump repeats it
+        // only while `nexthop_compat_mode` is on).
+        let nh = r.nhid.and_then(|id| by_id.get(&id));
+        let Some(dst) = r.dst else { continue };
+        let Some(oif) = nh.map_or(r.oif, |n| n.oif) else { continue };
+        let (gateway, onlink) = match nh {
+            Some(n) => (n.gateway, n.onlink),
+            None => (r.gateway, r.flags & ONLINK != 0),
+        };
+        if own.contains(&dst) && oif == links.external && gateway.is_some() {
             displaced.push(dst);
         }
         let Some(link) = links.link(oif) else { continue };
-        let ours = r.header.protocol == WEFT_PROTOCOL
+        let protocol = RouteProtocol::from(r.protocol);
+        let ours = protocol == WEFT_PROTOCOL
             || (link != LinkRef::External
-                && r.header.protocol != RouteProtocol::Kernel
+                && protocol != RouteProtocol::Kernel
                 && networks.iter().any(|n| n.contains(&dst) && n.prefix_len() < dst.prefix_len()));
         if !ours {
             continue;
         }
-        let onlink = r.header.flags.contains(RouteFlags::Onlink);
-        let route = match route_gateway(r) {
-            Some(via) => Route { dst, via, link, onlink },
+        let nhid = r.nhid;
+        let route = match gateway {
+            Some(via) => Route { dst, via, link, onlink, nhid },
             // A route without a gateway is not one we make: replace or delete it.
-            None => Route { dst, via: dst.network(), link, onlink: false },
+            None => Route { dst, via: dst.network(), link, onlink: false, nhid },
         };
         s.routes.insert(dst, route);
     }
     for n in &dump.neighbours {
-        let Some(link @ (LinkRef::Vxlan4 | LinkRef::Vxlan6)) = links.link(n.header.ifindex) else { continue };
+        let Some(link @ (LinkRef::Vxlan4 | LinkRef::Vxlan6)) = links.link(n.ifindex) else { continue };
         let family_ok = match link {
-            LinkRef::Vxlan4 => n.header.family == AddressFamily::Inet,
-            _ => n.header.family == AddressFamily::Inet6,
+            LinkRef::Vxlan4 => n.family == u8::from(AddressFamily::Inet),
+            _ => n.family == u8::from(AddressFamily::Inet6),
         };
-        if let (true, Some(ip), Some(mac)) = (family_ok, neigh_dst(n), neigh_mac(n)) {
+        if let (true, Some(ip), Some(mac)) = (family_ok, n.dst, n.mac) {
             s.neighbors.insert((link, ip), mac);
         }
     }
     for n in &dump.fdb {
-        let Some(link @ (LinkRef::Vxlan4 | LinkRef::Vxlan6)) = links.link(n.header.ifindex) else { continue };
-        if let (Some(mac), Some(dst)) = (neigh_mac(n), neigh_dst(n))
+        let Some(link @ (LinkRef::Vxlan4 | LinkRef::Vxlan6)) = links.link(n.ifindex) else { continue };
+        if let (Some(mac), Some(dst)) = (n.mac, n.dst)
             && mac != [0; 6]
         {
             s.fdb.insert((link, mac), dst);
@@ -316,7 +615,7 @@ mod tests {
     /// A route as the kernel reports it in a dump.
     fn dumped(dst: &str, via: Option<&str>, oif: u32, protocol: RouteProtocol) -> RouteMessage {
         let mut m = match via {
-            Some(g) => route_add(&Route { dst: net(dst), via: ip(g), link: LinkRef::External, onlink: false }, oif),
+            Some(g) => route_add(&Route::new(net(dst), ip(g), LinkRef::External, false), oif),
             None => prefix_message(net(dst)),
         };
         if via.is_none() {
@@ -328,13 +627,29 @@ mod tests {
         m
     }
 
+    /// A route message as the raw dump parser reads it.
+    fn entry(m: RouteMessage) -> RouteEntry {
+        use netlink_packet_core::Emitable;
+        let mut b = vec![0; m.buffer_len()];
+        m.emit(&mut b);
+        parse_route(&b).unwrap()
+    }
+
+    /// A neighbour message as the raw dump parser reads it.
+    fn neigh(m: NeighbourMessage) -> NeighEntry {
+        use netlink_packet_core::Emitable;
+        let mut b = vec![0; m.buffer_len()];
+        m.emit(&mut b);
+        parse_neigh(&b).unwrap()
+    }
+
     fn has(m: &RouteMessage, a: &RouteAttribute) -> bool {
         m.attributes.contains(a)
     }
 
     #[test]
     fn a_vxlan_route_is_built_onlink_with_our_protocol_gateway_device_and_main_table() {
-        let r = Route { dst: net("10.5.3.0/24"), via: ip("10.5.3.0"), link: LinkRef::Vxlan4, onlink: true };
+        let r = Route::new(net("10.5.3.0/24"), ip("10.5.3.0"), LinkRef::Vxlan4, true);
         let m = route_add(&r, 7);
         assert_eq!(m.header.protocol, RouteProtocol::Other(87));
         assert!(m.header.flags.contains(RouteFlags::Onlink));
@@ -350,25 +665,25 @@ mod tests {
 
     #[test]
     fn a_host_gw_route_is_not_onlink_and_ipv6_keeps_its_family() {
-        let r = Route { dst: net("fd00:5:3::/64"), via: ip("2001:db8::3"), link: LinkRef::External, onlink: false };
+        let r = Route::new(net("fd00:5:3::/64"), ip("2001:db8::3"), LinkRef::External, false);
         let m = route_add(&r, 2);
         assert!(!m.header.flags.contains(RouteFlags::Onlink));
         assert_eq!(m.header.address_family, AddressFamily::Inet6);
         assert!(has(&m, &RouteAttribute::Gateway(RouteAddress::Inet6("2001:db8::3".parse().unwrap()))));
         assert!(has(&m, &RouteAttribute::Oif(2)));
         // Mixed families never reach the kernel as a half-built route.
-        let bad = Route { dst: net("10.5.3.0/24"), via: ip("2001:db8::3"), link: LinkRef::External, onlink: false };
+        let bad = Route::new(net("10.5.3.0/24"), ip("2001:db8::3"), LinkRef::External, false);
         assert_eq!(route_add(&bad, 2), RouteMessage::default());
     }
 
     #[test]
     fn a_route_deletion_matches_by_destination_and_device_and_on_the_external_link_only_ours() {
-        let vx = Route { dst: net("10.5.3.0/24"), via: ip("10.5.3.0"), link: LinkRef::Vxlan4, onlink: true };
+        let vx = Route::new(net("10.5.3.0/24"), ip("10.5.3.0"), LinkRef::Vxlan4, true);
         let m = route_del(&vx, 7);
         assert!(!m.attributes.iter().any(|a| matches!(a, RouteAttribute::Gateway(_))));
         assert!(!m.header.flags.contains(RouteFlags::Onlink));
         assert_eq!(m.header.protocol, RouteProtocol::Unspec);
-        let ext = Route { dst: net("10.5.3.0/24"), via: ip("192.0.2.3"), link: LinkRef::External, onlink: false };
+        let ext = Route::new(net("10.5.3.0/24"), ip("192.0.2.3"), LinkRef::External, false);
         assert_eq!(route_del(&ext, 2).header.protocol, WEFT_PROTOCOL);
     }
 
@@ -410,6 +725,7 @@ mod tests {
         let mut other_table = dumped("10.5.9.0/24", Some("192.0.2.9"), 2, WEFT_PROTOCOL);
         other_table.header.table = 100;
         let dump = Dump {
+            nexthops: vec![],
             routes: vec![
                 // flannel's route on our vxlan device: ours.
                 onlink,
@@ -430,29 +746,38 @@ mod tests {
                 other_table,
                 // Our subnet displaced via a gateway on the external interface.
                 dumped("10.5.1.0/24", Some("192.0.2.66"), 2, RouteProtocol::Static),
-            ],
+            ]
+            .into_iter()
+            .map(entry)
+            .collect(),
             neighbours: vec![
                 neighbour_set(7, ip("10.5.3.0"), &mac),
                 // Another device.
                 neighbour_set(3, ip("10.5.7.0"), &mac),
                 // The external interface is not ours for neighbours.
                 neighbour_set(2, ip("192.0.2.1"), &mac),
-            ],
+            ]
+            .into_iter()
+            .map(neigh)
+            .collect(),
             fdb: vec![
                 fdb_set(7, &mac, ip("192.0.2.3")),
                 // The all-zero (flood) entry is the kernel's.
                 fdb_set(7, &[0; 6], ip("192.0.2.3")),
                 fdb_set(3, &mac, ip("192.0.2.7")),
-            ],
+            ]
+            .into_iter()
+            .map(neigh)
+            .collect(),
         };
         let (s, displaced) = read_state(&dump, &LINKS, &networks, &own);
         let routes: Vec<_> = s.routes.values().copied().collect();
         assert_eq!(
             routes,
             vec![
-                Route { dst: net("10.5.3.0/24"), via: ip("10.5.3.0"), link: LinkRef::Vxlan4, onlink: true },
-                Route { dst: net("10.5.4.0/24"), via: ip("192.0.2.4"), link: LinkRef::External, onlink: false },
-                Route { dst: net("203.0.113.0/24"), via: ip("192.0.2.5"), link: LinkRef::External, onlink: false },
+                Route::new(net("10.5.3.0/24"), ip("10.5.3.0"), LinkRef::Vxlan4, true),
+                Route::new(net("10.5.4.0/24"), ip("192.0.2.4"), LinkRef::External, false),
+                Route::new(net("203.0.113.0/24"), ip("192.0.2.5"), LinkRef::External, false),
             ]
         );
         assert_eq!(s.neighbors.into_iter().collect::<Vec<_>>(), vec![((LinkRef::Vxlan4, ip("10.5.3.0")), mac)]);
@@ -462,9 +787,89 @@ mod tests {
 
     #[test]
     fn a_route_without_gateway_on_our_device_is_reported_to_be_replaced() {
-        let dump = Dump { routes: vec![dumped("10.5.3.0/24", None, 7, RouteProtocol::Boot)], ..Dump::default() };
+        let dump = Dump { routes: vec![entry(dumped("10.5.3.0/24", None, 7, RouteProtocol::Boot))], ..Dump::default() };
         let (s, _) = read_state(&dump, &LINKS, &[net("10.5.0.0/16")], &[]);
         let r = s.routes[&net("10.5.3.0/24")];
         assert_eq!((r.via, r.onlink), (ip("10.5.3.0"), false));
+    }
+
+    #[test]
+    fn a_nexthop_is_built_with_our_protocol_and_read_back() {
+        let nh = Nexthop { via: ip("10.5.3.0"), link: LinkRef::Vxlan4, onlink: true };
+        let b = nexthop_add(87_000_001, &nh, 7);
+        assert_eq!(b[0], u8::from(AddressFamily::Inet));
+        assert_eq!(b[2], 87, "protocol 87");
+        let e = parse_nexthop(&b).unwrap();
+        assert_eq!(
+            e,
+            NexthopEntry {
+                id: 87_000_001,
+                protocol: 87,
+                oif: Some(7),
+                gateway: Some(ip("10.5.3.0")),
+                onlink: true,
+                blackhole: false
+            }
+        );
+        let v6 = Nexthop { via: ip("2001:db8::3"), link: LinkRef::External, onlink: false };
+        let e = parse_nexthop(&nexthop_add(9, &v6, 2)).unwrap();
+        assert_eq!((e.gateway, e.onlink, e.oif), (Some(ip("2001:db8::3")), false, Some(2)));
+        let bh = parse_nexthop(&nexthop_blackhole(5)).unwrap();
+        assert!(bh.blackhole && bh.gateway.is_none());
+        assert_eq!(parse_nexthop(&nexthop_del(5)).map(|e| (e.id, e.protocol)), Some((5, 0)));
+        // Truncated or id-less messages are nothing, not a panic.
+        assert_eq!(parse_nexthop(&b[..5]), None);
+        assert_eq!(parse_nexthop(&nexthop_dump()), None);
+        let mut bad = b.clone();
+        bad[8] = 200; // an attribute longer than the message
+        let _ = parse_nexthop(&bad);
+    }
+
+    #[test]
+    fn a_route_through_a_nexthop_carries_only_the_id_and_is_deleted_by_it() {
+        let r =
+            Route { nhid: Some(87_000_004), ..Route::new(net("10.5.3.0/24"), ip("10.5.3.0"), LinkRef::Vxlan4, true) };
+        let m = route_add(&r, 7);
+        assert_eq!(route_nhid(&m), Some(87_000_004));
+        assert_eq!((route_gateway(&m), route_oif(&m)), (None, None), "the kernel refuses a gateway beside an id");
+        assert!(!m.header.flags.contains(RouteFlags::Onlink));
+        assert_eq!((m.header.protocol, m.header.table, m.header.kind), (WEFT_PROTOCOL, MAIN_TABLE, RouteType::Unicast));
+        let d = route_del(&r, 7);
+        assert_eq!((route_nhid(&d), route_oif(&d)), (Some(87_000_004), None), "matched by id, never by device");
+    }
+
+    #[test]
+    fn routes_through_our_nexthops_are_read_as_where_they_go_and_foreign_nexthops_are_not_ours() {
+        let ours = NexthopEntry {
+            id: 87_000_001,
+            protocol: 87,
+            oif: Some(7),
+            gateway: Some(ip("10.5.3.0")),
+            onlink: true,
+            blackhole: false,
+        };
+        let foreign = NexthopEntry { id: 12, protocol: 3, oif: Some(2), gateway: Some(ip("192.0.2.9")), ..ours };
+        // A route through our nexthop as the kernel dumps it without compat mode: id only.
+        let mut through = prefix_message(net("10.5.3.0/24"));
+        through.header.table = MAIN_TABLE;
+        through.header.kind = RouteType::Unicast;
+        through.header.protocol = WEFT_PROTOCOL;
+        through.attributes.push(RouteAttribute::NhId(87_000_001));
+        // Someone else's route through their nexthop, inside the Network on the external link.
+        let mut theirs = through.clone();
+        theirs.header.protocol = RouteProtocol::Static;
+        theirs.header.destination_prefix_length = 24;
+        theirs.attributes = vec![
+            RouteAttribute::Destination(RouteAddress::Inet("10.5.9.0".parse().unwrap())),
+            RouteAttribute::NhId(12),
+        ];
+        let dump =
+            Dump { nexthops: vec![ours, foreign], routes: vec![entry(through), entry(theirs)], ..Dump::default() };
+        let (s, _) = read_state(&dump, &LINKS, &[net("10.5.0.0/16")], &[]);
+        assert_eq!(s.nexthops.len(), 1, "only protocol 87 is ours");
+        assert_eq!(s.nexthops[&87_000_001], Nexthop { via: ip("10.5.3.0"), link: LinkRef::Vxlan4, onlink: true });
+        let want =
+            Route { nhid: Some(87_000_001), ..Route::new(net("10.5.3.0/24"), ip("10.5.3.0"), LinkRef::Vxlan4, true) };
+        assert_eq!(s.routes.values().copied().collect::<Vec<_>>(), vec![want]);
     }
 }
