@@ -132,6 +132,11 @@ pub async fn run(opts: &DaemonOptions, release: bool, cni_dir: &Path) -> Report 
         release_lease(opts, h, key, &mut report).await;
     }
     if let Some(h) = &handle {
+        // Nexthops first: the kernel takes the routes through them along.
+        match crate::kernel::Kernel::new(h.clone()).remove_own_nexthops().await {
+            Ok(ids) => report.removed.extend(ids.into_iter().map(|id| format!("nexthop id {id} (proto 87)"))),
+            Err(e) => report.failed.push(e.to_string()),
+        }
         match crate::kernel::teardown::remove_routes(h, &subnets).await {
             Ok(r) => report.removed.extend(r.into_iter().map(|r| format!("route {r}"))),
             Err(e) => report.failed.push(e.to_string()),

@@ -403,11 +403,12 @@ async fn dataplane(
         BackendSpec::Vxlan(v) if v.direct_routing => kernel.connected_prefixes(ext.index).await.ok()?,
         _ => Vec::new(),
     };
-    let desired = plan::plan(spec, peers.accepted(), &HostFacts { connected, vxlan6: links.vxlan6.is_some() }).state;
+    let mut desired =
+        plan::plan(spec, peers.accepted(), &HostFacts { connected, vxlan6: links.vxlan6.is_some() }).state;
     let networks: Vec<IpNet> =
         cfg.v4.map(|r| IpNet::V4(r.network)).into_iter().chain(cfg.v6.map(|r| IpNet::V6(r.network))).collect();
     let own_nets: Vec<IpNet> = own.key.v4.map(IpNet::V4).into_iter().chain(own.key.v6.map(IpNet::V6)).collect();
-    let (actual, _) = kernel.read_state(&links, &networks, &own_nets).await.ok()?;
+    let (actual, _) = kernel.read_state(&links, &networks, &own_nets, &mut desired).await.ok()?;
     Some(describe(&plan::diff(&desired, &actual), &actual))
 }
 

@@ -25,6 +25,7 @@ fn snapshot(h: &Netns) -> String {
         &["-j", "-4", "route", "show", "table", "all"],
         &["-j", "-6", "route", "show", "table", "all"],
         &["-j", "neigh", "show", "nud", "permanent"],
+        &["-j", "nexthop", "show"],
     ] {
         out += &format!("== ip {}\n{}\n", args.join(" "), h.ip(args).unwrap());
     }
@@ -73,6 +74,10 @@ fn add_foreign(h: &Netns) {
         &["route", "add", "198.51.100.0/24", "via", "192.0.2.1"],
         &["route", "add", "blackhole", "10.244.99.0/24"],
         &["neigh", "add", "192.0.2.99", "lladdr", "02:00:00:00:00:99", "dev", "eth0", "nud", "permanent"],
+        // Nexthops of others, one even with an id in weft's range: only protocol 87 is ours.
+        &["nexthop", "add", "id", "7", "via", "192.0.2.1", "dev", "eth0", "proto", "static"],
+        &["nexthop", "add", "id", "87000005", "via", "192.0.2.1", "dev", "eth0"],
+        &["route", "add", "10.244.201.0/24", "nhid", "7"],
     ] {
         h.ip(args).unwrap();
     }

@@ -140,6 +140,33 @@ impl Kernel {
         .map_err(|e| io_error("dump nexthops", e))
     }
 
+    /// Deletes every nexthop object of ours (protocol 87; the kernel removes the routes
+    /// through them with them), for `weft cleanup`; returns their ids. Kernels without
+    /// nexthop objects have none to delete.
+    pub async fn remove_own_nexthops(&self) -> Result<Vec<u32>, KernelError> {
+        let Ok(all) = self.dump_nexthops().await else { return Ok(Vec::new()) };
+        let ours: Vec<u32> = all.iter().filter(|n| n.protocol == 87).map(|n| n.id).collect();
+        if ours.is_empty() {
+            return Ok(ours);
+        }
+        let ids = ours.clone();
+        let res = self
+            .with_batcher(move |b| {
+                let mut r = Requests::default();
+                for id in &ids {
+                    r.raw(translate::RTM_DELNEXTHOP, 0, &translate::nexthop_del(*id));
+                }
+                b.send(&mut r)
+            })
+            .await
+            .map_err(|e| io_error("delete nexthops", e))?;
+        // ENOENT: gone meanwhile (a daemon still stopping), which is what we wanted.
+        if let Some(r) = res.into_iter().flatten().find(|r| r.errno != libc::ENOENT) {
+            return Err(refused("delete our nexthops".into(), r));
+        }
+        Ok(ours)
+    }
+
     /// Whether routes go through nexthop objects: probed once by creating (and deleting)
     /// a blackhole nexthop of ours; off where the kernel refuses it, or with
     /// `WEFT_NEXTHOPS=off`, and then flannel's plain routes are used.
