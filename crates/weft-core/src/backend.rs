@@ -4,22 +4,7 @@
 use serde_json::Value;
 
 use crate::config::BackendConfig;
-
-/// An invalid backend setting.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum BackendError {
-    /// `Backend.Type` names no backend.
-    #[error("unknown backend type {0:?}: set Backend.Type to vxlan, host-gw, wireguard, udp or alloc")]
-    Unknown(String),
-    /// A key has a bad value.
-    #[error("network config field Backend.{field}: {problem}")]
-    Field {
-        /// Key name.
-        field: &'static str,
-        /// What is wrong and what is allowed.
-        problem: String,
-    },
-}
+pub use crate::config::BackendError;
 
 /// vxlan settings (flannel's keys and defaults).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -383,6 +383,22 @@ fn parse_backend(obj: &Map<String, Value>) -> Result<BackendConfig, ConfigError>
     }
 }
 
+/// An invalid backend setting.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BackendError {
+    /// `Backend.Type` names no backend.
+    #[error("unknown backend type {0:?}: set Backend.Type to vxlan, host-gw, wireguard, udp or alloc")]
+    Unknown(String),
+    /// A key has a bad value.
+    #[error("network config field Backend.{field}: {problem}")]
+    Field {
+        /// Key name.
+        field: &'static str,
+        /// What is wrong and what is allowed.
+        problem: String,
+    },
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,8 +11,7 @@ use base64::engine::general_purpose::STANDARD;
 use ipnet::IpNet;
 use serde_json::Value;
 
-use crate::backend::BackendError;
-use crate::config::BackendConfig;
+use crate::config::{BackendConfig, BackendError};
 use crate::lease::{Lease, SubnetKey};
 
 /// The IPv4 device, as flannel names it (also the device of the single-tunnel modes).

@@ -17,6 +17,19 @@ fn unix_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
+/// The environment variable that sets [`stale_limit`] in seconds.
+pub const STALE_ENV: &str = "WEFT_HEALTHZ_STALE_SECS";
+
+/// How long the main loop or the store may go without progress before `/healthz` fails:
+/// 60 s, or `WEFT_HEALTHZ_STALE_SECS`.
+pub fn stale_limit() -> std::time::Duration {
+    std::env::var(STALE_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|s| std::time::Duration::from_secs(s.max(1)))
+        .unwrap_or(std::time::Duration::from_secs(60))
+}
+
 /// Every metric the daemon exports.
 pub struct Metrics {
     registry: Registry,

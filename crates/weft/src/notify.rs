@@ -61,7 +61,7 @@ pub fn spawn_watchdog(metrics: Arc<Metrics>) -> Option<tokio::task::JoinHandle<(
             tick.tick().await;
             // Only a hung main loop starves the watchdog: a store outage is waited out (the
             // daemon keeps the data plane; a restart would not bring the store back).
-            let limit = crate::daemon::health::stale_limit();
+            let limit = crate::metrics::stale_limit();
             let hung = metrics
                 .main_loop_age()
                 .filter(|a| *a > limit)

@@ -24,28 +24,18 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::metrics::Metrics;
 
+pub use crate::metrics::{STALE_ENV, stale_limit};
+
 #[derive(Clone)]
 struct Shared {
     ready: watch::Receiver<bool>,
     metrics: Arc<Metrics>,
 }
 
-/// The environment variable that sets [`stale_limit`] in seconds.
-pub const STALE_ENV: &str = "WEFT_HEALTHZ_STALE_SECS";
 /// Connections served at once; more wait in the listen backlog.
 pub const MAX_CONNECTIONS: usize = 32;
 /// How long one connection may stay open (headers, request and response included).
 pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(10);
-
-/// How long the main loop or the store may go without progress before `/healthz` fails:
-/// 60 s, or `WEFT_HEALTHZ_STALE_SECS`.
-pub fn stale_limit() -> Duration {
-    std::env::var(STALE_ENV)
-        .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(|s| Duration::from_secs(s.max(1)))
-        .unwrap_or(Duration::from_secs(60))
-}
 
 /// Why the daemon is not healthy, or `None`.
 pub fn unhealthy(m: &Metrics, limit: Duration) -> Option<String> {

@@ -8,9 +8,9 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::error::LabError;
 use super::netns::Netns;
-use super::state::Lab;
-use super::topology::{LAN, LabError};
+use super::state::{LAN, Lab};
 
 /// Where the API server listens (the LAN bridge's address).
 pub const API_PORT: u16 = 6443;

@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod chaos;
 pub mod check;
+pub mod error;
 pub mod etcd;
 pub mod kube;
 pub mod netns;

@@ -5,6 +5,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+/// The LAN's /24 (TEST-NET-1: documentation addresses, used only inside the lab).
+pub const LAN: &str = "192.0.2";
+
 /// Where labs keep their state.
 pub const STATE_ROOT: &str = "/run/weft-lab";
 

@@ -9,12 +9,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+pub use super::error::LabError;
 use super::etcd::{Etcd, EtcdCluster};
 use super::netns::{self, Netns, http_get, plug};
+pub use super::state::LAN;
 use super::state::{self, Host, Lab, Pod};
 
-/// The LAN's /24 (TEST-NET-1: documentation addresses, used only inside the lab).
-pub const LAN: &str = "192.0.2";
 /// The outside host's address on the LAN.
 pub const OUTSIDE_IP: &str = "192.0.2.254";
 /// The pod network.
@@ -22,23 +22,6 @@ pub const NETWORK: &str = "10.244.0.0/16";
 /// Where the standard CNI plugins live (Debian's containernetworking-plugins).
 pub const CNI_BIN: &str = "/usr/lib/cni";
 const HEALTH_PORT: u16 = 8081;
-
-/// A lab operation that failed, with what to do.
-#[derive(Debug, thiserror::Error)]
-pub enum LabError {
-    /// The name is taken.
-    #[error("a lab named {0:?} already exists; remove it with `weft lab down --name {0}` or choose another --name")]
-    Exists(String),
-    /// No such lab.
-    #[error("no lab named {0:?} is running; start one with `weft lab up --name {0}`")]
-    Missing(String),
-    /// Bad arguments.
-    #[error("{0}")]
-    Usage(String),
-    /// A step failed.
-    #[error("{0}")]
-    Step(String),
-}
 
 fn step<T>(what: &str, r: io::Result<T>) -> Result<T, LabError> {
     r.map_err(|e| LabError::Step(format!("{what}: {e}")))
