@@ -6,30 +6,12 @@
 
 mod common;
 
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
 
-use common::{wait_for, weft_bin};
+use common::lab::{lab, ok, status};
+use common::wait_for;
 use serde_json::{Value, json};
-
-fn lab(args: &[&str]) -> Output {
-    Command::new(weft_bin()).arg("lab").args(args).output().unwrap()
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = lab(args);
-    assert!(
-        o.status.success(),
-        "weft lab {args:?} failed:\n{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn status(name: &str) -> Value {
-    serde_json::from_str(&ok(&["status", "--name", name, "--json"])).unwrap()
-}
 
 fn check_passes(name: &str) {
     let out = ok(&["check", "--name", name, "--json"]);

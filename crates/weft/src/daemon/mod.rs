@@ -172,11 +172,18 @@ async fn network_config<R: Registry>(reg: &R, shutdown: &watch::Receiver<bool>) 
                 }
             }
         }
-        let mut s = shutdown.clone();
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = s.wait_for(|s| *s) => return None,
+        if !pause_unless_shutdown(Duration::from_secs(1), shutdown).await {
+            return None;
         }
+    }
+}
+
+/// Waits `delay` before a retry; `false` (at once) when shutdown is asked for meanwhile.
+async fn pause_unless_shutdown(delay: Duration, shutdown: &watch::Receiver<bool>) -> bool {
+    let mut s = shutdown.clone();
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => true,
+        _ = s.wait_for(|s| *s) => false,
     }
 }
 
@@ -362,10 +369,8 @@ async fn acquire_waiting<R: Registry>(
             }
             Err(e) => return Err(e.into()),
         }
-        let mut s = shutdown.clone();
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = s.wait_for(|s| *s) => return Ok(None),
+        if !pause_unless_shutdown(backoff, shutdown).await {
+            return Ok(None);
         }
         backoff = (backoff * 2).min(Duration::from_secs(10));
     }
@@ -396,10 +401,8 @@ async fn public_ips<R: Registry>(
             }
             Err(e) => return Err(e.into()),
         }
-        let mut s = shutdown.clone();
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = s.wait_for(|s| *s) => return Ok(None),
+        if !pause_unless_shutdown(backoff, shutdown).await {
+            return Ok(None);
         }
         backoff = (backoff * 2).min(Duration::from_secs(10));
     }

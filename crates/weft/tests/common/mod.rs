@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod lab;
 pub mod scenarios;
 
 use std::time::{Duration, Instant};
