@@ -1,11 +1,12 @@
 //! `weft cleanup [--release-lease]`: removes everything weft installed on this host — its
 //! devices (and the neighbours, FDB entries, addresses and routes on them), its protocol-87
 //! routes, the blackhole routes of its subnets, its iptables chains and rules, its nftables
-//! tables (the NetworkPolicy table `inet weft-netpol` too), `subnet.env` and the CNI plugin's saved state — and, with `--release-lease`, our
-//! lease in the store. Takes the daemon's flags (and `FLANNELD_*` environment), so it acts on
-//! exactly what that daemon used. Idempotent; safe with no daemon or half a daemon's state.
-//! Run it after the daemon has stopped: a running daemon puts its state back, so cleanup
-//! refuses while one answers on `--healthz-port`.
+//! tables (the NetworkPolicy table `inet weft-netpol` too), `subnet.env` and the CNI
+//! plugin's saved state — and, with `--release-lease`, our lease in the store. Takes the
+//! daemon's flags (and `FLANNELD_*` environment), so it acts on exactly what that daemon
+//! used. Idempotent; safe with no daemon or half a daemon's state. Run it after the daemon
+//! has stopped: a running daemon puts its state back, so cleanup refuses while one answers
+//! on `--healthz-port`.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};

@@ -1,9 +1,11 @@
 //! `weft cleanup`: after a daemon ran (vxlan with iptables, udp with nftables and the
 //! blackhole route, host-gw) and stopped, cleanup leaves the host namespace exactly as it
 //! was before the daemon started — links, addresses, routes, permanent neighbours, FDB,
-//! iptables, ip6tables and the nftables ruleset — while foreign devices, routes, rules and
-//! tables next to weft's (some with flannel's names or comments) survive. `--release-lease`
-//! deletes this host's lease only; a second run finds nothing.
+//! iptables, ip6tables and the nftables ruleset, the NetworkPolicy table `inet weft-netpol`
+//! included (a daemon with policy off removes a leftover one at startup) — while foreign
+//! devices, routes, rules and tables next to weft's (some with flannel's names or comments,
+//! an `ip weft-netpol`) survive. `--release-lease` deletes this host's lease only; a second
+//! run finds nothing.
 
 mod common;
 
@@ -88,7 +90,17 @@ iptables -w -t filter -A FORWARD -j FOREIGN
 iptables -w -t filter -A FOREIGN -s 10.9.0.0/16 -j ACCEPT
 nft add table inet foreign
 nft add chain inet foreign input '{ type filter hook input priority 0; policy accept; }'
-nft add rule inet foreign input tcp dport 9 drop";
+nft add rule inet foreign input tcp dport 9 drop
+nft add table ip weft-netpol
+nft add chain ip weft-netpol forward '{ type filter hook forward priority 0; policy accept; }'";
+    h.exec("sh", &["-ec", script]).unwrap();
+}
+
+/// weft's NetworkPolicy table as a run with policy on leaves it.
+fn leftover_policy_table(h: &Netns) {
+    let script = "nft add table inet weft-netpol
+nft add chain inet weft-netpol forward '{ type filter hook forward priority filter; policy accept; }'
+nft add rule inet weft-netpol forward ct state established,related accept";
     h.exec("sh", &["-ec", script]).unwrap();
 }
 
@@ -157,6 +169,9 @@ fn run_scenario(lan: &Lan, hosts: &[Netns], dir: &Path, s: &Scenario) {
         f
     };
     let before = snapshot(&hosts[0]);
+    // A NetworkPolicy table left by an earlier run with policy on: a daemon with it off
+    // removes it at startup (only it: `ip weft-netpol` of add_foreign stays).
+    leftover_policy_table(&hosts[0]);
     let args1 = flags(1);
     let args2 = flags(2);
     let mut d1 = Daemon::start(&hosts[0], &dir, &args1.iter().map(String::as_str).collect::<Vec<_>>());
@@ -164,6 +179,12 @@ fn run_scenario(lan: &Lan, hosts: &[Netns], dir: &Path, s: &Scenario) {
     let env1 = dir.join("h1/subnet.env");
     wait_for(Duration::from_secs(30), "h1's subnet file", || std::fs::read_to_string(&env1).ok());
     wait_for(Duration::from_secs(30), "h1's data plane", || programmed(&hosts[0], s).then_some(()));
+    wait_for(Duration::from_secs(10), "the leftover policy table removed at startup", || {
+        hosts[0].exec("nft", &["list", "table", "inet", "weft-netpol"]).is_err().then_some(())
+    });
+    assert!(hosts[0].exec("nft", &["list", "table", "ip", "weft-netpol"]).is_ok(), "another family's table stays");
+    // And one left by a daemon killed after its start: cleanup removes it.
+    leftover_policy_table(&hosts[0]);
     let during = snapshot(&hosts[0]);
     assert_ne!(before, during, "the daemon changed nothing: the test would prove nothing");
     // The CNI plugin's saved state of a pod.
