@@ -2,10 +2,10 @@
 //! model of `weft_core::netpol`, and applying a compiled ruleset to the kernel as one
 //! atomic `nft -f` transaction, only when it changed (or drifted).
 //!
-//! Not wired into the daemon yet: the Kubernetes store's reflectors will feed
-//! [`cluster_from`] and call [`PolicyTable::update`] on every change, and the reconciler
-//! will call [`PolicyTable::resync`] periodically and [`PolicyTable::remove`] when the
-//! feature is off.
+//! The daemon's policy task (`daemon/netpol.rs`) feeds its reflectors' objects to
+//! [`cluster_from`] and calls [`PolicyTable::update`] on every change and
+//! [`PolicyTable::resync`] on drift; [`PolicyTable::remove`] runs when the feature is off
+//! (at startup) and in `weft cleanup`.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -230,6 +230,12 @@ async fn nft(args: &[&str], stdin: Option<&str>) -> Result<String, FirewallError
 /// Whether the policy table exists in the kernel (`false` too when `nft` cannot run).
 pub async fn table_present() -> bool {
     nft(&["list", "table", TABLE_FAMILY, TABLE], None).await.is_ok()
+}
+
+/// The table's outline: `nft -t list table` (chains, rules and set declarations, no
+/// elements), cheap even for a table of 100 000 elements. `None` when there is no table.
+pub async fn table_outline() -> Option<String> {
+    nft(&["-t", "list", "table", TABLE_FAMILY, TABLE], None).await.ok()
 }
 
 /// Reads the policy table back from the kernel; `None` when it is absent or unreadable.

@@ -235,8 +235,9 @@ fn policies_labels_and_faults_through_the_api_server_reach_the_kernel() {
     let mut w = World::new("pda");
     w.namespace("x", json!({"team": "blue"}));
     w.namespace("y", json!({"team": "green"}));
-    let mut d1 = w.daemon(0, &["--network-policy"]);
-    let mut d2 = w.daemon(1, &["--network-policy"]);
+    // A resync every second: the full check (every 12th) comes within the test's patience.
+    let mut d1 = w.daemon(0, &["--network-policy", "--iptables-resync=1"]);
+    let mut d2 = w.daemon(1, &["--network-policy", "--iptables-resync=1"]);
     let a = w.pod(0, "x", "a", "a", "10.244.1.2");
     let b = w.pod(0, "x", "b", "b", "10.244.1.3");
     let c = w.pod(1, "x", "c", "c", "10.244.2.2");
@@ -286,6 +287,10 @@ fn policies_labels_and_faults_through_the_api_server_reach_the_kernel() {
     w.hosts[0].exec("nft", &["delete", "table", "inet", "weft-netpol"]).unwrap();
     wait_for(CHANGE, "the policy table repaired", || w.table(0).filter(|t| map_keys(t, "in-pods4").len() == 1));
     expect("repaired", &[(&c, &a, true), (&d, &a, true), (&a, &d, false)]);
+    // An element deleted by hand (the outline unchanged) is found by the full check.
+    w.hosts[0].exec("nft", &["delete", "element", "inet", "weft-netpol", "in-pods4", "{ 10.244.1.2 }"]).unwrap();
+    assert!(w.table(0).is_some_and(|t| map_keys(&t, "in-pods4").is_empty()));
+    wait_for(CHANGE, "the deleted element repaired", || w.table(0).filter(|t| map_keys(t, "in-pods4").len() == 1));
 
     // Hostile: a policy with a bad ipBlock selecting x/b is enforced fail-closed; logged; the
     // daemon keeps running.

@@ -6,7 +6,9 @@
 //! ([`crate::netpol::cluster_from`]), compiles this node's ruleset and hands it to
 //! [`PolicyTable::update`], which runs an `nft` transaction only when the ruleset differs:
 //! a change that does not touch this node's pods costs no transaction. The reconciler's kick
-//! and the `--iptables-resync` timer re-check the kernel and repair drift.
+//! and the `--iptables-resync` timer re-check the kernel and repair drift: each compares the
+//! table's outline (chains, rules, sets: a removed table or chain is back within seconds),
+//! every [`FULL_CHECK_EVERY`]th reads the whole table back (a removed element too).
 //!
 //! The API server going away stops nothing: the watchers retry with backoff, the rules in
 //! the kernel stay as they were, and nothing is applied until every list is complete again
@@ -37,6 +39,9 @@ use crate::netpol::PolicyTable;
 const COALESCE: Duration = Duration::from_millis(80);
 /// The server-side timeout of one watch request (then the watcher watches again).
 const WATCH_TIMEOUT_SECS: u32 = 30;
+/// Every this many resync triggers the whole table (elements too) is read back and compared;
+/// the others compare its outline only (a full read of a large table costs a second of CPU).
+const FULL_CHECK_EVERY: u32 = 12;
 /// How long subnet.env waits for the first ruleset, so new pods start under policy.
 pub const FIRST_APPLY_WAIT: Duration = Duration::from_secs(10);
 
@@ -220,6 +225,8 @@ async fn run(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut dirty = false;
     let mut last_errors: Vec<String> = Vec::new();
+    // The outline of the table as last written (see FULL_CHECK_EVERY).
+    let (mut outline, mut seen, mut checks) = (None, 0u64, 0u32);
     loop {
         let mut resync = false;
         tokio::select! {
@@ -263,6 +270,11 @@ async fn run(
                 }
             }
         } else if resync {
+            checks = checks.wrapping_add(1);
+            let full = checks.is_multiple_of(FULL_CHECK_EVERY);
+            if !full && outline.is_some() && crate::netpol::table_outline().await == outline {
+                continue;
+            }
             match table.resync().await {
                 Ok(true) => {
                     metrics.netpol_transactions.inc();
@@ -272,8 +284,15 @@ async fn run(
                 Err(e) => {
                     metrics.error("netpol");
                     tracing::warn!("NetworkPolicy: repairing the policy table failed: {e}");
+                    continue;
                 }
             }
+        }
+        if table.transactions() != seen {
+            seen = table.transactions();
+            outline = crate::netpol::table_outline().await;
+        } else if outline.is_none() {
+            outline = crate::netpol::table_outline().await;
         }
     }
 }
