@@ -83,6 +83,8 @@ pub struct NetworkConfig {
     pub enable_nftables: bool,
     /// The `Backend` object.
     pub backend: BackendConfig,
+    /// `NetworkPolicy` (weft's own key): enforce Kubernetes NetworkPolicy (kube mode only).
+    pub network_policy: bool,
 }
 
 /// Looks up `name` in a JSON object as Go's `encoding/json` does: exact key first, then
@@ -257,6 +259,7 @@ impl NetworkConfig {
         let enable_ipv4 = opt_bool(&obj, "EnableIPv4", true)?;
         let enable_ipv6 = opt_bool(&obj, "EnableIPv6", false)?;
         let enable_nftables = opt_bool(&obj, "EnableNFTables", false)?;
+        let network_policy = opt_bool(&obj, "NetworkPolicy", false)?;
         if !enable_ipv4 && !enable_ipv6 {
             return Err(ConfigError::Invalid(
                 "neither EnableIPv4 nor EnableIPv6 is true: enable at least one address family".into(),
@@ -265,7 +268,7 @@ impl NetworkConfig {
         let v4 = if enable_ipv4 { Some(parse_v4(&obj)?) } else { None };
         let v6 = if enable_ipv6 { Some(parse_v6(&obj)?) } else { None };
         let backend = parse_backend(&obj)?;
-        Ok(NetworkConfig { v4, v6, enable_nftables, backend })
+        Ok(NetworkConfig { v4, v6, enable_nftables, backend, network_policy })
     }
 }
 
@@ -469,6 +472,16 @@ mod tests {
         let c = NetworkConfig::parse(r#"{"Network":"10.3.0.0/16"}"#).unwrap();
         assert_eq!((c.backend.kind.as_str(), c.backend.defaulted), ("udp", true));
         assert!(err(r#"{"Network":"10.3.0.0/16","Backend":{"Port":1}}"#).contains("Backend.Type"));
+    }
+
+    #[test]
+    fn network_policy_is_opt_in() {
+        assert!(!NetworkConfig::parse(r#"{"Network":"10.3.0.0/16"}"#).unwrap().network_policy);
+        assert!(NetworkConfig::parse(r#"{"Network":"10.3.0.0/16","NetworkPolicy":true}"#).unwrap().network_policy);
+        assert!(!NetworkConfig::parse(r#"{"Network":"10.3.0.0/16","NetworkPolicy":false}"#).unwrap().network_policy);
+        assert!(
+            err(r#"{"Network":"10.3.0.0/16","NetworkPolicy":"on"}"#).contains("NetworkPolicy: expected true or false")
+        );
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! `weft cleanup [--release-lease]`: removes everything weft installed on this host — its
 //! devices (and the neighbours, FDB entries, addresses and routes on them), its protocol-87
 //! routes, the blackhole routes of its subnets, its iptables chains and rules, its nftables
-//! tables, `subnet.env` and the CNI plugin's saved state — and, with `--release-lease`, our
+//! tables (the NetworkPolicy table `inet weft-netpol` too), `subnet.env` and the CNI plugin's saved state — and, with `--release-lease`, our
 //! lease in the store. Takes the daemon's flags (and `FLANNELD_*` environment), so it acts on
 //! exactly what that daemon used. Idempotent; safe with no daemon or half a daemon's state.
 //! Run it after the daemon has stopped: a running daemon puts its state back, so cleanup
@@ -177,7 +177,11 @@ const CHAINS: [(&str, &str, &str); 4] = [
     ("ip6tables", "nat", "FLANNEL-POSTRTG"),
     ("ip6tables", "filter", "FLANNEL-FWD"),
 ];
-const TABLES: [(&str, &str); 2] = [("ip", "flannel-ipv4"), ("ip6", "flannel-ipv6")];
+const TABLES: [(&str, &str); 3] = [
+    ("ip", "flannel-ipv4"),
+    ("ip6", "flannel-ipv6"),
+    (weft_core::netpol::render::TABLE_FAMILY, weft_core::netpol::render::TABLE),
+];
 
 async fn firewall(report: &mut Report) {
     let mut before = Vec::new();
@@ -190,6 +194,12 @@ async fn firewall(report: &mut Report) {
     }
     crate::firewall::iptables::remove_all().await;
     crate::firewall::nftables::remove_all().await;
+    // The NetworkPolicy table, only when there (removing runs nft, which may be absent).
+    if nft_before.last().copied().flatten() == Some(true)
+        && let Err(e) = crate::netpol::PolicyTable::new().remove().await
+    {
+        report.failed.push(format!("cannot remove the NetworkPolicy table: {e}"));
+    }
     for ((bin, table, chain), was) in CHAINS.into_iter().zip(before) {
         match (was, chain_exists(bin, table, chain).await) {
             (_, Some(true)) => report.failed.push(format!(

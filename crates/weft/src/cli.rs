@@ -63,11 +63,20 @@ pub const DAEMON_FLAGS: &[Spec] = &[
     s("healthz-ip", Kind::Str, "0.0.0.0", "the IP address for the health server to listen on"),
     s("healthz-port", Kind::Uint, "0", "the port for the health server (/healthz, /readyz, /metrics); 0 disables it"),
     s("set-node-network-unavailable", Kind::Bool, "true", "kube: set the NetworkUnavailable condition"),
+    s(
+        "network-policy",
+        Kind::Bool,
+        "false",
+        "enforce Kubernetes NetworkPolicy on this node's pods (needs --kube-subnet-mgr; also net-conf \"NetworkPolicy\": true)",
+    ),
     s("v", Kind::Uint, "0", "log verbosity (0 info, 2 debug, 4 trace)"),
     s("log-format", Kind::Str, "text", "log format: text, or json (one JSON object per line)"),
     s("vmodule", Kind::Str, "", "accepted for flanneld compatibility; ignored"),
     s("log_backtrace_at", Kind::Str, "", "accepted for flanneld compatibility; ignored"),
 ];
+
+/// Why NetworkPolicy cannot be enabled outside kube mode, and what to do.
+pub const NETPOL_NEEDS_KUBE: &str = "--network-policy (or \"NetworkPolicy\": true in the network config) needs the Kubernetes store: pods, namespaces and policies come from the API server; add --kube-subnet-mgr, or drop --network-policy / the NetworkPolicy key with --store etcd or local";
 
 /// Which store to use.
 #[derive(Debug, Clone)]
@@ -124,6 +133,9 @@ pub struct DaemonOptions {
     pub verbosity: u64,
     /// `--log-format=json`: one JSON object per log line.
     pub log_json: bool,
+    /// `--network-policy`: enforce NetworkPolicy (kube mode only; the net-conf key
+    /// `"NetworkPolicy": true` enables it too).
+    pub network_policy: bool,
 }
 
 fn bad(msg: String) -> FlagError {
@@ -201,6 +213,10 @@ pub fn parse_daemon(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Re
         )));
     }
     let store = if v.bool("kube-subnet-mgr") { StoreChoice::Kube(kube_options(&v, env)?) } else { store_choice(&v)? };
+    let network_policy = v.bool("network-policy");
+    if network_policy && !matches!(store, StoreChoice::Kube(_)) {
+        return Err(bad(NETPOL_NEEDS_KUBE.to_string()));
+    }
     let port = v.uint("healthz-port");
     let healthz_port =
         u16::try_from(port).map_err(|_| bad(format!("invalid value {port} for flag -healthz-port: use 0 to 65535")))?;
@@ -227,6 +243,7 @@ pub fn parse_daemon(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Re
             "json" => true,
             other => return Err(bad(format!("invalid value {other:?} for flag -log-format: use text or json"))),
         },
+        network_policy,
     }))
 }
 
@@ -263,6 +280,28 @@ mod tests {
             .unwrap();
         assert!(matches!(o.store, StoreChoice::Local { .. }));
         assert_eq!(o.public_ip, Some(Ipv4Addr::new(192, 0, 2, 1)));
+    }
+
+    #[test]
+    fn network_policy_is_opt_in_and_kube_only() {
+        assert!(!parse(&[]).unwrap().unwrap().network_policy);
+        for store in [
+            &["--network-policy"][..],
+            &["--network-policy", "--store=local"],
+            &["-network-policy=true", "--store", "etcd"],
+        ] {
+            let e = parse(store).unwrap_err();
+            assert!(e.0.contains("needs the Kubernetes store") && e.0.contains("--kube-subnet-mgr"), "{}", e.0);
+        }
+        let args: Vec<String> = ["--kube-subnet-mgr", "--network-policy"].iter().map(|s| s.to_string()).collect();
+        let o = parse_daemon(&args, &|k| (k == "NODE_NAME").then(|| "n1".to_string())).unwrap().unwrap();
+        assert!(o.network_policy && matches!(o.store, StoreChoice::Kube(_)));
+        let env = |k: &str| match k {
+            "FLANNELD_NETWORK_POLICY" => Some("true".to_string()),
+            "FLANNELD_KUBE_SUBNET_MGR" => Some("true".to_string()),
+            _ => None,
+        };
+        assert!(parse_daemon(&[], &env).unwrap().unwrap().network_policy, "FLANNELD_* environment too");
     }
 
     #[test]

@@ -77,6 +77,14 @@ pub struct Metrics {
     pub wg_path: Family<Labels, Gauge>,
     /// wireguard peers configured.
     pub wg_peers: Gauge,
+    /// NetworkPolicy `nft` transactions run (changes and drift repairs).
+    pub netpol_transactions: Counter,
+    /// NetworkPolicies known (all namespaces).
+    pub netpol_policies: Gauge,
+    /// NetworkPolicies that cannot be read and are enforced fail-closed.
+    pub netpol_policy_errors: Gauge,
+    /// Seconds the last NetworkPolicy compile and apply took.
+    pub netpol_last_apply_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -113,6 +121,10 @@ impl Metrics {
             wg_drops: Family::default(),
             wg_path: Family::default(),
             wg_peers: Gauge::default(),
+            netpol_transactions: Counter::default(),
+            netpol_policies: Gauge::default(),
+            netpol_policy_errors: Gauge::default(),
+            netpol_last_apply_seconds: Gauge::default(),
         };
         registry.register(
             "weft_lease_expiry_timestamp_seconds",
@@ -175,6 +187,22 @@ impl Metrics {
             "weft_main_loop_last_progress_milliseconds",
             "Unix time (ms) the daemon main loop last ran",
             m.main_loop_ms.clone(),
+        );
+        registry.register(
+            "weft_netpol_transactions",
+            "NetworkPolicy nft transactions run (changes and drift repairs)",
+            m.netpol_transactions.clone(),
+        );
+        registry.register("weft_netpol_policies", "NetworkPolicies known, all namespaces", m.netpol_policies.clone());
+        registry.register(
+            "weft_netpol_policy_errors",
+            "NetworkPolicies that cannot be read and are enforced fail-closed",
+            m.netpol_policy_errors.clone(),
+        );
+        registry.register(
+            "weft_netpol_last_apply_seconds",
+            "Seconds the last NetworkPolicy compile and apply took",
+            m.netpol_last_apply_seconds.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -227,6 +227,11 @@ async fn nft(args: &[&str], stdin: Option<&str>) -> Result<String, FirewallError
     })
 }
 
+/// Whether the policy table exists in the kernel (`false` too when `nft` cannot run).
+pub async fn table_present() -> bool {
+    nft(&["list", "table", TABLE_FAMILY, TABLE], None).await.is_ok()
+}
+
 /// Reads the policy table back from the kernel; `None` when it is absent or unreadable.
 pub async fn read_kernel() -> Option<KernelTable> {
     let json = nft(&["-j", "list", "table", TABLE_FAMILY, TABLE], None).await.ok()?;

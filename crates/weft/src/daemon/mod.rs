@@ -3,6 +3,7 @@
 
 pub mod health;
 mod main_loop;
+pub mod netpol;
 pub mod subnet_file;
 
 use std::net::SocketAddr;
@@ -81,6 +82,9 @@ pub enum DaemonError {
     /// Firewall rules could not be installed.
     #[error("installing firewall rules failed: {0}")]
     Firewall(#[from] crate::firewall::FirewallError),
+    /// NetworkPolicy was enabled where it cannot work.
+    #[error("{0}")]
+    NetworkPolicy(String),
 }
 
 /// Resolves when SIGINT or SIGTERM arrives; a second signal ends the process at once.
@@ -122,13 +126,16 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
     match &opts.store {
         StoreChoice::Etcd(e) => {
             let reg = EtcdRegistry::connect(e).await?.with_metrics(metrics.clone());
-            run_with(Arc::new(reg), &opts, metrics, ready_tx, shutdown).await
+            run_with(Arc::new(reg), &opts, metrics, ready_tx, shutdown, None).await
         }
         StoreChoice::Local { path, prefix, config } => {
-            run_with(Arc::new(LocalRegistry::open(path, prefix, config)?), &opts, metrics, ready_tx, shutdown).await
+            let reg = LocalRegistry::open(path, prefix, config)?;
+            run_with(Arc::new(reg), &opts, metrics, ready_tx, shutdown, None).await
         }
         StoreChoice::Kube(k) => {
-            run_with(Arc::new(KubeRegistry::connect(k).await?), &opts, metrics, ready_tx, shutdown).await
+            let reg = KubeRegistry::connect(k).await?;
+            let policy = netpol::Source { client: reg.client(), node: reg.node_name().to_string() };
+            run_with(Arc::new(reg), &opts, metrics, ready_tx, shutdown, Some(policy)).await
         }
     }
 }
@@ -213,9 +220,20 @@ async fn run_with<R: Registry>(
     metrics: Arc<Metrics>,
     ready: watch::Sender<bool>,
     shutdown: watch::Receiver<bool>,
+    policy: Option<netpol::Source>,
 ) -> Result<(), DaemonError> {
     let _watchdog = crate::notify::spawn_watchdog(metrics.clone()).map(AbortOnDrop);
     let Some(cfg) = network_config(&*reg, &shutdown).await else { return Ok(()) };
+    let policy = match policy {
+        Some(p) if opts.network_policy || cfg.network_policy => Some(p),
+        None if opts.network_policy || cfg.network_policy => {
+            return Err(DaemonError::NetworkPolicy(crate::cli::NETPOL_NEEDS_KUBE.into()));
+        }
+        _ => {
+            netpol::remove_leftover().await;
+            None
+        }
+    };
     if cfg.backend.defaulted {
         tracing::warn!(
             "the network config has no Backend: using udp as flannel does; set \"Backend\": {{\"Type\": \"vxlan\"}} for a faster data path"
@@ -265,6 +283,43 @@ async fn run_with<R: Registry>(
         None
     };
 
+    // Policy goes in before subnet.env too (new pods start under it), waiting a bounded time.
+    let firewall_kick = Arc::new(Notify::new());
+    let (reconciled, _policy) = match policy {
+        Some(source) => {
+            let (applied_tx, mut applied) = watch::channel(false);
+            let kick = Arc::new(Notify::new());
+            let task = netpol::spawn(
+                source,
+                Duration::from_secs(opts.iptables_resync_secs),
+                kick.clone(),
+                metrics.clone(),
+                applied_tx,
+                shutdown.clone(),
+            );
+            if tokio::time::timeout(netpol::FIRST_APPLY_WAIT, applied.wait_for(|a| *a)).await.is_err() {
+                tracing::warn!(
+                    "NetworkPolicy rules are not in place after {:?} (API server slow?); going on, they follow when ready",
+                    netpol::FIRST_APPLY_WAIT
+                );
+            }
+            // Each reconciler pass kicks both the firewall and the policy resync.
+            let reconciled = Arc::new(Notify::new());
+            let fan_out = {
+                let (reconciled, firewall_kick) = (reconciled.clone(), firewall_kick.clone());
+                tokio::spawn(async move {
+                    loop {
+                        reconciled.notified().await;
+                        firewall_kick.notify_one();
+                        kick.notify_one();
+                    }
+                })
+            };
+            (reconciled, Some((AbortOnDrop(task), AbortOnDrop(fan_out))))
+        }
+        None => (firewall_kick.clone(), None),
+    };
+
     let env = SubnetEnv {
         network: cfg.v4.map(|r| r.network),
         subnet: own.v4,
@@ -284,7 +339,6 @@ async fn run_with<R: Registry>(
     } else {
         None
     };
-    let firewall_kick = Arc::new(Notify::new());
     let mut d = Running {
         reg: reg.clone(),
         own,
@@ -296,7 +350,7 @@ async fn run_with<R: Registry>(
         renewing: None,
         overwritten_by: None,
         renew_report: None,
-        firewall_kick: firewall_kick.clone(),
+        firewall_kick: reconciled,
     };
     if let Expiry::At(t) = acquired.lease.expiry {
         d.set_expiry_metric(t);

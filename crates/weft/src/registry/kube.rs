@@ -431,6 +431,12 @@ impl KubeRegistry {
         &self.kube.ctx.node
     }
 
+    /// The client this store uses (with its deadlines), for other followers of the API
+    /// server (NetworkPolicy).
+    pub fn client(&self) -> kube::Client {
+        self.kube.nodes.clone().into_client()
+    }
+
     /// Our node, fresh from the API server.
     async fn own_node(&self) -> Result<NodeView, RegistryError> {
         let node =
