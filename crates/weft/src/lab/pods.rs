@@ -271,3 +271,40 @@ pub fn del(lab_name: &str, kube_ns: &str, name: &str) -> Result<Lab, LabError> {
     lab.save().map_err(|e| LabError::Step(format!("saving the lab state: {e}")))?;
     Ok(lab)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_follow_kubernetes_rules() {
+        let l = parse_labels("app=web, example.com/tier=1,empty=").unwrap();
+        assert_eq!(l.len(), 3);
+        assert_eq!(l["example.com/tier"], "1");
+        assert_eq!(l["empty"], "");
+        assert!(parse_labels("").unwrap().is_empty());
+        for (bad, says) in [
+            ("app", "has no '='"),
+            ("bad key=v", "invalid label key"),
+            ("=v", "invalid label key"),
+            ("-a=v", "invalid label key"),
+            ("Example.com/a=v", "invalid label key"),
+            ("/a=v", "invalid label key"),
+            ("a=-v", "invalid value"),
+            ("a=v w", "invalid value"),
+            (&format!("a={}", "v".repeat(64)), "invalid value"),
+            ("a=1,a=2", "given twice"),
+        ] {
+            let e = parse_labels(bad).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn names_are_dns_labels() {
+        assert!(valid_name("x") && valid_name("a-1"));
+        for bad in ["", "A", "-a", "a-", "a_b", "a.b", &"a".repeat(64)] {
+            assert!(!valid_name(bad), "{bad:?}");
+        }
+    }
+}

@@ -627,6 +627,8 @@ pub struct CaseResult {
     pub evaluator_mismatches: Vec<Diff>,
     /// A step that could not be done (API error).
     pub error: Option<String>,
+    /// The expected table of each matrix with differing cells (check, combo, table).
+    pub expected: Vec<(usize, Combo, Truth)>,
 }
 
 impl CaseResult {
@@ -749,14 +751,8 @@ fn probe_cells(model: &[ModelPod], cells: &[(Combo, usize, usize)], timeout: Dur
 
 /// Probes until every cell of `want` that differs from `before` has the wanted value (the
 /// change is enforced) or `wait` passes, then the rest once, then what still differs once
-/// more (upstream's second try). Returns the cells that differ and the number of probes.
-fn observe(
-    model: &[ModelPod],
-    before: &Tables,
-    want: &Tables,
-    o: &Options,
-) -> (Vec<(Combo, usize, usize, bool)>, usize) {
-    let mut probes = 0;
+/// more (upstream's second try). Returns the cells that differ, with what they showed.
+fn observe(model: &[ModelPod], before: &Tables, want: &Tables, o: &Options) -> Vec<(Combo, usize, usize, bool)> {
     let all: Vec<(Combo, usize, usize)> =
         want.keys().flat_map(|&c| (0..N).flat_map(move |f| (0..N).map(move |t| (c, f, t)))).collect();
     let expected = |&(c, f, t): &(Combo, usize, usize)| want[&c].0[f][t];
@@ -766,7 +762,6 @@ fn observe(
     let start = Instant::now();
     while !pending.is_empty() {
         let seen = probe_cells(model, &pending, o.probe_timeout);
-        probes += pending.len();
         pending = pending.into_iter().zip(seen).filter(|(cell, s)| *s != expected(cell)).map(|(c, _)| c).collect();
         if pending.is_empty() || start.elapsed() > o.wait {
             break;
@@ -777,61 +772,71 @@ fn observe(
     let mut rest: Vec<_> = all.iter().copied().filter(|cell| !changed_set.contains(cell)).collect();
     rest.extend(pending);
     let seen = probe_cells(model, &rest, o.probe_timeout);
-    probes += rest.len();
     let mut wrong: Vec<_> =
         rest.into_iter().zip(seen).filter(|(cell, s)| *s != expected(cell)).map(|(c, _)| c).collect();
     if !wrong.is_empty() {
         std::thread::sleep(Duration::from_secs(1));
         let seen = probe_cells(model, &wrong, o.probe_timeout);
-        probes += wrong.len();
         wrong = wrong.into_iter().zip(seen).filter(|(cell, s)| *s != expected(cell)).map(|(c, _)| c).collect();
     }
-    (wrong.into_iter().map(|(c, f, t)| (c, f, t, !want[&c].0[f][t])).collect(), probes)
+    wrong.into_iter().map(|(c, f, t)| (c, f, t, !want[&c].0[f][t])).collect()
 }
 
-fn run_step(lab: &Lab, world: &mut World, step: &Step) -> Result<(), String> {
+/// Does a step's change in the API server.
+fn api_step(lab: &Lab, step: &Step) -> Result<(), String> {
     match step {
-        Step::Create(items) => {
-            apply_list(lab, "create", items)?;
-            for p in items {
-                let id = (
-                    p["metadata"]["namespace"].as_str().unwrap_or("").to_string(),
-                    p["metadata"]["name"].as_str().unwrap_or("").to_string(),
-                );
-                world.policies.insert(id, p.clone());
-            }
-        }
-        Step::Replace(p) => {
-            apply_list(lab, "replace", std::slice::from_ref(p))?;
-            let id = (
-                p["metadata"]["namespace"].as_str().unwrap_or("").to_string(),
-                p["metadata"]["name"].as_str().unwrap_or("").to_string(),
-            );
-            world.policies.insert(id, p.clone());
-        }
-        Step::Delete(ns, name) => {
-            k(lab, &["delete", "networkpolicy", "-n", ns, name])?;
-            world.policies.remove(&(ns.to_string(), name.to_string()));
-        }
+        Step::Create(items) => apply_list(lab, "create", items),
+        Step::Replace(p) => apply_list(lab, "replace", std::slice::from_ref(p)),
+        Step::Delete(ns, name) => k(lab, &["delete", "networkpolicy", "-n", ns, name]).map(|_| ()),
         Step::LabelPod(pod, key, value) => {
             let (ns, name) = pod.split_once('/').unwrap_or((pod, ""));
             let arg = match value {
                 Some(v) => format!("{key}={v}"),
                 None => format!("{key}-"),
             };
-            k(lab, &["label", "pod", "-n", ns, name, &arg, "--overwrite"])?;
-            let i = (0..N).find(|&i| key_of(i) == *pod).ok_or(format!("no model pod {pod}"))?;
-            match value {
-                Some(v) => world.pod_labels[i].insert(key.to_string(), v.to_string()),
-                None => world.pod_labels[i].remove(*key),
-            };
+            k(lab, &["label", "pod", "-n", ns, name, &arg, "--overwrite"]).map(|_| ())
         }
         Step::LabelNs(ns, key, value) => {
             let arg = match value {
                 Some(v) => format!("{key}={v}"),
                 None => format!("{key}-"),
             };
-            k(lab, &["label", "namespace", ns, &arg, "--overwrite"])?;
+            k(lab, &["label", "namespace", ns, &arg, "--overwrite"]).map(|_| ())
+        }
+        Step::Expect(_) => Ok(()),
+    }
+}
+
+fn policy_id(p: &Value) -> (String, String) {
+    (
+        p["metadata"]["namespace"].as_str().unwrap_or("").to_string(),
+        p["metadata"]["name"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+/// Does a step's change in the model the evaluator reads.
+fn world_step(world: &mut World, step: &Step) {
+    match step {
+        Step::Create(items) => {
+            for p in items {
+                world.policies.insert(policy_id(p), p.clone());
+            }
+        }
+        Step::Replace(p) => {
+            world.policies.insert(policy_id(p), p.clone());
+        }
+        Step::Delete(ns, name) => {
+            world.policies.remove(&(ns.to_string(), name.to_string()));
+        }
+        Step::LabelPod(pod, key, value) => {
+            if let Some(i) = (0..N).find(|&i| key_of(i) == *pod) {
+                match value {
+                    Some(v) => world.pod_labels[i].insert(key.to_string(), v.to_string()),
+                    None => world.pod_labels[i].remove(*key),
+                };
+            }
+        }
+        Step::LabelNs(ns, key, value) => {
             let l = world.ns_labels.entry(ns.to_string()).or_default();
             match value {
                 Some(v) => l.insert(key.to_string(), v.to_string()),
@@ -840,7 +845,37 @@ fn run_step(lab: &Lab, world: &mut World, step: &Step) -> Result<(), String> {
         }
         Step::Expect(_) => {}
     }
-    Ok(())
+}
+
+/// The cells where the hand-written tables `want` and the reference evaluator disagree.
+fn evaluator_diffs(
+    world: &World,
+    lab: &Lab,
+    model: &[ModelPod],
+    want: &Tables,
+    check: usize,
+) -> Result<Vec<Diff>, String> {
+    let cluster = world.cluster(lab, model)?;
+    let combos: Vec<Combo> = want.keys().copied().collect();
+    let ev = evaluator_tables(&cluster, model, &combos);
+    let mut out = Vec::new();
+    for (&c, t) in want {
+        for fr in 0..N {
+            for to in 0..N {
+                if ev[&c].0[fr][to] != t.0[fr][to] {
+                    out.push(Diff {
+                        check,
+                        combo: c,
+                        from: key(fr),
+                        to: key(to),
+                        expected: t.0[fr][to],
+                        observed: ev[&c].0[fr][to],
+                    });
+                }
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn key_of(i: usize) -> String {
@@ -917,6 +952,7 @@ pub fn run(o: &Options) -> Result<Vec<CaseResult>, LabError> {
                         mismatches: Vec::new(),
                         evaluator_mismatches: Vec::new(),
                         error: None,
+                        expected: Vec::new(),
                     },
                 )
             })
@@ -925,31 +961,18 @@ pub fn run(o: &Options) -> Result<Vec<CaseResult>, LabError> {
         let mut check = 0;
         let mut error = None;
         for step in &case.steps {
-            if let Err(e) = run_step(&lab, &mut world, step) {
+            if let Err(e) = api_step(&lab, step) {
                 error = Some(e);
                 break;
             }
+            world_step(&mut world, step);
             let Step::Expect(f) = step else { continue };
             check += 1;
             let want: Tables = combos.iter().map(|&c| (c, f(c).with_self())).collect();
-            match world.cluster(&lab, &model) {
-                Ok(cluster) => {
-                    let ev = evaluator_tables(&cluster, &model, &combos);
-                    for (&c, t) in &want {
-                        for fr in 0..N {
-                            for to in 0..N {
-                                if ev[&c].0[fr][to] != t.0[fr][to] {
-                                    per.get_mut(&c.v6).expect("family").evaluator_mismatches.push(Diff {
-                                        check,
-                                        combo: c,
-                                        from: key(fr),
-                                        to: key(to),
-                                        expected: t.0[fr][to],
-                                        observed: ev[&c].0[fr][to],
-                                    });
-                                }
-                            }
-                        }
+            match evaluator_diffs(&world, &lab, &model, &want, check) {
+                Ok(diffs) => {
+                    for d in diffs {
+                        per.get_mut(&d.combo.v6).expect("family").evaluator_mismatches.push(d);
                     }
                 }
                 Err(e) => {
@@ -957,11 +980,16 @@ pub fn run(o: &Options) -> Result<Vec<CaseResult>, LabError> {
                     break;
                 }
             }
-            let (wrong, probes) = observe(&model, &before, &want, o);
+            let wrong = observe(&model, &before, &want, o);
             for v6 in &families {
                 per.get_mut(v6).expect("family").probes += want.keys().filter(|c| c.v6 == *v6).count() * N * N;
             }
-            let _ = probes;
+            let mut shown = BTreeSet::new();
+            for &(c, _, _, _) in &wrong {
+                if shown.insert(c) {
+                    per.get_mut(&c.v6).expect("family").expected.push((check, c, want[&c]));
+                }
+            }
             for (c, fr, to, seen) in wrong {
                 per.get_mut(&c.v6).expect("family").mismatches.push(Diff {
                     check,
@@ -979,7 +1007,7 @@ pub fn run(o: &Options) -> Result<Vec<CaseResult>, LabError> {
         if let Err(e) = clean(&lab, &mut world) {
             error.get_or_insert(format!("cleaning up: {e}"));
         } else if before != allowed_all {
-            let (wrong, _) = observe(&model, &before, &allowed_all, o);
+            let wrong = observe(&model, &before, &allowed_all, o);
             if !wrong.is_empty() && error.is_none() {
                 error = Some(format!(
                     "after its policies were deleted, {} cells were still denied, e.g. {} {}/{} {} -> {}",
@@ -1048,23 +1076,146 @@ pub fn render(results: &[CaseResult]) -> String {
         if let Some(e) = &r.error {
             out.push_str(&format!("      error: {e}\n"));
         }
-        for (what, diffs) in [("probe", &r.mismatches), ("evaluator", &r.evaluator_mismatches)] {
-            for d in diffs {
-                out.push_str(&format!(
-                    "      {what}: check {} {}/{} {} -> {}: expected {}, {} {}\n",
-                    d.check,
-                    proto_name(d.combo.proto),
-                    d.combo.port,
-                    d.from,
-                    d.to,
-                    if d.expected { "allowed" } else { "denied" },
-                    if what == "probe" { "observed" } else { "the evaluator says" },
-                    if d.observed { "allowed" } else { "denied" },
-                ));
+        for &(check, c, t) in &r.expected {
+            out.push_str(&format!(
+                "      check {check}, {} {}/{}: rows from, columns to; . allowed and X denied as expected, \
+                 + allowed but expected denied, - denied but expected allowed\n",
+                if c.v6 { "IPv6" } else { "IPv4" },
+                proto_name(c.proto),
+                c.port
+            ));
+            out.push_str(&format!("      {:>5}{}\n", "", (0..N).map(|i| format!("{:>4}", key(i))).collect::<String>()));
+            for f in 0..N {
+                let row: String = (0..N)
+                    .map(|to| {
+                        let wrong = r
+                            .mismatches
+                            .iter()
+                            .any(|d| d.check == check && d.combo == c && d.from == key(f) && d.to == key(to));
+                        let sym = match (t.0[f][to], wrong) {
+                            (true, false) => ".",
+                            (false, false) => "X",
+                            (false, true) => "+",
+                            (true, true) => "-",
+                        };
+                        format!("{sym:>4}")
+                    })
+                    .collect();
+                out.push_str(&format!("      {:>5}{row}\n", key(f)));
             }
+        }
+        for d in r.evaluator_mismatches.iter().take(20) {
+            out.push_str(&format!(
+                "      hand table vs evaluator: check {} {} {}/{} {} -> {}: the table says {}, the evaluator {}\n",
+                d.check,
+                if d.combo.v6 { "IPv6" } else { "IPv4" },
+                proto_name(d.combo.proto),
+                d.combo.port,
+                d.from,
+                d.to,
+                if d.expected { "allowed" } else { "denied" },
+                if d.observed { "allowed" } else { "denied" },
+            ));
+        }
+        if r.evaluator_mismatches.len() > 20 {
+            out.push_str(&format!("      ... and {} more (see --json)\n", r.evaluator_mismatches.len() - 20));
         }
     }
     let failed = results.iter().filter(|r| !r.ok()).count();
     out.push_str(&format!("\n{} of {} cases passed\n", results.len() - failed, results.len()));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lab::state::Host;
+
+    fn fake() -> (Lab, Vec<ModelPod>) {
+        let hosts = (1..=3u8)
+            .map(|i| Host {
+                index: i,
+                ns: format!("t-h{i}"),
+                ip: format!("192.0.2.{}", 10 + i),
+                pid: 0,
+                subnet: format!("10.244.{i}.0/24"),
+                pods: Vec::new(),
+            })
+            .collect();
+        let lab = Lab {
+            name: "t".into(),
+            backend: "vxlan".into(),
+            store: "kube".into(),
+            pods_per_host: 0,
+            etcd_pid: None,
+            apiserver_pid: None,
+            hosts,
+            network_policy: true,
+            ipv6: true,
+        };
+        let model = (0..N)
+            .map(|i| {
+                let host = (i % 3) as u8 + 1;
+                ModelPod {
+                    host,
+                    pod: Pod {
+                        ns: format!("t-pod-{}", key(i).replace('/', "-")),
+                        container_id: String::new(),
+                        ip: format!("10.244.{host}.{}", 10 + i),
+                        ip6: Some(format!("fd00:10:244:{host}::{:x}", 10 + i)),
+                        kube_ns: NAMESPACES[i / 3].into(),
+                        name: PODS[i % 3].into(),
+                        labels: [("pod".to_string(), PODS[i % 3].to_string())].into(),
+                        responder_pid: None,
+                    },
+                }
+            })
+            .collect();
+        (lab, model)
+    }
+
+    #[test]
+    fn every_hand_written_table_agrees_with_the_reference_evaluator() {
+        let (lab, model) = fake();
+        let combos = combos(&[false, true]);
+        let cases = cases(&model, true);
+        assert!(cases.len() >= 22, "{} cases", cases.len());
+        for case in &cases {
+            let mut world = World::new();
+            let mut check = 0;
+            for step in &case.steps {
+                world_step(&mut world, step);
+                let Step::Expect(f) = step else { continue };
+                check += 1;
+                let want: Tables = combos.iter().map(|&c| (c, f(c).with_self())).collect();
+                let diffs = evaluator_diffs(&world, &lab, &model, &want, check).unwrap();
+                assert!(diffs.is_empty(), "{} check {check}: {diffs:?}", case.name);
+            }
+        }
+    }
+
+    #[test]
+    fn a_wrong_hand_table_is_caught_by_the_evaluator() {
+        let (lab, model) = fake();
+        let mut world = World::new();
+        world_step(&mut world, &Step::Create(vec![np("x", "deny-in", all(), &["Ingress"], None, None)]));
+        let c = Combo { proto: Protocol::Udp, port: 81, v6: true };
+        // Forgot that x/c is isolated too.
+        let wrong = Truth::all().deny_to("x/a", &[]).deny_to("x/b", &[]).with_self();
+        let diffs = evaluator_diffs(&world, &lab, &model, &[(c, wrong)].into(), 1).unwrap();
+        assert_eq!(diffs.len(), 8, "{diffs:?}");
+        assert!(diffs.iter().all(|d| d.to == "x/c" && d.expected && !d.observed && d.from != "x/c"));
+    }
+
+    #[test]
+    fn truth_patterns_mark_rows_columns_and_cells() {
+        let t = Truth::all().deny_to("x/*", &["y/a"]).with_self();
+        let idx = |k: &str| (0..N).find(|&i| key(i) == k).unwrap();
+        assert!(!t.0[idx("z/c")][idx("x/b")]);
+        assert!(t.0[idx("y/a")][idx("x/b")], "the exception");
+        assert!(t.0[idx("x/b")][idx("x/b")], "a pod reaches itself");
+        assert!(t.0[idx("x/a")][idx("y/b")], "other columns untouched");
+        let r = Truth::all().deny_from("*/b", &["z/*"]);
+        assert!(!r.0[idx("y/b")][idx("x/a")] && r.0[idx("y/b")][idx("z/a")] && r.0[idx("y/a")][idx("x/a")]);
+    }
 }
