@@ -1208,6 +1208,46 @@ mod tests {
     }
 
     #[test]
+    fn a_failure_prints_its_matrix_with_the_differing_cells_marked() {
+        let c = Combo { proto: Protocol::Sctp, port: 81, v6: false };
+        let want = Truth::all().deny_to("x/a", &[]).with_self();
+        let diff = |from: &str, expected| Diff {
+            check: 2,
+            combo: c,
+            from: from.into(),
+            to: "x/a".into(),
+            expected,
+            observed: !expected,
+        };
+        let r = CaseResult {
+            name: "demo".into(),
+            family: "IPv4",
+            probes: 486,
+            seconds: 1.0,
+            mismatches: vec![diff("y/b", false)],
+            evaluator_mismatches: vec![],
+            error: None,
+            expected: vec![(2, c, want)],
+        };
+        let text = render(std::slice::from_ref(&r));
+        assert!(text.starts_with("FAIL  demo"), "{text}");
+        assert!(text.contains("check 2, IPv4 SCTP/81"), "{text}");
+        // A matrix row names one pod; the header names all nine.
+        let row = |k: &str| {
+            let is_row = |l: &&str| l.trim_start().starts_with(k) && l.matches('/').count() == 1;
+            text.lines().find(is_row).unwrap().to_string()
+        };
+        assert!(row("y/b").split_whitespace().nth(1) == Some("+"), "{text}");
+        assert!(row("y/a").split_whitespace().nth(1) == Some("X"), "{text}");
+        assert!(row("x/a").split_whitespace().nth(1) == Some("."), "a pod reaches itself: {text}");
+        assert!(text.contains("0 of 1 cases passed"), "{text}");
+        let j = to_json(&[r]);
+        assert_eq!(j["ok"], false);
+        assert_eq!(j["cases"][0]["mismatches"][0]["observed"], "allowed");
+        assert_eq!(j["cases"][0]["mismatches"][0]["protocol"], "SCTP");
+    }
+
+    #[test]
     fn truth_patterns_mark_rows_columns_and_cells() {
         let t = Truth::all().deny_to("x/*", &["y/a"]).with_self();
         let idx = |k: &str| (0..N).find(|&i| key(i) == k).unwrap();
