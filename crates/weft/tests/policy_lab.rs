@@ -129,7 +129,7 @@ fn policy_lab(name: &str, backend: &str, ipv6: bool) {
     let families: Vec<&str> = if ipv6 { vec!["IPv4", "IPv6"] } else { vec!["IPv4"] };
     for f in &families {
         let n = cases.iter().filter(|c| c["family"] == *f).count();
-        assert!(n >= 21, "only {n} cases in {f}: {out}");
+        assert!(n >= 23, "only {n} cases in {f}: {out}");
     }
     for want in [
         "default-deny ingress",

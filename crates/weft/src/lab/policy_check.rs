@@ -130,6 +130,9 @@ enum Step {
     LabelPod(&'static str, &'static str, Option<&'static str>),
     /// Set (Some) or remove (None) a label of a namespace.
     LabelNs(&'static str, &'static str, Option<&'static str>),
+    /// Delete pod `ns/pod` and create it again on the same host with the same labels: its
+    /// old address goes, a new one (or the same, reused) comes.
+    Recreate(&'static str),
     /// Probe every cell against this truth table.
     Expect(Expect),
 }
@@ -503,6 +506,22 @@ pub fn cases(model: &[ModelPod], ipv6: bool) -> Vec<Case> {
             ],
         },
         Case {
+            name: "pod deleted and added again (new address)",
+            steps: vec![
+                Step::Create(vec![np(
+                    "x",
+                    "from-c",
+                    xa(),
+                    &["Ingress"],
+                    Some(json!([{"from": [{"podSelector": labels(&[("pod", "c")])}]}])),
+                    None,
+                )]),
+                e(|_| Truth::all().deny_to("x/a", &["x/c"])),
+                Step::Recreate("x/c"),
+                e(|_| Truth::all().deny_to("x/a", &["x/c"])),
+            ],
+        },
+        Case {
             name: "ingress and egress in one policy",
             steps: vec![
                 Step::Create(vec![np(
@@ -752,12 +771,24 @@ fn probe_cells(model: &[ModelPod], cells: &[(Combo, usize, usize)], timeout: Dur
 /// Probes until every cell of `want` that differs from `before` has the wanted value (the
 /// change is enforced) or `wait` passes, then the rest once, then what still differs once
 /// more (upstream's second try). Returns the cells that differ, with what they showed.
-fn observe(model: &[ModelPod], before: &Tables, want: &Tables, o: &Options) -> Vec<(Combo, usize, usize, bool)> {
+fn observe(
+    model: &[ModelPod],
+    before: &Tables,
+    want: &Tables,
+    moved: &[usize],
+    o: &Options,
+) -> Vec<(Combo, usize, usize, bool)> {
     let all: Vec<(Combo, usize, usize)> =
         want.keys().flat_map(|&c| (0..N).flat_map(move |f| (0..N).map(move |t| (c, f, t)))).collect();
     let expected = |&(c, f, t): &(Combo, usize, usize)| want[&c].0[f][t];
-    let changed: Vec<_> =
-        all.iter().copied().filter(|&(c, f, t)| before.get(&c).is_none_or(|b| b.0[f][t] != want[&c].0[f][t])).collect();
+    // Cells of a pod with a new address count as changed: the daemons must learn it.
+    let changed: Vec<_> = all
+        .iter()
+        .copied()
+        .filter(|&(c, f, t)| {
+            moved.contains(&f) || moved.contains(&t) || before.get(&c).is_none_or(|b| b.0[f][t] != want[&c].0[f][t])
+        })
+        .collect();
     let mut pending = changed.clone();
     let start = Instant::now();
     while !pending.is_empty() {
@@ -803,7 +834,7 @@ fn api_step(lab: &Lab, step: &Step) -> Result<(), String> {
             };
             k(lab, &["label", "namespace", ns, &arg, "--overwrite"]).map(|_| ())
         }
-        Step::Expect(_) => Ok(()),
+        Step::Expect(_) | Step::Recreate(_) => Ok(()),
     }
 }
 
@@ -843,7 +874,7 @@ fn world_step(world: &mut World, step: &Step) {
                 None => l.remove(*key),
             };
         }
-        Step::Expect(_) => {}
+        Step::Expect(_) | Step::Recreate(_) => {}
     }
 }
 
@@ -918,6 +949,21 @@ fn evaluator_tables(cluster: &Cluster, model: &[ModelPod], combos: &[Combo]) -> 
     out
 }
 
+/// Deletes model pod `key` (`ns/pod`) and adds it again on its host with its labels.
+fn recreate(lab: &mut Lab, model: &mut [ModelPod], world: &World, pod: &str) -> Result<usize, LabError> {
+    let i = (0..N).find(|&i| key(i) == pod).ok_or_else(|| LabError::Step(format!("no model pod {pod}")))?;
+    let (ns, name) = (NAMESPACES[i / 3], PODS[i % 3]);
+    let labels: Vec<String> = world.pod_labels[i].iter().map(|(k, v)| format!("{k}={v}")).collect();
+    pods::del(&lab.name, ns, name)?;
+    *lab = pods::add(&lab.name, model[i].host, ns, name, &labels.join(","))?;
+    model[i].pod = lab
+        .pods()
+        .find(|p| p.kube_ns == ns && p.name == name)
+        .cloned()
+        .ok_or_else(|| LabError::Step(format!("pod {pod} is missing after it was added again")))?;
+    Ok(i)
+}
+
 /// Runs the check; one result per case and family.
 pub fn run(o: &Options) -> Result<Vec<CaseResult>, LabError> {
     let mut lab = load(&o.name)?;
@@ -928,13 +974,14 @@ pub fn run(o: &Options) -> Result<Vec<CaseResult>, LabError> {
         )));
     }
     eprintln!("policy-check: setting up namespaces x, y, z and pods a, b, c ...");
-    let model = setup(&mut lab)?;
+    let mut model = setup(&mut lab)?;
     let families: Vec<bool> = if lab.ipv6 { vec![false, true] } else { vec![false] };
     let combos = combos(&families);
     let mut world = World::new();
     let mut results = Vec::new();
     let allowed_all: Tables = combos.iter().map(|&c| (c, Truth::all())).collect();
-    for case in cases(&model, lab.ipv6) {
+    let all_cases = cases(&model, lab.ipv6);
+    for case in all_cases {
         if !o.only.is_empty() && !o.only.iter().any(|w| case.name.contains(w.as_str())) {
             continue;
         }
@@ -960,7 +1007,17 @@ pub fn run(o: &Options) -> Result<Vec<CaseResult>, LabError> {
         let mut before = allowed_all.clone();
         let mut check = 0;
         let mut error = None;
+        let mut moved = Vec::new();
         for step in &case.steps {
+            if let Step::Recreate(p) = step {
+                match recreate(&mut lab, &mut model, &world, p) {
+                    Ok(i) => moved.push(i),
+                    Err(e) => {
+                        error = Some(e.to_string());
+                        break;
+                    }
+                }
+            }
             if let Err(e) = api_step(&lab, step) {
                 error = Some(e);
                 break;
@@ -980,7 +1037,7 @@ pub fn run(o: &Options) -> Result<Vec<CaseResult>, LabError> {
                     break;
                 }
             }
-            let wrong = observe(&model, &before, &want, o);
+            let wrong = observe(&model, &before, &want, &std::mem::take(&mut moved), o);
             for v6 in &families {
                 per.get_mut(v6).expect("family").probes += want.keys().filter(|c| c.v6 == *v6).count() * N * N;
             }
@@ -1007,7 +1064,7 @@ pub fn run(o: &Options) -> Result<Vec<CaseResult>, LabError> {
         if let Err(e) = clean(&lab, &mut world) {
             error.get_or_insert(format!("cleaning up: {e}"));
         } else if before != allowed_all {
-            let wrong = observe(&model, &before, &allowed_all, o);
+            let wrong = observe(&model, &before, &allowed_all, &[], o);
             if !wrong.is_empty() && error.is_none() {
                 error = Some(format!(
                     "after its policies were deleted, {} cells were still denied, e.g. {} {}/{} {} -> {}",
@@ -1179,7 +1236,7 @@ mod tests {
         let (lab, model) = fake();
         let combos = combos(&[false, true]);
         let cases = cases(&model, true);
-        assert!(cases.len() >= 22, "{} cases", cases.len());
+        assert!(cases.len() >= 23, "{} cases", cases.len());
         for case in &cases {
             let mut world = World::new();
             let mut check = 0;
