@@ -99,6 +99,8 @@ pub fn fresh(name: &str, backends: &[(&str, &str)], seconds: u32) -> Vec<Figures
             store: "local".into(),
             etcd_members: 1,
             etcd_tls: false,
+            network_policy: false,
+            ipv6: false,
         };
         let fig = match up(&o) {
             Ok(lab) => {
@@ -175,4 +177,154 @@ pub fn to_json(results: &[Figures]) -> Value {
             })
             .collect(),
     )
+}
+
+/// Throughput with and without NetworkPolicies selecting the destination pod.
+#[derive(Debug, Clone)]
+pub struct PolicyFigures {
+    /// Policies selecting the destination.
+    pub policies: usize,
+    /// Gbit/s without policies (the mean of the runs before and after).
+    pub without: f64,
+    /// Gbit/s with the policies in force.
+    pub with: f64,
+    /// The runs without policies, before and after.
+    pub without_runs: [f64; 2],
+    /// Seconds from creating the policies to seeing them enforced.
+    pub enforce_seconds: f64,
+}
+
+/// The policies of the benchmark: `n - 1` that each allow one /32 outside the lab on one
+/// port (never matching the benchmark's traffic), and one that allows the source pod.
+/// Every one selects the destination pod by its `pod` label.
+fn bench_policies(ns: &str, dst_label: &str, src: &super::state::Pod, n: usize) -> Vec<Value> {
+    let mut out = Vec::new();
+    for i in 0..n.saturating_sub(1) {
+        out.push(json!({
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": {"name": format!("bench-{i}"), "namespace": ns},
+            "spec": {
+                "podSelector": {"matchLabels": {"pod": dst_label}},
+                "policyTypes": ["Ingress"],
+                "ingress": [{
+                    "from": [{"ipBlock": {"cidr": format!("198.18.{}.{}/32", i / 250, i % 250 + 1)}}],
+                    "ports": [{"protocol": "TCP", "port": 1000 + (i % 60000) as u64}],
+                }],
+            },
+        }));
+    }
+    out.push(json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "bench-source", "namespace": ns},
+        "spec": {
+            "podSelector": {"matchLabels": {"pod": dst_label}},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": src.labels.get("pod").cloned().unwrap_or_default()}}}]}],
+        },
+    }));
+    out
+}
+
+/// `weft lab bench --policies N`: iperf3 from a pod on the first host to a pod on the
+/// second without policies, with `n` policies selecting the destination, and without again
+/// (the policies deleted); the ratio is with / mean(without).
+pub fn with_policies(lab: &Lab, n: usize, seconds: u32) -> Result<PolicyFigures, LabError> {
+    if !lab.network_policy {
+        return Err(LabError::Usage(format!(
+            "lab {} does not enforce NetworkPolicy: start one with `weft lab up --store kube --network-policy --name {}`",
+            lab.name, lab.name
+        )));
+    }
+    let pick = |h: usize| {
+        lab.hosts.get(h).and_then(|h| h.pods.iter().find(|p| p.kube_ns == "default" && p.labels.contains_key("pod")))
+    };
+    let (Some(src), Some(dst)) = (pick(0), pick(1)) else {
+        return Err(LabError::Usage(
+            "bench --policies needs two hosts with a pod in namespace default each (--pods-per-host 1 or more)".into(),
+        ));
+    };
+    let dst_label = dst.labels.get("pod").cloned().unwrap_or_default();
+    let dst_host = lab.hosts[1].ns.clone();
+    let (before, _) = measure_between(&src.ns, &dst.ns, &dst.ip, seconds)?;
+    let policies = bench_policies("default", &dst_label, src, n);
+    let path = super::kube::dir(lab).join("bench-policies.json");
+    let list = json!({"apiVersion": "v1", "kind": "List", "items": policies});
+    std::fs::write(&path, list.to_string()).map_err(|e| LabError::Step(format!("writing {}: {e}", path.display())))?;
+    let path = path.to_string_lossy().into_owned();
+    let created = std::time::Instant::now();
+    let cleanup = || {
+        let _ = super::kube::kubectl(lab, &["delete", "-f", &path, "--wait=false"]);
+    };
+    if let Err(e) = super::kube::kubectl(lab, &["create", "--validate=false", "-f", &path]) {
+        cleanup();
+        return Err(LabError::Step(format!("creating the policies: {e}")));
+    }
+    // Enforced when the destination's host has the last of the outside /32s in its table
+    // and the source still gets through.
+    let last = format!("198.18.{}.{}", (n.saturating_sub(2)) / 250, (n.saturating_sub(2)) % 250 + 1);
+    let host = Netns::existing(&dst_host);
+    let mut enforced = false;
+    while created.elapsed() < Duration::from_secs(120) {
+        let table = host.exec("nft", &["list", "table", "inet", "weft-netpol"]).unwrap_or_default();
+        if table.contains(&last) || (n == 1 && table.contains(&dst.ip)) {
+            enforced = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let enforce_seconds = created.elapsed().as_secs_f64();
+    if !enforced {
+        cleanup();
+        return Err(LabError::Step(format!(
+            "the {n} policies were not in host {dst_host}'s nft table inet weft-netpol after 120 s"
+        )));
+    }
+    let with = measure_between(&src.ns, &dst.ns, &dst.ip, seconds);
+    cleanup();
+    let (with, _) = with?;
+    // The policies are gone once the destination's host has no table entry for them.
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(60) {
+        let table = host.exec("nft", &["list", "table", "inet", "weft-netpol"]).unwrap_or_default();
+        if !table.contains(&last) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (after, _) = measure_between(&src.ns, &dst.ns, &dst.ip, seconds)?;
+    Ok(PolicyFigures {
+        policies: n,
+        without: (before + after) / 2.0,
+        with,
+        without_runs: [before, after],
+        enforce_seconds,
+    })
+}
+
+/// The policy benchmark as text.
+pub fn policies_render(r: &PolicyFigures) -> String {
+    format!(
+        "single TCP stream pod -> pod across hosts (iperf3)\n  without policies: {:.2} Gbit/s (runs {:.2} and {:.2})\n  with {} policies selecting the destination: {:.2} Gbit/s (enforced {:.1} s after creation)\n  ratio with / without: {:.3}\n",
+        r.without,
+        r.without_runs[0],
+        r.without_runs[1],
+        r.policies,
+        r.with,
+        r.enforce_seconds,
+        r.with / r.without
+    )
+}
+
+/// The policy benchmark as JSON.
+pub fn policies_json(r: &PolicyFigures) -> Value {
+    json!({
+        "policies": r.policies,
+        "gbit_per_s_without": r.without,
+        "gbit_per_s_without_runs": r.without_runs,
+        "gbit_per_s_with": r.with,
+        "ratio": r.with / r.without,
+        "enforce_seconds": r.enforce_seconds,
+    })
 }

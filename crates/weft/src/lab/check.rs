@@ -15,6 +15,9 @@ pub fn status_json(lab: &Lab) -> Value {
         "name": lab.name,
         "backend": lab.backend,
         "store": lab.store,
+        "network_policy": lab.network_policy,
+        "ipv6": lab.ipv6,
+        "kubeconfig": (lab.store == "kube").then(|| super::pods::kubeconfig_path(lab)),
         "hosts": lab.hosts.iter().map(|h| json!({
             "host": format!("h{}", h.index),
             "namespace": h.ns,
@@ -22,7 +25,18 @@ pub fn status_json(lab: &Lab) -> Value {
             "subnet": h.subnet,
             "pid": h.pid,
             "health": health(h),
-            "pods": h.pods.iter().map(|p| json!({"namespace": p.ns, "ip": p.ip})).collect::<Vec<_>>(),
+            "pods": h.pods.iter().map(|p| {
+                let mut v = json!({"namespace": p.ns, "netns": p.ns, "ip": p.ip});
+                if let Some(ip6) = &p.ip6 {
+                    v["ip6"] = json!(ip6);
+                }
+                if !p.name.is_empty() {
+                    v["kube_namespace"] = json!(p.kube_ns);
+                    v["name"] = json!(p.name);
+                    v["labels"] = json!(p.labels);
+                }
+                v
+            }).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })
 }

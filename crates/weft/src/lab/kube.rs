@@ -40,6 +40,12 @@ pub fn pod_cidr(index: u8) -> String {
     format!("10.244.{index}.0/24")
 }
 
+/// The IPv6 podCIDR given to host `index` in a dual-stack lab (inside
+/// [`NETWORK6`](super::state::NETWORK6)).
+pub fn pod_cidr6(index: u8) -> String {
+    format!("fd00:10:244:{index:x}::/64")
+}
+
 /// Starts the API server in the LAN namespace, detached; waits until it answers. Returns
 /// its pid.
 pub fn start_apiserver(lab: &Lab) -> Result<u32, LabError> {
@@ -91,7 +97,11 @@ pub fn create_node(lab: &Lab, index: u8) -> Result<(), LabError> {
         "apiVersion": "v1",
         "kind": "Node",
         "metadata": {"name": node_name(index)},
-        "spec": {"podCIDR": pod_cidr(index), "podCIDRs": [pod_cidr(index)]},
+        "spec": if lab.ipv6 {
+            serde_json::json!({"podCIDR": pod_cidr(index), "podCIDRs": [pod_cidr(index), pod_cidr6(index)]})
+        } else {
+            serde_json::json!({"podCIDR": pod_cidr(index), "podCIDRs": [pod_cidr(index)]})
+        },
     });
     let file = dir(lab).join(format!("node-h{index}.json"));
     std::fs::write(&file, node.to_string()).map_err(|e| LabError::Step(format!("writing {}: {e}", file.display())))?;

@@ -9,6 +9,10 @@ pub mod error;
 pub mod etcd;
 pub mod kube;
 pub mod netns;
+pub mod pods;
+pub mod policy_check;
+pub mod probe;
+pub mod responder;
 pub mod state;
 pub mod topology;
 
@@ -29,11 +33,18 @@ pub fn usage() -> String {
      Commands:\n  \
      up          build a cluster: LAN, outside host, store, one daemon per host, pods via CNI\n              \
      [--hosts 3] [--pods-per-host 2] [--backend vxlan|host-gw|udp|wireguard] [--store local|etcd|kube] [--name weft]\n              \
-     [--etcd-members 1] [--etcd-tls] (a real etcd cluster, members in their own namespaces)\n  \
+     [--etcd-members 1] [--etcd-tls] (a real etcd cluster, members in their own namespaces)\n              \
+     [--network-policy] (with --store kube: daemons enforce NetworkPolicy; pods are Pod objects)\n              \
+     [--ipv6] (dual-stack: IPv6 on the LAN and on every pod; vxlan and host-gw)\n  \
+     pod add     --host N --namespace NS --pod NAME [--labels k=v,...]: one more pod (--store kube)\n  \
+     pod del     --namespace NS --pod NAME\n  \
+     policy-check  the upstream NetworkPolicy e2e model (namespaces x, y, z, pods a, b, c) against\n              \
+     the daemons, every case probed over TCP, UDP and SCTP on ports 80 and 81 [--json]\n  \
      status      hosts, subnets, daemons and pods [--json]\n  \
      check       ping every pod from every pod, and the outside host (masqueraded) [--json]\n  \
      bench       iperf3 and ping between pods on two hosts: of the running lab, or of fresh\n              \
-     labs with [--backend B | --all] [--seconds 5] [--json]\n  \
+     labs with [--backend B | --all] [--seconds 5] [--json]; --policies N: with and without\n              \
+     N NetworkPolicies selecting the destination pod (a --network-policy lab)\n  \
      restart N   kill host N's daemon (as a crash) and start it again\n  \
      chaos       inject random faults while every pod pings every pod; report repair times\n              \
      [--seconds 60] [--seed S] [--faults kind,...] [--json]\n  \
@@ -111,6 +122,13 @@ fn dispatch(args: &[String]) -> Result<u8, LabError> {
                 ),
                 spec("etcd-members", Kind::Uint, "1", "etcd cluster members (--store etcd), each in its own namespace"),
                 spec("etcd-tls", Kind::Bool, "false", "etcd with TLS, each member with its own certificate"),
+                spec("network-policy", Kind::Bool, "false", "daemons enforce NetworkPolicy (needs --store kube)"),
+                spec(
+                    "ipv6",
+                    Kind::Bool,
+                    "false",
+                    "dual-stack: IPv6 on the LAN, in the network config and on every pod",
+                ),
             ];
             let Some(v) = parse(&specs, &rest)? else { return help("up", &specs) };
             let small = |n: &str| u8::try_from(v.uint(n)).map_err(|_| LabError::Usage(format!("--{n} is too large")));
@@ -122,6 +140,8 @@ fn dispatch(args: &[String]) -> Result<u8, LabError> {
                 store: v.str("store").into(),
                 etcd_members: small("etcd-members")?,
                 etcd_tls: v.bool("etcd-tls"),
+                network_policy: v.bool("network-policy"),
+                ipv6: v.bool("ipv6"),
             };
             let lab = topology::up(&o)?;
             print!("{}", check::status_table(&lab));
@@ -169,9 +189,25 @@ fn dispatch(args: &[String]) -> Result<u8, LabError> {
                 spec("all", Kind::Bool, "false", "measure every backend in one run"),
                 spec("backend", Kind::Str, "", "measure this backend in a lab of its own (default: the running lab)"),
                 spec("seconds", Kind::Uint, "5", "iperf3 duration"),
+                spec(
+                    "policies",
+                    Kind::Uint,
+                    "0",
+                    "with N NetworkPolicies selecting the destination pod vs none (running lab)",
+                ),
             ];
             let Some(v) = parse(&specs, &rest)? else { return help("bench", &specs) };
             let seconds = v.uint("seconds").clamp(1, 60) as u32;
+            if v.uint("policies") > 0 {
+                let n = usize::try_from(v.uint("policies").min(20_000)).unwrap_or(20_000);
+                let r = bench::with_policies(&topology::load(v.str("name"))?, n, seconds)?;
+                if v.bool("json") {
+                    print_json(&bench::policies_json(&r));
+                } else {
+                    print!("{}", bench::policies_render(&r));
+                }
+                return Ok(0);
+            }
             let results = if v.bool("all") {
                 bench::fresh(v.str("name"), &bench::BACKENDS, seconds)
             } else if !v.str("backend").is_empty() {
@@ -258,6 +294,68 @@ fn dispatch(args: &[String]) -> Result<u8, LabError> {
             );
             Ok(0)
         }
+        "pod" => {
+            let Some((sub, rest)) = rest.split_first() else {
+                return Err(LabError::Usage("which pod command? `weft lab pod add` or `weft lab pod del`".into()));
+            };
+            let ns = spec("namespace", Kind::Str, "", "the pod's Kubernetes namespace");
+            let pod = spec("pod", Kind::Str, "", "the pod's name");
+            match sub.as_str() {
+                "add" => {
+                    let specs = [
+                        NAME,
+                        spec("host", Kind::Uint, "0", "the host (number) the pod runs on"),
+                        ns,
+                        pod,
+                        spec("labels", Kind::Str, "", "the pod's labels: key=value,key2=value2"),
+                    ];
+                    let Some(v) = parse(&specs, rest)? else { return help("pod add", &specs) };
+                    if v.uint("host") == 0 || v.str("namespace").is_empty() || v.str("pod").is_empty() {
+                        return Err(LabError::Usage("pod add needs --host N, --namespace NS and --pod NAME".into()));
+                    }
+                    let host = u8::try_from(v.uint("host"))
+                        .map_err(|_| LabError::Usage(format!("--host {} is not a host of the lab", v.uint("host"))))?;
+                    let lab = pods::add(v.str("name"), host, v.str("namespace"), v.str("pod"), v.str("labels"))?;
+                    print!("{}", check::status_table(&lab));
+                    Ok(0)
+                }
+                "del" => {
+                    let specs = [NAME, ns, pod];
+                    let Some(v) = parse(&specs, rest)? else { return help("pod del", &specs) };
+                    if v.str("namespace").is_empty() || v.str("pod").is_empty() {
+                        return Err(LabError::Usage("pod del needs --namespace NS and --pod NAME".into()));
+                    }
+                    let lab = pods::del(v.str("name"), v.str("namespace"), v.str("pod"))?;
+                    print!("{}", check::status_table(&lab));
+                    Ok(0)
+                }
+                other => Err(LabError::Usage(format!("unknown pod command {other:?}: use add or del"))),
+            }
+        }
+        "policy-check" => {
+            let specs = [
+                NAME,
+                JSON,
+                spec("cases", Kind::Str, "", "only the cases whose names contain one of these words, comma-separated"),
+                spec("wait", Kind::Uint, "20", "seconds to wait for a change to be enforced"),
+            ];
+            let Some(v) = parse(&specs, &rest)? else { return help("policy-check", &specs) };
+            let o = policy_check::Options {
+                name: v.str("name").into(),
+                only: v.str("cases").split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect(),
+                wait: std::time::Duration::from_secs(v.uint("wait").clamp(1, 600)),
+                probe_timeout: std::time::Duration::from_secs(1),
+            };
+            let results = policy_check::run(&o)?;
+            if v.bool("json") {
+                print_json(&policy_check::to_json(&results));
+            } else {
+                print!("{}", policy_check::render(&results));
+            }
+            Ok(if results.iter().all(policy_check::CaseResult::ok) { 0 } else { 1 })
+        }
+        // Hidden: the responder the lab starts in every pod of a kube-store lab.
+        "responder" => Ok(responder::run()),
         "help" | "-h" | "--help" => {
             print!("{}", usage());
             Ok(0)

@@ -1,12 +1,19 @@
 //! What a running lab consists of, saved as JSON in its state directory so every `weft lab`
 //! command (and `down` after a crash) can find it.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 /// The LAN's /24 (TEST-NET-1: documentation addresses, used only inside the lab).
 pub const LAN: &str = "192.0.2";
+
+/// The LAN's IPv6 /64 in a dual-stack lab (ULA, only inside the lab); hosts are `::<10+N>`.
+pub const LAN6: &str = "fd00:192::";
+
+/// The pod network's IPv6 range in a dual-stack lab.
+pub const NETWORK6: &str = "fd00:10:244::/56";
 
 /// Where labs keep their state.
 pub const STATE_ROOT: &str = "/run/weft-lab";
@@ -20,6 +27,21 @@ pub struct Pod {
     pub container_id: String,
     /// Address (without prefix length).
     pub ip: String,
+    /// IPv6 address in a dual-stack lab.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<String>,
+    /// Kubernetes namespace of its Pod object (labs with the kube store).
+    #[serde(default)]
+    pub kube_ns: String,
+    /// Name of its Pod object.
+    #[serde(default)]
+    pub name: String,
+    /// Labels of its Pod object.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// The responder serving TCP, UDP on ports 80 and 81 in the pod (labs with the kube store).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub responder_pid: Option<u32>,
 }
 
 /// A host: a namespace on the LAN running `weft daemon`.
@@ -57,6 +79,12 @@ pub struct Lab {
     pub apiserver_pid: Option<u32>,
     /// Hosts.
     pub hosts: Vec<Host>,
+    /// Daemons enforce NetworkPolicy (`--network-policy`, kube store only).
+    #[serde(default)]
+    pub network_policy: bool,
+    /// Dual-stack: hosts, subnets and pods have IPv6 addresses too.
+    #[serde(default)]
+    pub ipv6: bool,
 }
 
 /// A lab's state directory.
@@ -85,6 +113,11 @@ impl Lab {
     /// Namespace of the LAN bridge (and of etcd).
     pub fn lan_ns(&self) -> String {
         format!("{}-lan", self.name)
+    }
+
+    /// Every pod of the lab.
+    pub fn pods(&self) -> impl Iterator<Item = &Pod> {
+        self.hosts.iter().flat_map(|h| h.pods.iter())
     }
 
     /// Namespace of the outside host.

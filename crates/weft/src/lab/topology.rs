@@ -40,7 +40,7 @@ fn exists(name: &str) -> bool {
         || netns::ip(&["netns", "list"]).unwrap_or_default().lines().any(|l| l.starts_with(&format!("{name}-")))
 }
 
-fn alive(pid: u32) -> bool {
+pub(crate) fn alive(pid: u32) -> bool {
     if pid == 0 {
         return false;
     }
@@ -61,7 +61,7 @@ fn alive(pid: u32) -> bool {
     }
 }
 
-fn kill(pid: u32, sig: i32) {
+pub(crate) fn kill(pid: u32, sig: i32) {
     if pid > 0 {
         // SAFETY: kill(2) on a pid the lab started; no memory is involved.
         unsafe { libc::kill(pid as i32, sig) };
@@ -85,6 +85,10 @@ pub struct UpOptions {
     pub etcd_members: u8,
     /// Run etcd with TLS, each member with its own certificate.
     pub etcd_tls: bool,
+    /// Daemons enforce NetworkPolicy (kube store only).
+    pub network_policy: bool,
+    /// Dual-stack: IPv6 on the LAN, in the network config and on every pod.
+    pub ipv6: bool,
 }
 
 /// The file in a lab's directory that records its etcd cluster (members, TLS).
@@ -116,6 +120,9 @@ fn daemon_args(lab: &Lab, index: u8) -> Vec<String> {
         format!("--subnet-file={}", d.join(format!("h{index}/subnet.env")).display()),
         format!("--healthz-port={HEALTH_PORT}"),
     ];
+    if lab.network_policy {
+        args.push("--network-policy".into());
+    }
     if lab.store == "kube" {
         args.extend(super::kube::daemon_args(lab));
     } else if let Some(c) = etcd_cluster(lab) {
@@ -200,7 +207,7 @@ fn cni_conf(lab: &Lab, index: u8) -> Value {
 }
 
 /// Runs the CNI plugin (this binary) inside host `index`'s namespace.
-fn cni(lab: &Lab, index: u8, command: &str, pod_ns: &str) -> Result<Value, LabError> {
+pub(crate) fn cni(lab: &Lab, index: u8, command: &str, pod_ns: &str) -> Result<Value, LabError> {
     let exe = step("locating the weft binary", std::env::current_exe())?;
     let mut child = step(
         "running the CNI plugin",
@@ -230,18 +237,78 @@ fn cni(lab: &Lab, index: u8, command: &str, pod_ns: &str) -> Result<Value, LabEr
 
 fn add_pods(lab: &mut Lab, index: u8) -> Result<(), LabError> {
     let count = lab.pods_per_host;
+    let mut added = Vec::new();
     for j in 1..=count {
         let pod_ns = format!("{}-h{index}-p{j}", lab.name);
-        step("creating a pod namespace", Netns::add(&pod_ns))?.persist();
-        let result = cni(lab, index, "ADD", &pod_ns)?;
-        let ip = result["ips"][0]["address"].as_str().and_then(|a| a.split('/').next()).unwrap_or_default().to_string();
-        if ip.is_empty() {
-            return Err(LabError::Step(format!("the CNI result for {pod_ns} has no address: {result}")));
-        }
+        let name = format!("h{index}-p{j}");
+        let labels = [("pod".to_string(), name.clone())].into();
+        let pod = create_pod(lab, index, &pod_ns, "default", &name, labels)?;
         let host = lab.hosts.iter_mut().find(|h| h.index == index).expect("host exists");
-        host.pods.push(Pod { ns: pod_ns.clone(), container_id: pod_ns, ip });
+        host.pods.push(pod.clone());
+        added.push((index, pod));
+    }
+    if lab.store == "kube" && !added.is_empty() {
+        super::pods::register(lab, &added)?;
     }
     Ok(())
+}
+
+/// Creates pod namespace `pod_ns` on host `index` through the CNI plugin; with the kube
+/// store also starts its responder. The Pod object is the caller's.
+pub(crate) fn create_pod(
+    lab: &Lab,
+    index: u8,
+    pod_ns: &str,
+    kube_ns: &str,
+    name: &str,
+    labels: std::collections::BTreeMap<String, String>,
+) -> Result<Pod, LabError> {
+    step("creating a pod namespace", Netns::add(pod_ns))?.persist();
+    let made = (|| {
+        let result = cni(lab, index, "ADD", pod_ns)?;
+        let addrs: Vec<String> = result["ips"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i["address"].as_str().and_then(|a| a.split('/').next()).map(String::from))
+            .collect();
+        let ip = addrs.iter().find(|a| !a.contains(':')).cloned().unwrap_or_default();
+        if ip.is_empty() {
+            return Err(LabError::Step(format!("the CNI result for {pod_ns} has no IPv4 address: {result}")));
+        }
+        let ip6 = addrs.iter().find(|a| a.contains(':')).cloned();
+        if lab.ipv6 && ip6.is_none() {
+            return Err(LabError::Step(format!("the CNI result for {pod_ns} has no IPv6 address: {result}")));
+        }
+        let mut pod = Pod {
+            ns: pod_ns.into(),
+            container_id: pod_ns.into(),
+            ip,
+            ip6,
+            kube_ns: kube_ns.into(),
+            name: name.into(),
+            labels,
+            responder_pid: None,
+        };
+        if lab.store == "kube" {
+            pod.responder_pid = Some(super::pods::start_responder(lab, pod_ns)?);
+        }
+        Ok(pod)
+    })();
+    if made.is_err() {
+        let _ = cni(lab, index, "DEL", pod_ns);
+        netns::remove(pod_ns);
+    }
+    made
+}
+
+/// Removes a pod: CNI DEL on its host, its namespace (and responder) gone.
+pub(crate) fn destroy_pod(lab: &Lab, index: u8, pod: &Pod) {
+    let _ = cni(lab, index, "DEL", &pod.ns);
+    if let Some(pid) = pod.responder_pid {
+        kill(pid, libc::SIGKILL);
+    }
+    netns::remove(&pod.ns);
 }
 
 fn start_host(lab: &mut Lab, index: u8) -> Result<(), LabError> {
@@ -253,6 +320,25 @@ fn start_host(lab: &mut Lab, index: u8) -> Result<(), LabError> {
     // Routers forward: the bridge plugin turns this on too, but the host must forward
     // before any pod exists (traffic to remote pods arrives here first).
     step("enabling forwarding", host.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]))?;
+    if lab.ipv6 {
+        let ip6 = format!("{}{}", state::LAN6, 10 + u16::from(index));
+        step(
+            "adding the host's IPv6 address",
+            host.ip(&["addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"]),
+        )?;
+        step(
+            "adding the IPv6 default route",
+            host.ip(&["-6", "route", "add", "default", "via", &format!("{}1", state::LAN6)]),
+        )?;
+        step("enabling IPv6 forwarding", host.exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]))?;
+    }
+    if lab.network_policy {
+        // Pod to pod on one host crosses the bridge: netfilter must see it (br_netfilter,
+        // as flannel requires), or same-host traffic would bypass the policy table.
+        for k in ["net.bridge.bridge-nf-call-iptables=1", "net.bridge.bridge-nf-call-ip6tables=1"] {
+            step("enabling bridge netfilter", host.exec("sysctl", &["-qw", k]))?;
+        }
+    }
     let ns = host.persist();
     if lab.store == "kube" {
         super::kube::create_node(lab, index)?;
@@ -281,6 +367,17 @@ pub fn up(o: &UpOptions) -> Result<Lab, LabError> {
     if !(1..=9).contains(&o.etcd_members) || ((o.etcd_members > 1 || o.etcd_tls) && o.store != "etcd") {
         return Err(LabError::Usage("--etcd-members (1 to 9) and --etcd-tls need --store etcd".into()));
     }
+    if o.network_policy && o.store != "kube" {
+        return Err(LabError::Usage(
+            "--network-policy needs --store kube: policies, pods and namespaces come from the Kubernetes API".into(),
+        ));
+    }
+    if o.ipv6 && !["vxlan", "host-gw"].contains(&o.backend.as_str()) {
+        return Err(LabError::Usage(format!(
+            "--ipv6 (dual-stack) works with --backend vxlan or host-gw, not {:?} (flannel's udp backend is IPv4 only)",
+            o.backend
+        )));
+    }
     if exists(&o.name) {
         return Err(LabError::Exists(o.name.clone()));
     }
@@ -292,6 +389,8 @@ pub fn up(o: &UpOptions) -> Result<Lab, LabError> {
         etcd_pid: None,
         apiserver_pid: None,
         hosts: Vec::new(),
+        network_policy: o.network_policy,
+        ipv6: o.ipv6,
     };
     let result = build(&mut lab, o);
     if let Err(e) = result {
@@ -315,8 +414,19 @@ fn build(lab: &mut Lab, o: &UpOptions) -> Result<(), LabError> {
     let outside = step("creating the outside host", Netns::add(&lab.outside_ns()))?;
     step("plugging in the outside host", plug(&lan.ns, &outside, "out", OUTSIDE_IP, None))?;
     let lan_ns = lan.ns;
+    if o.ipv6 {
+        step(
+            "adding the LAN's IPv6 address",
+            lan_ns.ip(&["addr", "add", &format!("{}1/64", state::LAN6), "dev", "br0", "nodad"]),
+        )?;
+    }
     eprintln!("ok");
-    let config = json!({"Network": NETWORK, "Backend": {"Type": o.backend}}).to_string();
+    let mut config = json!({"Network": NETWORK, "Backend": {"Type": o.backend}});
+    if o.ipv6 {
+        config["EnableIPv6"] = json!(true);
+        config["IPv6Network"] = json!(state::NETWORK6);
+    }
+    let config = config.to_string();
     if o.store == "etcd" && (o.etcd_members > 1 || o.etcd_tls) {
         progress(&format!(
             "  store: etcd cluster of {} member(s){}, clients on {LAN}.201.., peers on their own network ... ",
@@ -354,6 +464,7 @@ fn build(lab: &mut Lab, o: &UpOptions) -> Result<(), LabError> {
         step("writing the network config", std::fs::write(super::kube::net_conf(lab), &config))?;
         lab.apiserver_pid = Some(super::kube::start_apiserver(lab)?);
         step("saving the lab state", lab.save())?;
+        super::pods::link_kubeconfig(lab)?;
     } else {
         progress(&format!("  store: local file {} ... ", lab.dir().join("leases.db").display()));
         step("writing the network config", std::fs::write(lab.dir().join("net-conf.json"), &config))?;
@@ -392,6 +503,12 @@ fn build(lab: &mut Lab, o: &UpOptions) -> Result<(), LabError> {
 pub fn down(name: &str) -> (usize, usize) {
     let mut processes = 0;
     if let Some(lab) = Lab::load(name) {
+        for pid in lab.pods().filter_map(|p| p.responder_pid) {
+            if alive(pid) {
+                kill(pid, libc::SIGKILL);
+                processes += 1;
+            }
+        }
         for pid in lab.hosts.iter().map(|h| h.pid).chain(lab.etcd_pid).chain(lab.apiserver_pid) {
             if alive(pid) {
                 kill(pid, libc::SIGTERM);
@@ -477,6 +594,12 @@ pub fn remove_host(name: &str, index: u8) -> Result<Lab, LabError> {
         delete_lease(&lab, &key)?;
     }
     for p in &host.pods {
+        if let Some(pid) = p.responder_pid {
+            kill(pid, libc::SIGKILL);
+        }
+        if lab.store == "kube" {
+            let _ = super::pods::delete_object(&lab, p);
+        }
         netns::remove(&p.ns);
     }
     netns::remove(&host.ns);
