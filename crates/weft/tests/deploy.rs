@@ -80,7 +80,7 @@ fn a_misspelt_or_misplaced_key_is_caught() {
             "  label:\n    k8s-app: flannel\n    pod-security",
             "metadata.label",
         ),
-        ("verbs: [\"patch\"]", "verbs: [\"patch\"]\n    resource: [\"x\"]", "rules[2].resource"),
+        ("verbs: [\"patch\"]", "verbs: [\"patch\"]\n    resource: [\"x\"]", "rules[4].resource"),
         ("failureThreshold: 3", "failureThreshold: three", "invalid type"),
         ("verbs: [\"get\"]", "verb: [\"get\"]", ""),
     ] {
@@ -132,9 +132,11 @@ fn the_pieces_fit_together() {
     assert_eq!(
         rules,
         [
+            ("".into(), "namespaces".into(), s(&["list", "watch"])),
             ("".into(), "nodes".into(), s(&["get", "list", "watch"])),
             ("".into(), "nodes/status".into(), s(&["patch"])),
-            ("".into(), "pods".into(), s(&["get"])),
+            ("".into(), "pods".into(), s(&["get", "list", "watch"])),
+            ("networking.k8s.io".into(), "networkpolicies".into(), s(&["list", "watch"])),
         ]
     );
     let binding = doc(&docs, "ClusterRoleBinding");
