@@ -82,7 +82,7 @@ fn a_misspelt_or_misplaced_key_is_caught() {
         ),
         ("verbs: [\"patch\"]", "verbs: [\"patch\"]\n    resource: [\"x\"]", "rules[4].resource"),
         ("failureThreshold: 3", "failureThreshold: three", "invalid type"),
-        ("verbs: [\"get\"]", "verb: [\"get\"]", ""),
+        ("verbs: [\"list\", \"watch\"]", "verb: [\"list\", \"watch\"]", ""),
     ] {
         assert!(text.contains(from), "the manifest changed: {from:?} is gone; update this test");
         let broken = text.replacen(from, to, 1);
