@@ -133,4 +133,19 @@ impl Kernel {
             Err(e) => Err(err(format!("route {network} to device {index}"))(e)),
         }
     }
+
+    /// [`Kernel::ensure_device_route`] for an IPv6 network (wireguard's `flannel-wg-v6`).
+    pub async fn ensure_device_route_v6(&self, network: ipnet::Ipv6Net, index: u32) -> Result<(), KernelError> {
+        let msg = rtnetlink::RouteMessageBuilder::<std::net::Ipv6Addr>::new()
+            .destination_prefix(network.network(), network.prefix_len())
+            .output_interface(index)
+            .scope(netlink_packet_route::route::RouteScope::Link)
+            .protocol(netlink_packet_route::route::RouteProtocol::Boot)
+            .build();
+        match self.handle.route().add(msg).execute().await {
+            Ok(()) => Ok(()),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => Ok(()),
+            Err(e) => Err(err(format!("route {network} to device {index}"))(e)),
+        }
+    }
 }
