@@ -260,6 +260,21 @@ fn dual_stack_separate_mode_two_devices_both_families_encrypted_and_deleted_on_s
 fn ipv6_mode_one_device_carries_both_families_over_ipv6() {
     let c = cluster("wgb", 2, &config(r#","Mode":"ipv6","ListenPort":6000"#));
     ipv6_lan(&c);
+    if !std::path::Path::new("/sys/module/wireguard").exists() {
+        // The kernel path demanded where the kernel has no WireGuard: a clear error, not a
+        // silent fallback.
+        let endpoints = format!("--etcd-endpoints={}", c.etcd.url());
+        let subnet_file = format!("--subnet-file={}", c.env_file(0).display());
+        let key = c.dir.join("h1.wgkey").display().to_string();
+        let mut k = Daemon::start_with_env(
+            &c.hosts[0],
+            &c.dir,
+            &[&endpoints, &subnet_file, "-healthz-port", "8081"],
+            &[("WIREGUARD_KEY_FILE", &key), ("WEFT_WIREGUARD", "kernel")],
+        );
+        assert!(!k.wait_exit(Duration::from_secs(20)).success());
+        assert!(k.log().contains("cannot create a wireguard link") && k.log().contains("unset WEFT_WIREGUARD"));
+    }
     let mut d: Vec<Daemon> = (0..2).map(|i| start(&c, i)).collect();
     let envs: Vec<String> = (0..2).map(|i| c.wait_env(i)).collect();
     let (h1, h2) = (&c.hosts[0], &c.hosts[1]);

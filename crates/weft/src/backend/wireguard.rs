@@ -1,8 +1,10 @@
-//! wireguard: `flannel-wg` carries the whole cluster network, encrypted, as flanneld's
-//! wireguard backend does, and speaks the same protocol to the same lease data (a mixed
-//! cluster of weft and flanneld hosts works). flanneld needs the kernel's WireGuard; these
-//! hosts' kernels often lack it, so weft probes the kernel and, without it, runs WireGuard
-//! in userspace on a TUN device (`crate::wireguard`).
+//! wireguard: `flannel-wg` (and `flannel-wg-v6` in `separate` mode with IPv6) carries the
+//! whole cluster network, encrypted, as flanneld's wireguard backend does, and speaks the
+//! same protocol to the same lease data (a mixed cluster of weft and flanneld hosts works).
+//! flanneld needs the kernel's WireGuard; weft probes the kernel: where it can create a
+//! `wireguard` link, the device is programmed over generic netlink
+//! (`crate::wireguard::kernel`); otherwise (or with `WEFT_WIREGUARD=userspace`) WireGuard
+//! runs in userspace on a TUN device (`crate::wireguard`).
 
 use std::net::{IpAddr, SocketAddr, SocketAddrV6};
 
@@ -21,14 +23,47 @@ use super::{Backend, BackendError};
 use crate::kernel::{Kernel, KernelError};
 use crate::metrics::Metrics;
 use crate::wireguard::Engine;
+use crate::wireguard::kernel::{KernelDevice, PeerSettings};
 use crate::wireguard::key::{key_path, load_or_generate, public_of};
 
-/// One of the backend's devices: what it is for, its engine, its index.
+/// How a device moves packets.
+enum DataPath {
+    /// weft's userspace engine on a TUN device.
+    User(Engine),
+    /// A kernel `wireguard` link, programmed over generic netlink; `configured` once the
+    /// device holds our key and port (a re-created link is configured again).
+    Kernel { dev: KernelDevice, configured: bool },
+}
+
+/// One of the backend's devices: what it is for, its data path, its index.
 struct Device {
     spec: DeviceSpec,
-    engine: Engine,
+    path: DataPath,
     /// Its index, as of the last repair.
     index: Option<u32>,
+    /// Its peers as last planned (the kernel path programs them on the next pass).
+    peers: std::sync::Mutex<Vec<weft_core::wireguard::Peer>>,
+}
+
+/// Which data path `WEFT_WIREGUARD` asks for: `userspace`, `kernel`, or (unset) the
+/// kernel's when it can create a `wireguard` link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Want {
+    Userspace,
+    Kernel,
+    Probe,
+}
+
+fn wanted_path(v: Option<&str>) -> Result<Want, BackendError> {
+    match v {
+        None | Some("") => Ok(Want::Probe),
+        Some("userspace") => Ok(Want::Userspace),
+        Some("kernel") => Ok(Want::Kernel),
+        Some(other) => Err(BackendError::Address(format!(
+            "WEFT_WIREGUARD={other:?} is not a WireGuard data path: use userspace or kernel, or unset it to let weft \
+             choose"
+        ))),
+    }
 }
 
 /// The wireguard backend (userspace data path): `flannel-wg`, and `flannel-wg-v6` in
@@ -45,6 +80,8 @@ pub struct WireguardBackend {
     public: Key,
     local: Local,
     peers_gauge: Option<prometheus_client::metrics::gauge::Gauge>,
+    /// The private key (the kernel path writes it into the device).
+    private: Key,
 }
 
 fn kernel_err(op: String) -> KernelError {
@@ -94,10 +131,6 @@ impl WireguardBackend {
                 "wireguard: the network config has neither Network nor IPv6Network".into(),
             ));
         }
-        let mut all_binds = Vec::new();
-        for spec in &specs {
-            all_binds.push(binds(&s, spec, ext)?);
-        }
         let path = key_path();
         let (private, generated) = load_or_generate(&path).map_err(|e| BackendError::Address(e.to_string()))?;
         let public = public_of(&private);
@@ -114,29 +147,48 @@ impl WireguardBackend {
                 tracing::info!("deleted an existing {name} device (a previous flanneld's or weft's)");
             }
         }
-        match std::env::var("WEFT_WIREGUARD").as_deref() {
-            Ok("userspace") => tracing::info!("wireguard path: userspace (WEFT_WIREGUARD=userspace)"),
-            _ => match kernel.probe_wireguard(DEVICE).await {
-                Ok(()) => tracing::warn!(
-                    "wireguard path: userspace; this kernel can create wireguard links, but weft does not \
-                     program kernel WireGuard yet"
-                ),
+        let want = wanted_path(std::env::var("WEFT_WIREGUARD").ok().as_deref())?;
+        let use_kernel = match want {
+            Want::Userspace => {
+                tracing::info!("wireguard path: userspace (WEFT_WIREGUARD=userspace)");
+                false
+            }
+            Want::Kernel | Want::Probe => match kernel.probe_wireguard(DEVICE).await {
+                Ok(()) => {
+                    tracing::info!("wireguard path: kernel (this kernel creates wireguard links)");
+                    true
+                }
+                Err(e) if want == Want::Kernel => {
+                    return Err(BackendError::Address(format!(
+                        "wireguard: WEFT_WIREGUARD=kernel, but this kernel cannot create a wireguard link ({e}); \
+                         load the wireguard module, or unset WEFT_WIREGUARD for the userspace path"
+                    )));
+                }
                 Err(e) => {
-                    tracing::info!("wireguard path: userspace, since this kernel cannot create a wireguard link ({e})")
+                    tracing::info!("wireguard path: userspace, since this kernel cannot create a wireguard link ({e})");
+                    false
                 }
             },
-        }
+        };
         let mut devs = Vec::new();
-        for (spec, b) in specs.into_iter().zip(all_binds) {
-            let engine = Engine::open(spec.name, &b, &private).map_err(|e| {
-                let at: Vec<String> = b.iter().map(|a| a.to_string()).collect();
-                BackendError::Address(format!(
-                    "wireguard: cannot open {} or bind UDP {}: {e}; is another flanneld or weft running here?",
-                    spec.name,
-                    at.join(" and ")
-                ))
-            })?;
-            devs.push(Device { spec, engine, index: None });
+        for spec in specs {
+            let path = if use_kernel {
+                let dev = KernelDevice::connect(spec.name).map_err(|e| BackendError::Address(e.to_string()))?;
+                DataPath::Kernel { dev, configured: false }
+            } else {
+                // The kernel's device listens on every address; weft's sockets bind the
+                // interface's, one per outer family the device speaks.
+                let b = binds(&s, &spec, ext)?;
+                DataPath::User(Engine::open(spec.name, &b, &private).map_err(|e| {
+                    let at: Vec<String> = b.iter().map(|a| a.to_string()).collect();
+                    BackendError::Address(format!(
+                        "wireguard: cannot open {} or bind UDP {}: {e}; is another flanneld or weft running here?",
+                        spec.name,
+                        at.join(" and ")
+                    ))
+                })?)
+            };
+            devs.push(Device { spec, path, index: None, peers: Default::default() });
         }
         Ok(WireguardBackend {
             devs,
@@ -148,7 +200,16 @@ impl WireguardBackend {
             public,
             local: Local { has_v4: ext.iface_addr.is_some(), v6: ext.iface_addr_v6 },
             peers_gauge: None,
+            private,
         })
+    }
+
+    /// `userspace` or `kernel`.
+    fn path_name(&self) -> &'static str {
+        match self.devs.first().map(|d| &d.path) {
+            Some(DataPath::Kernel { .. }) => "kernel",
+            _ => "userspace",
+        }
     }
 
     /// Our subnets a device carries.
@@ -165,17 +226,38 @@ impl WireguardBackend {
     async fn ensure(&mut self, kernel: &Kernel) -> Result<bool, KernelError> {
         let Some(own) = self.own else { return Ok(false) };
         let mut changed = false;
+        let ps = PeerSettings { psk: self.settings.psk, keepalive: self.settings.keepalive };
         for d in &mut self.devs {
             let name = d.spec.name;
             let link = match kernel.link(name).await? {
                 Some(l) => l,
                 None => {
-                    tracing::warn!("{name} is gone; re-opening it and restarting the engine");
-                    d.engine.reopen().map_err(|e| kernel_err(format!("re-open {name}: {e}")))?;
+                    match &mut d.path {
+                        DataPath::User(engine) => {
+                            tracing::warn!("{name} is gone; re-opening it and restarting the engine");
+                            engine.reopen().map_err(|e| kernel_err(format!("re-open {name}: {e}")))?;
+                        }
+                        DataPath::Kernel { configured, .. } => {
+                            tracing::warn!("{name} is gone; creating it again");
+                            kernel.add_wireguard_link(name).await?;
+                            *configured = false;
+                        }
+                    }
                     changed = true;
                     kernel.link(name).await?.ok_or_else(|| kernel_err(format!("find {name} after re-opening it")))?
                 }
             };
+            // The kernel path's peers are desired state, re-asserted on every pass.
+            if let DataPath::Kernel { dev, configured } = &mut d.path {
+                let peers = d.peers.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let r = if *configured {
+                    dev.set_peers(&peers, &ps).await
+                } else {
+                    dev.configure(&self.private, d.spec.port, &peers, &ps).await
+                };
+                r.map_err(|e| kernel_err(e.to_string()))?;
+                *configured = true;
+            }
             d.index = Some(link.index);
             if !link.up || link.mtu != Some(self.mtu) {
                 tracing::warn!("{name} was down or had another MTU; restoring it");
@@ -209,7 +291,13 @@ impl WireguardBackend {
             }
             let prefix = self.v4.map(|(_, l)| l).unwrap_or(24);
             let prefix6 = self.v6.map(|(_, l)| l).unwrap_or(64);
-            let left_out = d.engine.set_peers(prefix, prefix6, &plan.peers, self.settings.psk, self.settings.keepalive);
+            let left_out = match &d.path {
+                DataPath::User(engine) => {
+                    engine.set_peers(prefix, prefix6, &plan.peers, self.settings.psk, self.settings.keepalive)
+                }
+                DataPath::Kernel { .. } => Vec::new(),
+            };
+            *d.peers.lock().unwrap_or_else(|p| p.into_inner()) = plan.peers.clone();
             for p in &left_out {
                 tracing::warn!(
                     peer = %p.lease,
@@ -252,15 +340,18 @@ impl Backend for WireguardBackend {
         Box::pin(async move {
             self.own = Some(*own);
             self.ensure(kernel).await?;
-            metrics.wg_path.get_or_create(&vec![("path", "userspace")]).set(1);
+            metrics.wg_path.get_or_create(&vec![("path", self.path_name())]).set(1);
             self.peers_gauge = Some(metrics.wg_peers.clone());
-            metrics.wg_peers.set(self.devs.iter().map(|d| d.engine.peer_count()).sum::<usize>() as i64);
+            let planned = |d: &Device| d.peers.lock().map(|p| p.len()).unwrap_or(0);
+            metrics.wg_peers.set(self.devs.iter().map(planned).sum::<usize>() as i64);
             for i in 0..self.devs.len() {
                 let nets = self.own_of(&self.devs[i].spec);
                 let d = &mut self.devs[i];
-                d.engine
-                    .start(nets, metrics)
-                    .map_err(|e| kernel_err(format!("start the wireguard engine of {}: {e}", d.spec.name)))?;
+                if let DataPath::User(engine) = &mut d.path {
+                    engine
+                        .start(nets, metrics)
+                        .map_err(|e| kernel_err(format!("start the wireguard engine of {}: {e}", d.spec.name)))?;
+                }
             }
             Ok(())
         })
@@ -278,7 +369,8 @@ impl Backend for WireguardBackend {
         self.devs.iter().filter_map(|d| d.index.map(|i| (d.spec.name.to_string(), i))).collect()
     }
 
-    /// The engine routes by its own peer table; the kernel holds only the device route.
+    /// The device routes by its own peer table; the kernel's routing table holds only the
+    /// device routes.
     fn plan(&self, _peers: &mut dyn Iterator<Item = &Lease>) -> Option<Plan> {
         None
     }
@@ -296,7 +388,8 @@ impl Backend for WireguardBackend {
             return;
         }
         let names: Vec<&str> = self.devs.iter().map(|d| d.spec.name).collect();
-        // Dropping an engine joins its threads and closes its TUN descriptor.
+        // Dropping an engine joins its threads and closes its TUN descriptor; a kernel
+        // device is deleted by name below.
         self.devs.clear();
         match remove_devices_blocking() {
             Ok(left) if !left.is_empty() => tracing::info!(devices = ?left, "deleted the remaining WireGuard devices"),
@@ -373,6 +466,16 @@ mod tests {
     use netlink_packet_route::link::InfoKind;
 
     use super::*;
+
+    #[test]
+    fn the_data_path_setting_is_checked() {
+        assert_eq!(wanted_path(None).unwrap(), Want::Probe);
+        assert_eq!(wanted_path(Some("")).unwrap(), Want::Probe);
+        assert_eq!(wanted_path(Some("userspace")).unwrap(), Want::Userspace);
+        assert_eq!(wanted_path(Some("kernel")).unwrap(), Want::Kernel);
+        let e = wanted_path(Some("Kernel")).unwrap_err().to_string();
+        assert!(e.contains("WEFT_WIREGUARD") && e.contains("userspace or kernel"), "{e}");
+    }
 
     #[test]
     fn only_flannels_wireguard_devices_are_ours() {

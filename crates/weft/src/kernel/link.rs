@@ -117,6 +117,15 @@ impl Kernel {
         Ok(())
     }
 
+    /// Creates a `wireguard` link called `name` (down, unconfigured).
+    pub async fn add_wireguard_link(&self, name: &str) -> Result<(), KernelError> {
+        let mut msg = LinkUnspec::new_with_name(name).build();
+        msg.attributes.push(LinkAttribute::LinkInfo(vec![netlink_packet_route::link::LinkInfo::Kind(
+            netlink_packet_route::link::InfoKind::Wireguard,
+        )]));
+        self.handle.link().add(msg).execute().await.map_err(err(format!("create a wireguard link {name}")))
+    }
+
     /// Deletes the link called `name` if there is one; `Ok(true)` when it was there.
     pub async fn delete_link(&self, name: &str) -> Result<bool, KernelError> {
         let Some(l) = by_name(&self.handle, name).await? else { return Ok(false) };

@@ -11,6 +11,7 @@
 //! engine per device: `separate` mode with IPv6 runs `flannel-wg` and `flannel-wg-v6`. The peer table is swapped whole on lease events: a removed peer's
 //! sessions go with it, so it can neither send nor receive from the next datagram on.
 
+pub mod kernel;
 pub mod key;
 pub mod socket;
 
