@@ -579,9 +579,10 @@ struct TunToNet {
 }
 
 /// Encrypted datagrams of one size for one endpoint (the last may be shorter): one GSO
-/// send.
+/// send. `buf` keeps its full size (no zeroing per packet); `len` is what is filled.
 struct Group {
     buf: Vec<u8>,
+    len: usize,
     to: Option<(usize, SocketAddr)>,
     seg: usize,
     count: usize,
@@ -593,7 +594,7 @@ impl TunToNet {
         let mut orig = vec![0u8; BIG];
         let mut bufs: Vec<Vec<u8>> = (0..IDEAL_BATCH_SIZE).map(|_| vec![0u8; PACKET]).collect();
         let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
-        let mut g = Group { buf: Vec::with_capacity(BIG + PACKET), to: None, seg: 0, count: 0, closed: false };
+        let mut g = Group { buf: vec![0u8; BIG + PACKET], len: 0, to: None, seg: 0, count: 0, closed: false };
         let mut errors = 0u64;
         while !self.stop.stopped() {
             let r = if self.offload {
@@ -630,7 +631,7 @@ impl TunToNet {
             for i in 0..n {
                 self.encrypt(&table, &bufs[i][..sizes[i]], &mut g);
             }
-            let end = g.buf.len();
+            let end = g.len;
             self.flush(&mut g, end);
         }
     }
@@ -646,12 +647,14 @@ impl TunToNet {
             self.stats.drop(DropReason::NoPeer);
             return;
         };
-        let start = g.buf.len();
-        g.buf.resize(start + (pkt.len() + DATA_OVERHEAD).max(HANDSHAKE_INIT), 0);
+        let start = g.len;
+        let need = start + (pkt.len() + DATA_OVERHEAD).max(HANDSHAKE_INIT);
+        if need > g.buf.len() {
+            g.buf.resize(need, 0);
+        }
         let mut inner = peer.lock();
         let Some(si) = sock_for(&self.socks, &inner.endpoint) else {
             drop(inner);
-            g.buf.truncate(start);
             self.stats.drop(DropReason::NoPeer);
             return;
         };
@@ -660,7 +663,6 @@ impl TunToNet {
             TunnResult::WriteToNetwork(b) => (b.len(), b.first() == Some(&4)),
             TunnResult::Err(e) => {
                 drop(inner);
-                g.buf.truncate(start);
                 tracing::debug!("wireguard encapsulate: {e:?}");
                 self.stats.drop(DropReason::of(&e));
                 return;
@@ -670,17 +672,15 @@ impl TunToNet {
         };
         drop(inner);
         if len == 0 {
-            g.buf.truncate(start);
             return;
         }
-        g.buf.truncate(start + len);
         if !data {
             // A handshake initiation: on its own, now.
             self.stats.handshakes_sent.inc();
-            send_one(&self.socks[to.0], &g.buf[start..], to.1);
-            g.buf.truncate(start);
+            send_one(&self.socks[to.0], &g.buf[start..start + len], to.1);
             return;
         }
+        g.len = start + len;
         self.stats.tx.inc();
         let fits = g.to == Some(to)
             && !g.closed
@@ -692,7 +692,7 @@ impl TunToNet {
             self.flush(g, start);
             // The new datagram moves to the front of the emptied group.
             g.buf.copy_within(start..start + len, 0);
-            g.buf.truncate(len);
+            g.len = len;
         }
         if g.count == 0 {
             g.to = Some(to);
@@ -717,8 +717,8 @@ impl TunToNet {
                 tracing::debug!("wireguard send to {to}: {e}");
             }
         }
-        if upto == g.buf.len() {
-            g.buf.clear();
+        if upto == g.len {
+            g.len = 0;
         }
         g.count = 0;
         g.seg = 0;
@@ -771,10 +771,17 @@ impl NetToTun {
                 let seg = if seg == 0 { n } else { seg };
                 for d in recv[..n].chunks(seg.max(1)) {
                     let b = &mut bufs[staged];
-                    b.clear();
                     // Plaintext is never longer than its datagram (a handshake answer is shorter
-                    // than an initiation).
-                    b.resize(off + d.len().max(HANDSHAKE_INIT), 0);
+                    // than an initiation). Only growth is zeroed: the bytes are overwritten.
+                    let need = off + d.len().max(HANDSHAKE_INIT);
+                    if b.len() < need {
+                        b.resize(need, 0);
+                    } else {
+                        b.truncate(need);
+                    }
+                    // A packet written alone needs a zero virtio header (tun-rs writes one
+                    // only for coalesced packets); the last batch may have left one here.
+                    b[..off].fill(0);
                     if let Some(len) = self.datagram(&table, d, from, &mut b[off..], &mut scratch) {
                         b.truncate(off + len);
                         staged += 1;
