@@ -1,8 +1,9 @@
 //! The wireguard backend with IPv6: dual-stack networks in flannel's `separate` mode (two
 //! devices, `flannel-wg` over IPv4 and `flannel-wg-v6` over IPv6) and its single-device
-//! `ipv6` mode (one `flannel-wg` carrying both families over IPv6), weft on both hosts; the
-//! devices deleted on shutdown as flanneld deletes them, and by `weft cleanup`; keepalives
-//! and cookie replies under load on the wire.
+//! `ipv6` mode (one `flannel-wg` carrying both families over IPv6, to weft and to Debian's
+//! `wireguard-go` set up as flanneld sets up its device); the devices deleted on shutdown
+//! as flanneld deletes them, and by `weft cleanup`; keepalives and cookie replies under
+//! load on the wire.
 
 mod common;
 
@@ -257,7 +258,7 @@ fn dual_stack_separate_mode_two_devices_both_families_encrypted_and_deleted_on_s
 }
 
 #[test]
-fn ipv6_mode_one_device_carries_both_families_over_ipv6() {
+fn ipv6_mode_one_device_carries_both_families_over_ipv6_to_weft_and_to_wireguard_go() {
     let c = cluster("wgb", 2, &config(r#","Mode":"ipv6","ListenPort":6000"#));
     ipv6_lan(&c);
     if !std::path::Path::new("/sys/module/wireguard").exists() {
@@ -302,6 +303,74 @@ fn ipv6_mode_one_device_carries_both_families_over_ipv6() {
     assert!(v6_data >= 10 && v4_data == 0, "ipv6 mode: {v6_data} data messages over IPv6, {v4_data} over IPv4");
     let bytes = tcp_stream(h1, h2, &a4);
     assert!(bytes > 1_000_000, "TCP (IPv4 inside IPv6): {bytes} bytes");
+
+    // The reference implementation over IPv6: h2 now runs Debian's wireguard-go, set up with
+    // `wg` as flanneld sets up its ipv6-mode device (key, ListenPort, weft as the peer at
+    // [PublicIPv6]:Port with both subnets, PSK), and a lease with its key.
+    d[1].signal(libc::SIGTERM);
+    d[1].wait_exit(Duration::from_secs(20));
+    let b_priv = h2.exec("wg", &["genkey"]).unwrap().trim().to_string();
+    let b_pub = h2.exec("sh", &["-c", &format!("echo {b_priv} | wg pubkey")]).unwrap().trim().to_string();
+    let a_pub = h1.exec("sh", &["-c", &format!("wg pubkey < {}", c.dir.join("h1.wgkey").display())]).unwrap();
+    std::fs::write(c.dir.join("b.key"), &b_priv).unwrap();
+    std::fs::write(c.dir.join("psk"), PSK).unwrap();
+    let mut wg = h2
+        .command("wireguard-go")
+        .args(["-f", "flannel-wg"])
+        .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(Duration::from_secs(10), "wireguard-go's flannel-wg", || {
+        link_names(h2).contains(&"flannel-wg".to_string()).then_some(())
+    });
+    let sub = |env: &str, key: &str| env_value(env, key).replace("::1/", "::/").replace(".1/", ".0/");
+    let allowed = format!("{},{}", sub(&envs[0], "FLANNEL_SUBNET="), sub(&envs[0], "FLANNEL_IPV6_SUBNET="));
+    let (key_path, psk_path) = (c.dir.join("b.key").display().to_string(), c.dir.join("psk").display().to_string());
+    wait_for(Duration::from_secs(10), "wg set to succeed", || {
+        h2.exec(
+            "wg",
+            &[
+                "set",
+                "flannel-wg",
+                "private-key",
+                &key_path,
+                "listen-port",
+                "6000",
+                "peer",
+                a_pub.trim(),
+                "preshared-key",
+                &psk_path,
+                "endpoint",
+                "[fd00:192::11]:6000",
+                "allowed-ips",
+                &allowed,
+            ],
+        )
+        .ok()
+    });
+    h2.ip(&["link", "set", "flannel-wg", "mtu", "1420", "up"]).unwrap();
+    h2.ip(&["route", "replace", "10.5.0.0/16", "dev", "flannel-wg", "scope", "link"]).unwrap();
+    h2.ip(&["-6", "route", "replace", "fd00:5::/56", "dev", "flannel-wg"]).unwrap();
+    let b_key = format!(
+        "{PREFIX}/subnets/{}&{}",
+        sub(&envs[1], "FLANNEL_SUBNET=").replace('/', "-"),
+        sub(&envs[1], "FLANNEL_IPV6_SUBNET=").replace('/', "-")
+    );
+    let data = format!(r#"{{"PublicKey":"{b_pub}","Port":6000}}"#);
+    let lease = format!(
+        r#"{{"PublicIP":"192.0.2.12","PublicIPv6":"fd00:192::12","BackendType":"wireguard","BackendData":{data},"BackendV6Data":{data}}}"#
+    );
+    c.etcd.etcdctl(&["put", &b_key, &lease]).unwrap();
+    wait_for(Duration::from_secs(20), "weft → wireguard-go over IPv6", || ping(h1, &a6, &b6, "1", &[]).then_some(()));
+    assert!(ping(h1, &a4, &b4, "3", &[]), "IPv4 pods, weft → wireguard-go, over IPv6");
+    assert!(ping(h2, &b6, &a6, "3", &[]), "IPv6 pods, wireguard-go → weft");
+    assert!(ping(h2, &b4, &a4, "3", &[]), "IPv4 pods, wireguard-go → weft");
+    let ends = h2.exec("wg", &["show", "flannel-wg", "endpoints"]).unwrap();
+    assert!(ends.contains("[fd00:192::11]:6000"), "wireguard-go speaks to weft over IPv6: {ends}");
+    let _ = wg.kill();
+    let _ = wg.wait();
 
     // After shutdown, `weft cleanup` deletes a WireGuard device someone left (a persistent
     // TUN called flannel-wg, as wireguard-go or an engine with a persistent device leaves
