@@ -2,8 +2,8 @@
 //! devices, `flannel-wg` over IPv4 and `flannel-wg-v6` over IPv6) and its single-device
 //! `ipv6` mode (one `flannel-wg` carrying both families over IPv6, to weft and to Debian's
 //! `wireguard-go` set up as flanneld sets up its device); the devices deleted on shutdown
-//! as flanneld deletes them, and by `weft cleanup`; keepalives and cookie replies under
-//! load on the wire.
+//! as flanneld deletes them, and by `weft cleanup`; `auto` mode listening on both families,
+//! keepalives and cookie replies under load on the wire.
 
 mod common;
 
@@ -392,7 +392,7 @@ fn ipv6_mode_one_device_carries_both_families_over_ipv6_to_weft_and_to_wireguard
 
 fn v4_config() -> String {
     format!(
-        r#"{{"Network":"10.5.0.0/16","Backend":{{"Type":"wireguard","PSK":"{PSK}","PersistentKeepaliveInterval":2}}}}"#
+        r#"{{"Network":"10.5.0.0/16","Backend":{{"Type":"wireguard","PSK":"{PSK}","PersistentKeepaliveInterval":2,"Mode":"auto"}}}}"#
     )
 }
 
@@ -410,12 +410,20 @@ fn keepalives_every_interval_and_cookie_replies_under_load() {
     use boringtun::noise::{Tunn, TunnResult};
     use boringtun::x25519::{PublicKey, StaticSecret};
 
+    // `auto` mode on hosts with both families: one device listening on both (the peers'
+    // IPv4 addresses are public, so IPv4 is used).
     let c = cluster("wgc", 2, &v4_config());
+    ipv6_lan(&c);
     let mut d: Vec<Daemon> = (0..2).map(|i| start(&c, i)).collect();
     let envs: Vec<String> = (0..2).map(|i| c.wait_env(i)).collect();
     let (h1, h2) = (&c.hosts[0], &c.hosts[1]);
     let (a, b) = (base(&envs[0]), base(&envs[1]));
     wait_for(Duration::from_secs(20), "a first ping h1 → h2", || host_ping(h1, &b, "1").then_some(()));
+    let listening = h1.exec("ss", &["-Hnul"]).unwrap();
+    assert!(
+        listening.contains("192.0.2.11:51820") && listening.contains("[fd00:192::11]:51820"),
+        "auto mode listens on both families: {listening}"
+    );
 
     // Idle: with PersistentKeepaliveInterval 2, each side sends a keepalive (an empty data
     // message: 32 bytes) about every 2 s, and nothing else.
