@@ -4,7 +4,7 @@
 //! device.
 
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
@@ -244,55 +244,182 @@ pub struct Peer {
     pub lease: SubnetKey,
     /// Its public key.
     pub public_key: Key,
-    /// `PublicIP:Port` (our own port when the lease has none).
+    /// `PublicIP:Port` or `[PublicIPv6]:Port` (our own port when the lease has none).
     pub endpoint: SocketAddr,
     /// The peer's subnet(s).
     pub allowed_ips: Vec<IpNet>,
 }
 
-/// The peers wanted on the IPv4 device and the leases that could not be used, with why.
+/// The peers wanted on one device and the leases that could not be used, with why.
 #[derive(Debug, Clone, Default)]
 pub struct PeerPlan {
     /// Peers, in lease order.
     pub peers: Vec<Peer>,
-    /// Leases skipped (malformed data), with a reason.
+    /// Leases skipped (malformed data, no address of the family needed), with a reason.
     pub skipped: Vec<(SubnetKey, String)>,
 }
 
-/// The peers of the IPv4 device (`flannel-wg`) for the accepted `leases`: wireguard leases
-/// with an IPv4 subnet, endpoint `PublicIP:Port`, allowed IPs the subnet (and the IPv6
-/// subnet too in the single-tunnel modes). Leases of other backends are ignored, as flannel
-/// ignores them. `own_port` replaces a port of 0.
-pub fn plan_v4<'a>(s: &WireguardSettings, own_port: u16, leases: impl IntoIterator<Item = &'a Lease>) -> PeerPlan {
+/// One WireGuard device flanneld creates for a network, as the pure plan sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceSpec {
+    /// `flannel-wg` or `flannel-wg-v6`.
+    pub name: &'static str,
+    /// The UDP port it listens on.
+    pub port: u16,
+    /// It carries IPv4 pod traffic (holds our IPv4 subnet's address and the IPv4 route).
+    pub inner_v4: bool,
+    /// It carries IPv6 pod traffic.
+    pub inner_v6: bool,
+    /// `Separate` mode's IPv6 device: peers from `BackendV6Data` at `[PublicIPv6]:Port`.
+    pub v6_only: bool,
+}
+
+/// The devices of a network with IPv4 (`v4`) and/or IPv6 (`v6`) enabled, as flanneld makes
+/// them: `separate` mode one per family (`flannel-wg` on `ListenPort`, `flannel-wg-v6` on
+/// `ListenPortV6`); the other modes one `flannel-wg` on `ListenPort` carrying both.
+pub fn devices(s: &WireguardSettings, v4: bool, v6: bool) -> Vec<DeviceSpec> {
+    if s.mode == Mode::Separate {
+        let mut d = Vec::new();
+        if v4 {
+            d.push(DeviceSpec { name: DEVICE, port: s.listen_port, inner_v4: true, inner_v6: false, v6_only: false });
+        }
+        if v6 {
+            d.push(DeviceSpec {
+                name: DEVICE_V6,
+                port: s.listen_port_v6,
+                inner_v4: false,
+                inner_v6: true,
+                v6_only: true,
+            });
+        }
+        d
+    } else if v4 || v6 {
+        vec![DeviceSpec { name: DEVICE, port: s.listen_port, inner_v4: v4, inner_v6: v6, v6_only: false }]
+    } else {
+        Vec::new()
+    }
+}
+
+/// Our lease's `BackendData` and `BackendV6Data` for the network's devices: the same public
+/// key (flanneld's devices share the key file), each with the port its peers must use.
+pub fn lease_data(s: &WireguardSettings, public: &Key, v4: bool, v6: bool) -> (Option<String>, Option<String>) {
+    let v6_port = if s.mode == Mode::Separate { s.listen_port_v6 } else { s.listen_port };
+    (v4.then(|| backend_data(public, s.listen_port)), v6.then(|| backend_data(public, v6_port)))
+}
+
+/// What the `auto` mode's endpoint choice knows of this host: whether it has an IPv4
+/// address on the external interface, and its IPv6 one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Local {
+    /// The external interface has an IPv4 address.
+    pub has_v4: bool,
+    /// The external interface's IPv6 address.
+    pub v6: Option<Ipv6Addr>,
+}
+
+/// flannel's "private": RFC 1918 for IPv4, unique local (fc00::/7) for IPv6.
+fn private_v6(a: &Ipv6Addr) -> bool {
+    (a.segments()[0] & 0xfe00) == 0xfc00
+}
+
+/// `auto` mode's endpoint address (flanneld's `selectPublicEndpoint`): IPv4 when the peer
+/// has only that, or a public one and we have IPv4; IPv6 when the peer has only that, or a
+/// public one and ours is public too; IPv4 otherwise.
+pub fn auto_endpoint(local: &Local, v4: Option<Ipv4Addr>, v6: Option<Ipv6Addr>) -> Option<IpAddr> {
+    match (v4, v6) {
+        (None, None) => None,
+        (Some(a), None) => Some(IpAddr::V4(a)),
+        (None, Some(b)) => Some(IpAddr::V6(b)),
+        (Some(a), Some(b)) => {
+            if !a.is_private() && local.has_v4 {
+                Some(IpAddr::V4(a))
+            } else if !private_v6(&b) && local.v6.is_some_and(|l| !private_v6(&l)) {
+                Some(IpAddr::V6(b))
+            } else {
+                Some(IpAddr::V4(a))
+            }
+        }
+    }
+}
+
+fn data_of(raw: Option<&serde_json::value::RawValue>) -> Result<(Key, u16), String> {
+    parse_backend_data(raw.map(|d| d.get()).unwrap_or(""))
+}
+
+/// The peers of device `dev` for the accepted `leases`, as flanneld configures them:
+/// `separate` mode: the IPv4 device gets each lease's IPv4 subnet at `PublicIP:Port` from
+/// `BackendData`, the IPv6 device its IPv6 subnet at `[PublicIPv6]:Port` from
+/// `BackendV6Data`; the single-device modes get both subnets, the key and port from
+/// `BackendV6Data` when the lease has IPv6 (else `BackendData`), at the address `Mode`
+/// picks. Leases of other backends are ignored, as flannel ignores them; a port of 0 (old
+/// flanneld) means the device's own.
+pub fn plan_peers<'a>(
+    s: &WireguardSettings,
+    dev: &DeviceSpec,
+    local: &Local,
+    leases: impl IntoIterator<Item = &'a Lease>,
+) -> PeerPlan {
     let mut p = PeerPlan::default();
     for l in leases {
         if l.attrs.backend_type != LEASE_TYPE {
             continue;
         }
-        let Some(v4) = l.key.v4 else { continue };
-        let data = l.attrs.backend_data.as_ref().map(|d| d.get()).unwrap_or("");
-        let (key, port) = match parse_backend_data(data) {
-            Ok(k) => k,
-            Err(e) => {
-                p.skipped.push((l.key, format!("its wireguard BackendData is unusable: {e}")));
+        let (v4, v6) = (l.key.v4.filter(|_| dev.inner_v4), l.key.v6.filter(|_| dev.inner_v6));
+        if v4.is_none() && v6.is_none() {
+            continue;
+        }
+        let data = if dev.v6_only || (v6.is_some() && l.attrs.backend_v6_data.is_some()) {
+            ("BackendV6Data", data_of(l.attrs.backend_v6_data.as_deref()))
+        } else {
+            ("BackendData", data_of(l.attrs.backend_data.as_deref()))
+        };
+        let (key, port) = match data {
+            (_, Ok(k)) => k,
+            (field, Err(e)) => {
+                p.skipped.push((l.key, format!("its wireguard {field} is unusable: {e}")));
                 continue;
             }
         };
-        let port = if port == 0 { own_port } else { port };
-        let mut allowed = vec![IpNet::V4(v4)];
-        if s.mode != Mode::Separate
-            && let Some(v6) = l.key.v6
-        {
-            allowed.push(IpNet::V6(v6));
-        }
-        p.peers.push(Peer {
-            lease: l.key,
-            public_key: key,
-            endpoint: SocketAddr::new(IpAddr::V4(l.attrs.public_ip), port),
-            allowed_ips: allowed,
-        });
+        let port = if port == 0 { dev.port } else { port };
+        let public_v4 = (!l.attrs.public_ip.is_unspecified()).then_some(l.attrs.public_ip);
+        let ip = if dev.v6_only {
+            l.attrs.public_ipv6.map(IpAddr::V6)
+        } else {
+            match s.mode {
+                Mode::Ipv6 => l.attrs.public_ipv6.map(IpAddr::V6),
+                Mode::Auto => auto_endpoint(local, public_v4, l.attrs.public_ipv6),
+                Mode::Ipv4 | Mode::Separate => public_v4.map(IpAddr::V4),
+            }
+        };
+        let Some(ip) = ip else {
+            let which = if matches!(ip_family_wanted(s, dev), Some(true)) { "PublicIPv6" } else { "PublicIP" };
+            p.skipped.push((l.key, format!("it has no {which} to reach it at over {}", dev.name)));
+            continue;
+        };
+        let allowed = v4.map(IpNet::V4).into_iter().chain(v6.map(IpNet::V6)).collect();
+        p.peers.push(Peer { lease: l.key, public_key: key, endpoint: SocketAddr::new(ip, port), allowed_ips: allowed });
     }
     p
+}
+
+/// Which outer family a device's peers are reached over: `Some(true)` IPv6, `Some(false)`
+/// IPv4, `None` per peer (`auto`).
+pub fn ip_family_wanted(s: &WireguardSettings, dev: &DeviceSpec) -> Option<bool> {
+    if dev.v6_only {
+        return Some(true);
+    }
+    match s.mode {
+        Mode::Ipv6 => Some(true),
+        Mode::Auto => None,
+        Mode::Ipv4 | Mode::Separate => Some(false),
+    }
+}
+
+/// The peers of the IPv4 device (`flannel-wg`) of an IPv4-only network (see [`plan_peers`]).
+pub fn plan_v4<'a>(s: &WireguardSettings, own_port: u16, leases: impl IntoIterator<Item = &'a Lease>) -> PeerPlan {
+    let dev =
+        DeviceSpec { name: DEVICE, port: own_port, inner_v4: true, inner_v6: s.mode != Mode::Separate, v6_only: false };
+    plan_peers(s, &dev, &Local { has_v4: true, v6: None }, leases)
 }
 
 #[cfg(test)]
@@ -439,5 +566,105 @@ mod tests {
         assert_eq!(p.peers[1].endpoint, "192.0.2.13:51820".parse().unwrap(), "port 0 → ours");
         assert_eq!(p.skipped.iter().map(|(k, _)| k.to_string()).collect::<Vec<_>>(), ["10.5.5.0-24", "10.5.6.0-24"]);
         assert!(p.skipped[1].1.contains("BackendData"));
+    }
+
+    fn dual(key: &str, ip: &str, ip6: Option<&str>, data: Option<&str>, data6: Option<&str>) -> Lease {
+        let mut l = wg(key, ip, data);
+        l.attrs.public_ipv6 = ip6.map(|a| a.parse().unwrap());
+        l.attrs.backend_v6_data = data6.map(|d| RawValue::from_string(d.to_string()).unwrap());
+        l
+    }
+
+    #[test]
+    fn devices_and_lease_data_per_mode() {
+        let k = Key::parse(PUB).unwrap();
+        let sep = settings(r#"{"Type":"wireguard","ListenPort":6000,"ListenPortV6":6001}"#).unwrap();
+        let d = devices(&sep, true, true);
+        assert_eq!(
+            d.iter().map(|d| (d.name, d.port, d.inner_v4, d.inner_v6)).collect::<Vec<_>>(),
+            [("flannel-wg", 6000, true, false), ("flannel-wg-v6", 6001, false, true)]
+        );
+        assert_eq!(devices(&sep, false, true)[0].name, "flannel-wg-v6", "IPv6-only: only the v6 device");
+        assert_eq!(lease_data(&sep, &k, true, true), (Some(backend_data(&k, 6000)), Some(backend_data(&k, 6001))));
+        for m in ["auto", "ipv4", "ipv6"] {
+            let s = settings(&format!(r#"{{"Type":"wireguard","ListenPort":6000,"Mode":"{m}"}}"#)).unwrap();
+            let d = devices(&s, true, true);
+            assert_eq!(d.len(), 1, "{m}: one device");
+            assert_eq!((d[0].name, d[0].port, d[0].inner_v4, d[0].inner_v6), ("flannel-wg", 6000, true, true));
+            // The one device listens on ListenPort: both data carry it.
+            assert_eq!(lease_data(&s, &k, true, true), (Some(backend_data(&k, 6000)), Some(backend_data(&k, 6000))));
+        }
+        assert_eq!(lease_data(&sep, &k, true, false), (Some(backend_data(&k, 6000)), None));
+        assert!(devices(&sep, false, false).is_empty());
+    }
+
+    #[test]
+    fn separate_mode_peers_per_family() {
+        let s = settings(r#"{"Type":"wireguard"}"#).unwrap();
+        let k = Key::parse(PUB).unwrap();
+        let leases = vec![
+            dual(
+                "10.5.2.0-24&fd00:5:0:2::-64",
+                "192.0.2.12",
+                Some("fd00:192::12"),
+                Some(&backend_data(&k, 51820)),
+                Some(&format!(r#"{{"PublicKey":"{PUB}"}}"#)),
+            ),
+            // v6 data malformed: the v4 peer still works, the v6 one is skipped with why.
+            dual(
+                "10.5.3.0-24&fd00:5:0:3::-64",
+                "192.0.2.13",
+                Some("fd00:192::13"),
+                Some(&backend_data(&k, 7)),
+                Some("{}"),
+            ),
+            // No PublicIPv6: cannot be reached over flannel-wg-v6.
+            dual(
+                "10.5.4.0-24&fd00:5:0:4::-64",
+                "192.0.2.14",
+                None,
+                Some(&backend_data(&k, 7)),
+                Some(&backend_data(&k, 8)),
+            ),
+        ];
+        let d = devices(&s, true, true);
+        let local = Local { has_v4: true, v6: Some("fd00:192::11".parse().unwrap()) };
+        let v4 = plan_peers(&s, &d[0], &local, &leases);
+        assert_eq!(v4.peers.len(), 3);
+        assert_eq!(v4.peers[0].allowed_ips, vec!["10.5.2.0/24".parse::<IpNet>().unwrap()]);
+        let v6 = plan_peers(&s, &d[1], &local, &leases);
+        assert_eq!(v6.peers.len(), 1);
+        assert_eq!(v6.peers[0].endpoint, "[fd00:192::12]:51821".parse().unwrap(), "port 0 → our ListenPortV6");
+        assert_eq!(v6.peers[0].allowed_ips, vec!["fd00:5:0:2::/64".parse::<IpNet>().unwrap()]);
+        assert!(v6.skipped[0].1.contains("BackendV6Data"), "{:?}", v6.skipped);
+        assert!(v6.skipped[1].1.contains("PublicIPv6"), "{:?}", v6.skipped);
+    }
+
+    #[test]
+    fn single_device_modes_pick_the_endpoint_as_flanneld() {
+        let k = Key::parse(PUB).unwrap();
+        let data = backend_data(&k, 6000);
+        let lease =
+            |ip: &str, ip6: Option<&str>| dual("10.5.2.0-24&fd00:5:0:2::-64", ip, ip6, Some(&data), Some(&data));
+        let ep = |mode: &str, local: Local, l: &Lease| {
+            let s = settings(&format!(r#"{{"Type":"wireguard","Mode":"{mode}"}}"#)).unwrap();
+            let d = devices(&s, true, true)[0];
+            let p = plan_peers(&s, &d, &local, std::iter::once(l));
+            p.peers.first().map(|p| (p.endpoint.to_string(), p.allowed_ips.len()))
+        };
+        let public4 = lease("198.51.100.12", Some("2001:db8::12"));
+        let private4 = lease("192.168.1.12", Some("2001:db8::12"));
+        let ula = lease("192.168.1.12", Some("fd00::12"));
+        let both = Local { has_v4: true, v6: Some("2001:db8::11".parse().unwrap()) };
+        let ula_local = Local { has_v4: true, v6: Some("fd00::11".parse().unwrap()) };
+        assert_eq!(ep("ipv4", both, &public4), Some(("198.51.100.12:6000".into(), 2)), "both subnets allowed");
+        assert_eq!(ep("ipv6", both, &private4), Some(("[2001:db8::12]:6000".into(), 2)));
+        assert_eq!(ep("auto", both, &public4), Some(("198.51.100.12:6000".into(), 2)), "public IPv4 first");
+        assert_eq!(ep("auto", both, &private4), Some(("[2001:db8::12]:6000".into(), 2)), "private IPv4, public IPv6");
+        assert_eq!(ep("auto", ula_local, &private4), Some(("192.168.1.12:6000".into(), 2)), "our IPv6 is not public");
+        assert_eq!(ep("auto", both, &ula), Some(("192.168.1.12:6000".into(), 2)), "theirs is not public");
+        let v4only = lease("192.168.1.12", None);
+        assert_eq!(ep("auto", both, &v4only), Some(("192.168.1.12:6000".into(), 2)));
+        assert_eq!(ep("ipv6", both, &v4only), None, "ipv6 mode and no PublicIPv6: skipped");
     }
 }

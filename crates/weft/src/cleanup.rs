@@ -148,6 +148,13 @@ pub async fn run(opts: &DaemonOptions, release: bool, cni_dir: &Path) -> Report 
                 .extend(d.into_iter().map(|d| format!("device {d} (with its neighbours, FDB entries and routes)"))),
             Err(e) => report.failed.push(e.to_string()),
         }
+        // flannel's WireGuard devices (kernel wireguard links, or TUN devices left persistent).
+        match crate::backend::wireguard::remove_devices(h).await {
+            Ok(d) => {
+                report.removed.extend(d.into_iter().map(|d| format!("device {d} (with its addresses and routes)")))
+            }
+            Err(e) => report.failed.push(e.to_string()),
+        }
     }
     firewall(&mut report).await;
     remove_file(&opts.subnet_file, "subnet file", &mut report);

@@ -117,6 +117,15 @@ impl Kernel {
         Ok(())
     }
 
+    /// Creates a `wireguard` link called `name` (down, unconfigured).
+    pub async fn add_wireguard_link(&self, name: &str) -> Result<(), KernelError> {
+        let mut msg = LinkUnspec::new_with_name(name).build();
+        msg.attributes.push(LinkAttribute::LinkInfo(vec![netlink_packet_route::link::LinkInfo::Kind(
+            netlink_packet_route::link::InfoKind::Wireguard,
+        )]));
+        self.handle.link().add(msg).execute().await.map_err(err(format!("create a wireguard link {name}")))
+    }
+
     /// Deletes the link called `name` if there is one; `Ok(true)` when it was there.
     pub async fn delete_link(&self, name: &str) -> Result<bool, KernelError> {
         let Some(l) = by_name(&self.handle, name).await? else { return Ok(false) };
@@ -128,6 +137,21 @@ impl Kernel {
     /// for it is already there (ours from an earlier pass, or someone else's: left alone).
     pub async fn ensure_device_route(&self, network: Ipv4Net, index: u32) -> Result<(), KernelError> {
         match self.handle.route().add(translate::device_route(network, index)).execute().await {
+            Ok(()) => Ok(()),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => Ok(()),
+            Err(e) => Err(err(format!("route {network} to device {index}"))(e)),
+        }
+    }
+
+    /// [`Kernel::ensure_device_route`] for an IPv6 network (wireguard's `flannel-wg-v6`).
+    pub async fn ensure_device_route_v6(&self, network: ipnet::Ipv6Net, index: u32) -> Result<(), KernelError> {
+        let msg = rtnetlink::RouteMessageBuilder::<std::net::Ipv6Addr>::new()
+            .destination_prefix(network.network(), network.prefix_len())
+            .output_interface(index)
+            .scope(netlink_packet_route::route::RouteScope::Link)
+            .protocol(netlink_packet_route::route::RouteProtocol::Boot)
+            .build();
+        match self.handle.route().add(msg).execute().await {
             Ok(()) => Ok(()),
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => Ok(()),
             Err(e) => Err(err(format!("route {network} to device {index}"))(e)),

@@ -5,16 +5,19 @@
 //! userspace, UDP GSO sends of equal-sized encrypted datagrams, UDP GRO receives, and TCP
 //! coalescing on the way back into the TUN device.
 //!
-//! Three threads: TUN → network (encrypt), network → TUN (decrypt), and a timer thread
-//! that calls [`Tunn::update_timers`] every 250 ms (handshake retries, rekeying,
-//! keepalives). The peer table is swapped whole on lease events: a removed peer's
+//! Threads: TUN → network (encrypt), network → TUN (decrypt; one per socket: the
+//! single-device `auto` mode speaks IPv4 and IPv6), and a timer thread that calls
+//! [`Tunn::update_timers`] every 250 ms (handshake retries, rekeying, keepalives). One
+//! engine per device: `separate` mode with IPv6 runs `flannel-wg` and `flannel-wg-v6`. The peer table is swapped whole on lease events: a removed peer's
 //! sessions go with it, so it can neither send nor receive from the next datagram on.
 
+pub mod kernel;
 pub mod key;
+pub mod socket;
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -27,15 +30,15 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use bytes::BytesMut;
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::IpNet;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::eventfd::EventFd;
 use prometheus_client::metrics::counter::Counter;
 use tun_rs::{DeviceBuilder, GROTable, IDEAL_BATCH_SIZE, SyncDevice, VIRTIO_NET_HDR_LEN};
-use weft_core::wireguard::{DEVICE, Key, Peer};
+use weft_core::wireguard::{Key, Peer};
 
 use crate::metrics::Metrics;
-use crate::udp::socket::{MAX_GSO_SEGMENTS, Socket};
+use socket::{MAX_GSO_SEGMENTS, Socket};
 
 /// Room for one receive: the largest TUN read or GRO-coalesced datagram batch.
 const BIG: usize = 65_536 + VIRTIO_NET_HDR_LEN;
@@ -68,7 +71,7 @@ pub enum DropReason {
     NoSession,
     /// Handshakes refused while under load (a cookie was asked for instead).
     UnderLoad,
-    /// Not a WireGuard message, or not an IPv4 packet.
+    /// Not a WireGuard message, or not an IP packet (of a family the device carries).
     Malformed,
 }
 
@@ -165,9 +168,9 @@ struct PeerState {
 struct PeerInner {
     tunn: Tunn,
     /// Where datagrams go: the lease's endpoint, or where the peer last spoke from.
-    endpoint: SocketAddrV4,
+    endpoint: SocketAddr,
     /// The endpoint the lease gave (a new one replaces a roamed endpoint).
-    configured: SocketAddrV4,
+    configured: SocketAddr,
 }
 
 impl PeerState {
@@ -179,9 +182,12 @@ impl PeerState {
 /// The peers, by allowed subnet, public key and session index.
 #[derive(Default)]
 struct Table {
-    /// Lease prefix length (every subnet of a network has it).
+    /// IPv4 lease prefix length (every subnet of a network has it).
     prefix: u8,
+    /// IPv6 lease prefix length.
+    prefix6: u8,
     by_subnet: HashMap<u32, Arc<PeerState>>,
+    by_subnet6: HashMap<u128, Arc<PeerState>>,
     by_key: HashMap<[u8; 32], Arc<PeerState>>,
     by_index: HashMap<u32, Arc<PeerState>>,
 }
@@ -190,9 +196,28 @@ fn mask(prefix: u8) -> u32 {
     if prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(prefix)) }
 }
 
+fn mask6(prefix: u8) -> u128 {
+    if prefix == 0 { 0 } else { u128::MAX << (128 - u32::from(prefix.min(128))) }
+}
+
 impl Table {
-    fn route(&self, dst: Ipv4Addr) -> Option<&Arc<PeerState>> {
-        self.by_subnet.get(&(u32::from(dst) & mask(self.prefix)))
+    fn route(&self, dst: IpAddr) -> Option<&Arc<PeerState>> {
+        match dst {
+            IpAddr::V4(a) => self.by_subnet.get(&(u32::from(a) & mask(self.prefix))),
+            IpAddr::V6(a) => self.by_subnet6.get(&(u128::from(a) & mask6(self.prefix6))),
+        }
+    }
+}
+
+/// An IP packet's version and destination (`None`: too short or not IP).
+fn destination(pkt: &[u8]) -> Option<IpAddr> {
+    match pkt.first()? >> 4 {
+        4 if pkt.len() >= 20 => Some(IpAddr::V4(Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19]))),
+        6 if pkt.len() >= 40 => {
+            let b: [u8; 16] = pkt[24..40].try_into().ok()?;
+            Some(IpAddr::V6(Ipv6Addr::from(b)))
+        }
+        _ => None,
     }
 }
 
@@ -249,10 +274,12 @@ struct Running {
     threads: Vec<JoinHandle<()>>,
 }
 
-/// The userspace WireGuard device.
+/// A userspace WireGuard device (`flannel-wg` or `flannel-wg-v6`).
 pub struct Engine {
+    name: &'static str,
     dev: Arc<SyncDevice>,
-    sock: Socket,
+    /// One socket per outer family the device speaks (the single-device `auto` mode: two).
+    socks: Vec<Socket>,
     /// TUN offloads (IFF_VNET_HDR with TSO) are on.
     pub tun_offload: bool,
     id: Arc<Identity>,
@@ -261,43 +288,52 @@ pub struct Engine {
     update: Mutex<()>,
     next_index: AtomicU32,
     running: Option<Running>,
-    /// The counters and the peer gauge, once started (kept for a restart after a reopen).
-    stats: Option<(Stats, prometheus_client::metrics::gauge::Gauge)>,
-    own: Option<Ipv4Net>,
+    /// The counters, once started (kept for a restart after a reopen).
+    stats: Option<Stats>,
+    /// Our subnets the device delivers to (set by `start`).
+    own: Vec<IpNet>,
 }
 
-fn open_tun(offload: bool) -> io::Result<SyncDevice> {
-    let d = DeviceBuilder::new().name(DEVICE).offload(offload).build_sync()?;
+fn open_tun(name: &str, offload: bool) -> io::Result<SyncDevice> {
+    let d = DeviceBuilder::new().name(name).offload(offload).build_sync()?;
     d.set_nonblocking(true)?;
     Ok(d)
 }
 
 impl Engine {
-    /// Opens `flannel-wg` (with offloads when the kernel allows) and binds the UDP socket
-    /// on `bind`:`port`, for the private key `private`.
-    pub fn open(bind: Ipv4Addr, port: u16, private: &Key) -> io::Result<Engine> {
+    /// Opens the TUN device `name` (with offloads when the kernel allows) and binds a UDP
+    /// socket on each of `binds` (one per outer family), for the private key `private`.
+    pub fn open(name: &'static str, binds: &[SocketAddr], private: &Key) -> io::Result<Engine> {
         // WEFT_UDP_DISABLE turns offloads off here too (tun_tso, udp_gso, udp_gro).
         let disabled = std::env::var("WEFT_UDP_DISABLE").unwrap_or_default();
         let off = |f: &str| disabled.split(',').any(|d| d.trim() == f);
-        let (dev, tun_offload) = match open_tun(!off("tun_tso")) {
+        let (dev, tun_offload) = match open_tun(name, !off("tun_tso")) {
             Ok(d) if d.tcp_gso() && !off("tun_tso") => (d, true),
             Ok(d) => (d, false),
             Err(e) => {
                 tracing::warn!("TUN offloads unavailable ({e}); using plain reads and writes");
-                (open_tun(false)?, false)
+                (open_tun(name, false)?, false)
             }
         };
-        let mut sock = Socket::bind(SocketAddrV4::new(bind, port), true)?;
-        sock.gso &= !off("udp_gso");
-        if off("udp_gro") {
-            sock.disable_gro()?;
+        let mut socks = Vec::new();
+        for b in binds {
+            let mut sock = Socket::bind(*b, true)?;
+            sock.gso &= !off("udp_gso");
+            if off("udp_gro") {
+                sock.disable_gro()?;
+            }
+            socks.push(sock);
+        }
+        if socks.is_empty() {
+            return Err(io::Error::other("no address to bind the WireGuard socket to"));
         }
         let secret = StaticSecret::from(private.0);
         let public = PublicKey::from(&secret);
         let limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
         Ok(Engine {
+            name,
             dev: Arc::new(dev),
-            sock,
+            socks,
             tun_offload,
             id: Arc::new(Identity { secret, public, limiter }),
             peers: Peers::default(),
@@ -305,13 +341,22 @@ impl Engine {
             next_index: AtomicU32::new(rand::random::<u32>() & 0x00ff_ffff),
             running: None,
             stats: None,
-            own: None,
+            own: Vec::new(),
         })
+    }
+
+    /// The device's name.
+    pub fn name(&self) -> &'static str {
+        self.name
     }
 
     /// Which paths run, for the log and `/metrics`.
     pub fn paths(&self) -> [(&'static str, bool); 3] {
-        [("tun_tso", self.tun_offload), ("udp_gso", self.sock.gso), ("udp_gro", self.sock.gro)]
+        [
+            ("tun_tso", self.tun_offload),
+            ("udp_gso", self.socks.iter().all(|s| s.gso)),
+            ("udp_gro", self.socks.iter().all(|s| s.gro)),
+        ]
     }
 
     /// The number of peers configured.
@@ -319,15 +364,22 @@ impl Engine {
         self.peers.snapshot().by_key.len()
     }
 
-    /// Replaces the peer set: peers whose key, PSK and keepalive are unchanged keep their
-    /// sessions (a new endpoint from the lease replaces the old one); others are created;
-    /// the rest are gone with their sessions.
-    pub fn set_peers(&self, prefix: u8, wanted: &[Peer], psk: Option<Key>, keepalive: u16) {
+    /// Replaces the peer set (`prefix`/`prefix6`: the lease prefix lengths): peers whose
+    /// key, PSK and keepalive are unchanged keep their sessions (a new endpoint from the
+    /// lease replaces the old one); others are created; the rest are gone with their
+    /// sessions. Returns the peers left out because the device has no socket of their
+    /// endpoint's family.
+    pub fn set_peers(&self, prefix: u8, prefix6: u8, wanted: &[Peer], psk: Option<Key>, keepalive: u16) -> Vec<Peer> {
         let _g = self.update.lock().unwrap_or_else(|p| p.into_inner());
         let old = self.peers.snapshot();
-        let mut t = Table { prefix, ..Table::default() };
+        let mut t = Table { prefix, prefix6, ..Table::default() };
+        let mut unreachable = Vec::new();
         for p in wanted {
-            let SocketAddr::V4(endpoint) = p.endpoint else { continue };
+            let endpoint = p.endpoint;
+            if !self.socks.iter().any(|s| s.reaches(&endpoint)) {
+                unreachable.push(p.clone());
+                continue;
+            }
             let state = match old.by_key.get(&p.public_key.0).or_else(|| t.by_key.get(&p.public_key.0)) {
                 Some(s) if s.psk == psk && s.keepalive == keepalive => {
                     let mut i = s.lock();
@@ -341,26 +393,27 @@ impl Engine {
                 _ => self.new_peer(p.public_key, endpoint, psk, keepalive, &old),
             };
             for net in &p.allowed_ips {
-                if let IpNet::V4(n) = net
-                    && n.prefix_len() == prefix
-                {
-                    t.by_subnet.insert(u32::from(n.network()), state.clone());
+                match net {
+                    IpNet::V4(n) if n.prefix_len() == prefix => {
+                        t.by_subnet.insert(u32::from(n.network()), state.clone());
+                    }
+                    IpNet::V6(n) if n.prefix_len() == prefix6 => {
+                        t.by_subnet6.insert(u128::from(n.network()), state.clone());
+                    }
+                    _ => {}
                 }
             }
             t.by_index.insert(state.index, state.clone());
             t.by_key.insert(state.key.0, state);
         }
-        let n = t.by_key.len();
         self.peers.set(t);
-        if let Some((_, g)) = &self.stats {
-            g.set(n as i64);
-        }
+        unreachable
     }
 
     fn new_peer(
         &self,
         key: Key,
-        endpoint: SocketAddrV4,
+        endpoint: SocketAddr,
         psk: Option<Key>,
         keepalive: u16,
         old: &Table,
@@ -392,18 +445,18 @@ impl Engine {
         self.running.is_some()
     }
 
-    /// Opens `flannel-wg` again (it was deleted): the threads are restarted on the new
+    /// Opens the device again (it was deleted): the threads are restarted on the new
     /// device; peers keep their sessions.
     pub fn reopen(&mut self) -> io::Result<()> {
         let was_running = self.running.is_some();
         self.stop();
-        let d = open_tun(self.tun_offload)?;
+        let d = open_tun(self.name, self.tun_offload)?;
         if self.tun_offload && !d.tcp_gso() {
             return Err(io::Error::other("the re-opened TUN device lacks the offloads the engine runs with"));
         }
         self.dev = Arc::new(d);
-        if was_running && let Some(own) = self.own {
-            self.run(own)?;
+        if was_running {
+            self.run()?;
         }
         Ok(())
     }
@@ -412,66 +465,81 @@ impl Engine {
     pub fn stop(&mut self) {
         let Some(r) = self.running.take() else { return };
         r.stop.trigger();
-        if let Ok(SocketAddr::V4(me)) = self.sock.local_addr() {
-            let _ = self.sock.send_each(&[(&[][..], me)]);
+        // Wake the receivers blocked on their sockets.
+        for s in &self.socks {
+            if let Ok(me) = s.local_addr() {
+                let _ = s.send_to(&[], me);
+            }
         }
         for t in r.threads {
             if t.join().is_err() {
                 tracing::error!("a wireguard engine thread panicked");
             }
         }
-        tracing::info!("wireguard engine stopped");
+        tracing::info!(device = self.name, "wireguard engine stopped");
     }
 
-    /// Starts the threads for our subnet `own`; a running engine is restarted.
-    pub fn start(&mut self, own: Ipv4Net, metrics: &Metrics) -> io::Result<()> {
+    /// Starts the threads for our subnets `own` (what the device delivers to); a running
+    /// engine is restarted.
+    pub fn start(&mut self, own: Vec<IpNet>, metrics: &Metrics) -> io::Result<()> {
         for (feature, on) in self.paths() {
             metrics.udp_offload.get_or_create(&vec![("feature", feature)]).set(i64::from(on));
         }
-        metrics.wg_peers.set(self.peer_count() as i64);
-        self.stats = Some((Stats::new(metrics), metrics.wg_peers.clone()));
-        self.run(own)
+        self.stats = Some(Stats::new(metrics));
+        self.own = own;
+        self.run()
     }
 
-    fn run(&mut self, own: Ipv4Net) -> io::Result<()> {
+    fn run(&mut self) -> io::Result<()> {
         self.stop();
-        self.own = Some(own);
-        let Some((stats, _)) = self.stats.clone() else {
+        let own = self.own.clone();
+        let Some(stats) = self.stats.clone() else {
             return Err(io::Error::other("the wireguard engine was never started"));
         };
+        let [(_, tso), (_, gso), (_, gro)] = self.paths();
         tracing::info!(
-            tun_tso = self.tun_offload,
-            udp_gso = self.sock.gso,
-            udp_gro = self.sock.gro,
+            device = self.name,
+            tun_tso = tso,
+            udp_gso = gso,
+            udp_gro = gro,
             "wireguard userspace engine paths"
         );
         let stop = Arc::new(Stop { flag: AtomicBool::new(false), event: EventFd::new().map_err(io::Error::from)? });
-        let mut running = Running { stop: stop.clone(), threads: Vec::with_capacity(3) };
+        let mut running = Running { stop: stop.clone(), threads: Vec::with_capacity(4) };
+        let clones = || self.socks.iter().map(Socket::try_clone).collect::<io::Result<Vec<_>>>();
         let out = TunToNet {
+            name: self.name,
             dev: self.dev.clone(),
-            sock: self.sock.try_clone()?,
+            socks: clones()?,
             peers: self.peers.clone(),
             stats: stats.clone(),
             offload: self.tun_offload,
             stop: stop.clone(),
         };
-        let inb = NetToTun {
-            dev: self.dev.clone(),
-            sock: self.sock.try_clone()?,
-            peers: self.peers.clone(),
-            id: self.id.clone(),
-            stats: stats.clone(),
-            offload: self.tun_offload,
-            own,
-            stop: stop.clone(),
-        };
-        let timers =
-            Timers { sock: self.sock.try_clone()?, peers: self.peers.clone(), id: self.id.clone(), stats, stop };
+        let mut inbound = Vec::new();
+        for sock in clones()? {
+            inbound.push(NetToTun {
+                name: self.name,
+                dev: self.dev.clone(),
+                sock,
+                peers: self.peers.clone(),
+                id: self.id.clone(),
+                stats: stats.clone(),
+                offload: self.tun_offload,
+                own: own.clone(),
+                stop: stop.clone(),
+            });
+        }
+        let timers = Timers { socks: clones()?, peers: self.peers.clone(), id: self.id.clone(), stats, stop };
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| std::thread::Builder::new().name(name.into()).spawn(f);
-        let r = spawn("wg-tun-to-net", Box::new(move || out.run()))
+        let mut r = spawn("wg-tun-to-net", Box::new(move || out.run()))
             .map(|t| running.threads.push(t))
-            .and_then(|()| spawn("wg-net-to-tun", Box::new(move || inb.run())).map(|t| running.threads.push(t)))
             .and_then(|()| spawn("wg-timers", Box::new(move || timers.run())).map(|t| running.threads.push(t)));
+        for inb in inbound {
+            if r.is_ok() {
+                r = spawn("wg-net-to-tun", Box::new(move || inb.run())).map(|t| running.threads.push(t));
+            }
+        }
         self.running = Some(running);
         if let Err(e) = r {
             self.stop();
@@ -488,16 +556,22 @@ impl std::ops::Drop for Engine {
 }
 
 /// Sends `buf` to `to`, ignoring errors (a lost datagram is WireGuard's to recover).
-fn send_one(sock: &Socket, buf: &[u8], to: SocketAddrV4) {
-    if let Err(e) = sock.send_each(&[(buf, to)]) {
+fn send_one(sock: &Socket, buf: &[u8], to: SocketAddr) {
+    if let Err(e) = sock.send_to(buf, to) {
         tracing::debug!("wireguard send to {to}: {e}");
     }
 }
 
+/// The socket of `to`'s family among `socks`.
+fn sock_for(socks: &[Socket], to: &SocketAddr) -> Option<usize> {
+    socks.iter().position(|s| s.reaches(to))
+}
+
 /// TUN → network: encrypt and send.
 struct TunToNet {
+    name: &'static str,
     dev: Arc<SyncDevice>,
-    sock: Socket,
+    socks: Vec<Socket>,
     peers: Peers,
     stats: Stats,
     offload: bool,
@@ -505,10 +579,11 @@ struct TunToNet {
 }
 
 /// Encrypted datagrams of one size for one endpoint (the last may be shorter): one GSO
-/// send.
+/// send. `buf` keeps its full size (no zeroing per packet); `len` is what is filled.
 struct Group {
     buf: Vec<u8>,
-    to: Option<SocketAddrV4>,
+    len: usize,
+    to: Option<(usize, SocketAddr)>,
     seg: usize,
     count: usize,
     closed: bool,
@@ -519,7 +594,7 @@ impl TunToNet {
         let mut orig = vec![0u8; BIG];
         let mut bufs: Vec<Vec<u8>> = (0..IDEAL_BATCH_SIZE).map(|_| vec![0u8; PACKET]).collect();
         let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
-        let mut g = Group { buf: Vec::with_capacity(BIG + PACKET), to: None, seg: 0, count: 0, closed: false };
+        let mut g = Group { buf: vec![0u8; BIG + PACKET], len: 0, to: None, seg: 0, count: 0, closed: false };
         let mut errors = 0u64;
         while !self.stop.stopped() {
             let r = if self.offload {
@@ -543,7 +618,10 @@ impl TunToNet {
                     // The device is gone: the reconciler re-opens it and restarts us.
                     errors += 1;
                     if errors == 1 {
-                        tracing::warn!("reading {DEVICE} failed ({other:?}); pausing until the device is repaired");
+                        tracing::warn!(
+                            "reading {} failed ({other:?}); pausing until the device is repaired",
+                            self.name
+                        );
                     }
                     self.stop.wait(None, PollTimeout::from(100u16));
                     continue;
@@ -553,7 +631,7 @@ impl TunToNet {
             for i in 0..n {
                 self.encrypt(&table, &bufs[i][..sizes[i]], &mut g);
             }
-            let end = g.buf.len();
+            let end = g.len;
             self.flush(&mut g, end);
         }
     }
@@ -561,24 +639,30 @@ impl TunToNet {
     /// Encrypts `pkt` for its peer into the group (sending the group first when the new
     /// datagram cannot join it).
     fn encrypt(&self, table: &Table, pkt: &[u8], g: &mut Group) {
-        if pkt.len() < 20 || pkt[0] >> 4 != 4 {
+        let Some(dst) = destination(pkt) else {
             self.stats.drop(DropReason::Malformed);
             return;
-        }
-        let dst = Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19]);
+        };
         let Some(peer) = table.route(dst) else {
             self.stats.drop(DropReason::NoPeer);
             return;
         };
-        let start = g.buf.len();
-        g.buf.resize(start + (pkt.len() + DATA_OVERHEAD).max(HANDSHAKE_INIT), 0);
+        let start = g.len;
+        let need = start + (pkt.len() + DATA_OVERHEAD).max(HANDSHAKE_INIT);
+        if need > g.buf.len() {
+            g.buf.resize(need, 0);
+        }
         let mut inner = peer.lock();
-        let to = inner.endpoint;
+        let Some(si) = sock_for(&self.socks, &inner.endpoint) else {
+            drop(inner);
+            self.stats.drop(DropReason::NoPeer);
+            return;
+        };
+        let to = (si, inner.endpoint);
         let (len, data) = match inner.tunn.encapsulate(pkt, &mut g.buf[start..]) {
             TunnResult::WriteToNetwork(b) => (b.len(), b.first() == Some(&4)),
             TunnResult::Err(e) => {
                 drop(inner);
-                g.buf.truncate(start);
                 tracing::debug!("wireguard encapsulate: {e:?}");
                 self.stats.drop(DropReason::of(&e));
                 return;
@@ -588,29 +672,27 @@ impl TunToNet {
         };
         drop(inner);
         if len == 0 {
-            g.buf.truncate(start);
             return;
         }
-        g.buf.truncate(start + len);
         if !data {
             // A handshake initiation: on its own, now.
             self.stats.handshakes_sent.inc();
-            send_one(&self.sock, &g.buf[start..], to);
-            g.buf.truncate(start);
+            send_one(&self.socks[to.0], &g.buf[start..start + len], to.1);
             return;
         }
+        g.len = start + len;
         self.stats.tx.inc();
         let fits = g.to == Some(to)
             && !g.closed
             && len <= g.seg
             && g.count < MAX_GSO_SEGMENTS
             && start + len <= 65_000
-            && self.sock.gso;
+            && self.socks[to.0].gso;
         if !fits && g.count > 0 {
             self.flush(g, start);
             // The new datagram moves to the front of the emptied group.
             g.buf.copy_within(start..start + len, 0);
-            g.buf.truncate(len);
+            g.len = len;
         }
         if g.count == 0 {
             g.to = Some(to);
@@ -625,20 +707,18 @@ impl TunToNet {
 
     /// Sends the group's first `upto` bytes and empties it (the bytes after `upto` stay).
     fn flush(&self, g: &mut Group, upto: usize) {
-        if let Some(to) = g.to.take()
+        if let Some((si, to)) = g.to.take()
             && g.count > 0
         {
-            let r = if g.count == 1 {
-                self.sock.send_each(&[(&g.buf[..upto], to)])
-            } else {
-                self.sock.send_gso(&g.buf[..upto], g.seg, to)
-            };
+            let sock = &self.socks[si];
+            let r =
+                if g.count == 1 { sock.send_to(&g.buf[..upto], to) } else { sock.send_gso(&g.buf[..upto], g.seg, to) };
             if let Err(e) = r {
                 tracing::debug!("wireguard send to {to}: {e}");
             }
         }
-        if upto == g.buf.len() {
-            g.buf.clear();
+        if upto == g.len {
+            g.len = 0;
         }
         g.count = 0;
         g.seg = 0;
@@ -646,15 +726,16 @@ impl TunToNet {
     }
 }
 
-/// Network → TUN: find the peer, decrypt, check the source, write.
+/// Network → TUN: find the peer, decrypt, check the source, write (one per socket).
 struct NetToTun {
+    name: &'static str,
     dev: Arc<SyncDevice>,
     sock: Socket,
     peers: Peers,
     id: Arc<Identity>,
     stats: Stats,
     offload: bool,
-    own: Ipv4Net,
+    own: Vec<IpNet>,
     stop: Arc<Stop>,
 }
 
@@ -690,10 +771,17 @@ impl NetToTun {
                 let seg = if seg == 0 { n } else { seg };
                 for d in recv[..n].chunks(seg.max(1)) {
                     let b = &mut bufs[staged];
-                    b.clear();
                     // Plaintext is never longer than its datagram (a handshake answer is shorter
-                    // than an initiation).
-                    b.resize(off + d.len().max(HANDSHAKE_INIT), 0);
+                    // than an initiation). Only growth is zeroed: the bytes are overwritten.
+                    let need = off + d.len().max(HANDSHAKE_INIT);
+                    if b.len() < need {
+                        b.resize(need, 0);
+                    } else {
+                        b.truncate(need);
+                    }
+                    // A packet written alone needs a zero virtio header (tun-rs writes one
+                    // only for coalesced packets); the last batch may have left one here.
+                    b[..off].fill(0);
                     if let Some(len) = self.datagram(&table, d, from, &mut b[off..], &mut scratch) {
                         b.truncate(off + len);
                         staged += 1;
@@ -713,7 +801,7 @@ impl NetToTun {
                 Err(e) => {
                     errors += 1;
                     if errors == 1 {
-                        tracing::warn!("writing to {DEVICE} failed ({e}); pausing until the device is repaired");
+                        tracing::warn!("writing to {} failed ({e}); pausing until the device is repaired", self.name);
                     }
                     self.stop.wait(None, PollTimeout::from(100u16));
                 }
@@ -722,15 +810,8 @@ impl NetToTun {
     }
 
     /// Handles one datagram; `Some(len)` when `out[..len]` is a packet for the TUN device.
-    fn datagram(
-        &self,
-        table: &Table,
-        d: &[u8],
-        from: SocketAddrV4,
-        out: &mut [u8],
-        scratch: &mut [u8],
-    ) -> Option<usize> {
-        let src = IpAddr::V4(*from.ip());
+    fn datagram(&self, table: &Table, d: &[u8], from: SocketAddr, out: &mut [u8], scratch: &mut [u8]) -> Option<usize> {
+        let src = from.ip();
         let kind = d.first().copied().unwrap_or(0);
         let index = |at: usize| d.get(at..at + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) >> 8);
         let peer = match kind {
@@ -740,7 +821,9 @@ impl NetToTun {
                 let packet = match self.id.limiter.verify_packet(Some(src), d, scratch) {
                     Ok(p) => p,
                     Err(TunnResult::WriteToNetwork(cookie)) => {
+                        // Refused until the sender proves its address with the cookie.
                         self.stats.cookies.inc();
+                        self.stats.drop(DropReason::UnderLoad);
                         send_one(&self.sock, cookie, from);
                         return None;
                     }
@@ -772,11 +855,8 @@ impl NetToTun {
         };
         let mut inner = peer.lock();
         let (result, reply) = match inner.tunn.decapsulate(Some(src), d, out) {
-            TunnResult::WriteToTunnelV4(p, inner_src) => (Some((p.len(), inner_src)), false),
-            TunnResult::WriteToTunnelV6(..) => {
-                self.stats.drop(DropReason::Malformed);
-                return None;
-            }
+            TunnResult::WriteToTunnelV4(p, inner_src) => (Some((p.len(), IpAddr::V4(inner_src))), false),
+            TunnResult::WriteToTunnelV6(p, inner_src) => (Some((p.len(), IpAddr::V6(inner_src))), false),
             TunnResult::WriteToNetwork(b) => {
                 if kind == 1 {
                     self.stats.handshakes_received.inc();
@@ -809,8 +889,8 @@ impl NetToTun {
                 return None;
             }
         }
-        if len < 20 || !self.own.contains(&Ipv4Addr::new(out[16], out[17], out[18], out[19])) {
-            // Only traffic for our subnet enters; anything else would be routed onwards.
+        if !destination(&out[..len]).is_some_and(|d| self.own.iter().any(|n| n.contains(&d))) {
+            // Only traffic for our subnets enters; anything else would be routed onwards.
             self.stats.drop(DropReason::NoPeer);
             return None;
         }
@@ -821,7 +901,7 @@ impl NetToTun {
 
 /// The protocol's timers: handshake retries, rekeying, keepalives, expiry.
 struct Timers {
-    sock: Socket,
+    socks: Vec<Socket>,
     peers: Peers,
     id: Arc<Identity>,
     stats: Stats,
@@ -851,7 +931,9 @@ impl Timers {
                     } else {
                         self.stats.keepalives.inc();
                     }
-                    send_one(&self.sock, b, to);
+                    if let Some(si) = sock_for(&self.socks, &to) {
+                        send_one(&self.socks[si], b, to);
+                    }
                 }
             }
         }
