@@ -6,11 +6,12 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::io::Write;
+use std::net::{IpAddr, TcpListener, UdpSocket};
 use std::time::Duration;
 
 use weft::lab::netns::{Netns, in_netns};
+use weft::lab::probe;
 use weft::netpol::PolicyTable;
 use weft_core::netpol::compile::{Ruleset, compile, interpret};
 use weft_core::netpol::eval::{Conn, Proto, allowed};
@@ -69,160 +70,13 @@ fn serve(ns: &str) {
     }
 }
 
-/// One real connection attempt from namespace `ns` (2.5 s: generous on a loaded machine;
-/// a denied attempt is a dropped packet and always takes the whole wait).
-fn probe(ns: &str, dst: IpAddr, proto: Protocol, port: u16) -> bool {
-    let to = SocketAddr::new(dst, port);
-    let wait = Duration::from_millis(2500);
-    in_netns(ns, move || match proto {
-        Protocol::Tcp => TcpStream::connect_timeout(&to, wait)
-            .and_then(|mut s| {
-                s.set_read_timeout(Some(wait))?;
-                let mut b = [0u8; 2];
-                s.read_exact(&mut b)?;
-                Ok(&b == b"ok")
-            })
-            .unwrap_or(false),
-        _ => {
-            let bind: SocketAddr = if dst.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
-            let Ok(u) = UdpSocket::bind(bind) else { return false };
-            let _ = u.set_read_timeout(Some(wait));
-            let mut b = [0u8; 8];
-            u.send_to(b"ping", to).is_ok() && matches!(u.recv_from(&mut b), Ok((4, _)))
-        }
-    })
-    .unwrap()
-}
-
-/// CRC32c (Castagnoli), SCTP's checksum.
-fn crc32c(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0x82f6_3b78 } else { crc >> 1 };
-        }
-    }
-    !crc
-}
-
-/// An SCTP packet carrying one INIT chunk (what opens an association).
-fn sctp_init(src_port: u16, dst_port: u16) -> Vec<u8> {
-    let mut p = Vec::with_capacity(32);
-    p.extend(src_port.to_be_bytes());
-    p.extend(dst_port.to_be_bytes());
-    p.extend([0u8; 8]); // verification tag 0 (INIT), checksum filled in below
-    p.extend([1u8, 0]); // chunk type INIT, flags
-    p.extend(20u16.to_be_bytes());
-    p.extend(0x5eed_f00du32.to_be_bytes()); // initiate tag
-    p.extend(65535u32.to_be_bytes()); // a_rwnd
-    p.extend(1u16.to_be_bytes()); // outbound streams
-    p.extend(1u16.to_be_bytes()); // inbound streams
-    p.extend(1u32.to_be_bytes()); // initial TSN
-    let c = crc32c(&p);
-    p[8..12].copy_from_slice(&c.to_le_bytes());
-    p
-}
-
-/// A raw IP socket for protocol SCTP (132) in the calling thread's namespace.
-fn raw_sctp(v6: bool) -> std::os::fd::OwnedFd {
-    use std::os::fd::FromRawFd;
-    let fam = if v6 { libc::AF_INET6 } else { libc::AF_INET };
-    // SAFETY: socket(2) with constant arguments; the descriptor is owned right below.
-    let fd = unsafe { libc::socket(fam, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::IPPROTO_SCTP) };
-    assert!(fd >= 0, "raw SCTP socket: {}", std::io::Error::last_os_error());
-    // SAFETY: fd is a fresh descriptor nobody else owns.
-    let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-    let tv = libc::timeval { tv_sec: 0, tv_usec: 200_000 };
-    // SAFETY: fd is valid; tv lives across the call and its size is passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "SO_RCVTIMEO: {}", std::io::Error::last_os_error());
-    owned
-}
-
-fn raw_send(fd: &std::os::fd::OwnedFd, dst: IpAddr, buf: &[u8]) {
-    use std::os::fd::AsRawFd;
-    let rc = match dst {
-        IpAddr::V4(a) => {
-            let sa = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: 0,
-                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.octets()) },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: buf and sa outlive the call; their sizes are passed.
-            unsafe {
-                libc::sendto(
-                    fd.as_raw_fd(),
-                    buf.as_ptr().cast(),
-                    buf.len(),
-                    0,
-                    (&sa as *const libc::sockaddr_in).cast(),
-                    std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-                )
-            }
-        }
-        IpAddr::V6(a) => {
-            let sa = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: 0,
-                sin6_flowinfo: 0,
-                sin6_addr: libc::in6_addr { s6_addr: a.octets() },
-                sin6_scope_id: 0,
-            };
-            // SAFETY: buf and sa outlive the call; their sizes are passed.
-            unsafe {
-                libc::sendto(
-                    fd.as_raw_fd(),
-                    buf.as_ptr().cast(),
-                    buf.len(),
-                    0,
-                    (&sa as *const libc::sockaddr_in6).cast(),
-                    std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
-                )
-            }
-        }
-    };
-    assert!(rc >= 0, "sendto {dst}: {}", std::io::Error::last_os_error());
-}
-
-/// Whether an SCTP INIT from namespace `ns` to `dst:port` reaches namespace `dst_ns`.
-fn probe_sctp(ns: &str, dst_ns: &str, dst: IpAddr, port: u16) -> bool {
-    use std::os::fd::AsRawFd;
-    use std::sync::atomic::{AtomicU16, Ordering};
-    static NEXT: AtomicU16 = AtomicU16::new(40000);
-    let src_port = NEXT.fetch_add(1, Ordering::Relaxed);
-    let v6 = dst.is_ipv6();
-    let rx = in_netns(dst_ns, move || raw_sctp(v6)).unwrap();
-    let tx = in_netns(ns, move || raw_sctp(v6)).unwrap();
-    raw_send(&tx, dst, &sctp_init(src_port, port));
-    let deadline = std::time::Instant::now() + Duration::from_millis(2500);
-    let mut buf = [0u8; 2048];
-    while std::time::Instant::now() < deadline {
-        // SAFETY: buf is valid for its length; rx is an open socket.
-        let n = unsafe { libc::recv(rx.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n <= 0 {
-            continue;
-        }
-        let pkt = &buf[..n as usize];
-        // IPv4 raw sockets deliver the IP header too; IPv6 ones do not.
-        let sctp = if v6 { pkt } else { pkt.get(usize::from(pkt[0] & 0x0f) * 4..).unwrap_or_default() };
-        if sctp.len() >= 4
-            && u16::from_be_bytes([sctp[0], sctp[1]]) == src_port
-            && u16::from_be_bytes([sctp[2], sctp[3]]) == port
-        {
-            return true;
-        }
-    }
-    false
+/// One real connection attempt from namespace `ns` to a pod in `dst_ns`, with the lab's
+/// probes (2.5 s: generous on a loaded machine; a denied attempt is a dropped packet and
+/// always takes the whole wait). SCTP: a raw INIT, watched for in `dst_ns` (this kernel has
+/// SCTP in netfilter and conntrack but no SCTP sockets).
+fn probe(ns: &str, dst_ns: &str, dst: IpAddr, proto: Protocol, port: u16) -> bool {
+    let job = probe::Job { src: ns.into(), dst: dst_ns.into(), dst_ip: dst, proto, port };
+    probe::run(&[job], Duration::from_millis(2500))[0]
 }
 
 fn sysctl(ns: &Netns, key: &str) {
@@ -395,10 +249,7 @@ fn check_matrix(w: &World, case: &str, kernel_rs: &Ruleset) -> (usize, usize) {
                     chunk
                         .iter()
                         .map(|(label, ns, dst_ns, k, want)| {
-                            let got = match proto(k) {
-                                Protocol::Sctp => probe_sctp(ns, dst_ns, k.dst, k.port),
-                                p => probe(ns, k.dst, p, k.port),
-                            };
+                            let got = probe(ns, dst_ns, k.dst, proto(k), k.port);
                             (label.clone(), *want, got)
                         })
                         .collect::<Vec<_>>()

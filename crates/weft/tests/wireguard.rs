@@ -7,11 +7,10 @@
 
 mod common;
 
-use std::net::{Ipv4Addr, UdpSocket};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::net::{IpAddr, Ipv4Addr, UdpSocket};
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::cluster::{Cluster, Daemon, PREFIX, cluster};
 use common::wait_for;
@@ -83,56 +82,14 @@ fn tcp_stream(server: &weft::lab::netns::Netns, client: &weft::lab::netns::Netns
 }
 
 /// UDP payloads to or from port 51820 seen on the LAN's bridge ports for `secs`, with
-/// their destination address, read with an AF_PACKET socket inside the LAN namespace.
-fn capture(lan: String, secs: u64) -> std::thread::JoinHandle<Vec<(Ipv4Addr, Vec<u8>)>> {
+/// their destination address.
+fn capture(lan: String, secs: u64) -> std::thread::JoinHandle<Vec<(IpAddr, Vec<u8>)>> {
     std::thread::spawn(move || {
-        weft::lab::netns::in_netns(&lan, move || {
-            // SAFETY: socket(2) with constant arguments; the result is checked and owned.
-            let fd =
-                unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from((libc::ETH_P_ALL as u16).to_be())) };
-            assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
-            // SAFETY: fd is a fresh descriptor nobody else owns.
-            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-            let tv = libc::timeval { tv_sec: 0, tv_usec: 200_000 };
-            // SAFETY: setsockopt with a pointer to a live timeval of the right size.
-            unsafe {
-                libc::setsockopt(
-                    fd.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_RCVTIMEO,
-                    (&tv as *const libc::timeval).cast(),
-                    std::mem::size_of::<libc::timeval>() as u32,
-                )
-            };
-            let mut out = Vec::new();
-            let mut buf = vec![0u8; 65_536];
-            let start = Instant::now();
-            while start.elapsed() < Duration::from_secs(secs) {
-                // SAFETY: recv into a live buffer of the given length.
-                let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-                if n <= 0 {
-                    continue;
-                }
-                let f = &buf[..n as usize];
-                // Ethernet, IPv4, UDP.
-                if f.len() < 14 + 20 + 8 || f[12..14] != [0x08, 0x00] || f[14 + 9] != 17 {
-                    continue;
-                }
-                let ihl = usize::from(f[14] & 0x0f) * 4;
-                let udp = 14 + ihl;
-                if f.len() < udp + 8 {
-                    continue;
-                }
-                let (sport, dport) =
-                    (u16::from_be_bytes([f[udp], f[udp + 1]]), u16::from_be_bytes([f[udp + 2], f[udp + 3]]));
-                if sport == 51820 || dport == 51820 {
-                    let dst = Ipv4Addr::new(f[30], f[31], f[32], f[33]);
-                    out.push((dst, f[udp + 8..].to_vec()));
-                }
-            }
-            out
-        })
-        .unwrap()
+        let all = common::capture::udp_on(lan, secs).join().unwrap();
+        all.into_iter()
+            .filter(|d| d.family == 4 && (d.sport == 51820 || d.dport == 51820))
+            .map(|d| (d.dst, d.payload))
+            .collect()
     })
 }
 
@@ -277,7 +234,7 @@ fn interop_with_wireguard_go_encrypted_both_ways_and_a_deleted_lease_ends_it() {
     // reason, and the peer's endpoint is not hijacked.
     let to_a: Vec<u8> = seen
         .iter()
-        .find(|(dst, p)| *dst == Ipv4Addr::new(192, 0, 2, 11) && p.first() == Some(&4) && p.len() >= 200)
+        .find(|(dst, p)| *dst == IpAddr::V4(Ipv4Addr::new(192, 0, 2, 11)) && p.first() == Some(&4) && p.len() >= 200)
         .map(|(_, p)| p.clone())
         .expect("a data datagram from wireguard-go to weft");
     let mut forged = to_a.clone();

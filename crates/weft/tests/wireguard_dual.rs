@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -93,75 +92,13 @@ fn tcp_stream(server: &Netns, client: &Netns, server_ip: &str) -> u64 {
     v["end"]["sum_received"]["bytes"].as_u64().unwrap_or_else(|| panic!("no received bytes in {out}"))
 }
 
-/// A UDP datagram seen on the LAN: outer family (6 or 4), destination port, payload, and
-/// (IPv4) its source address and when it was seen.
+/// A UDP datagram seen on the LAN: outer family (6 or 4), destination port, payload.
 type Seen = (u8, u16, Vec<u8>);
 
-/// What [`capture`] records.
-struct Datagram {
-    family: u8,
-    src: Option<std::net::Ipv4Addr>,
-    dport: u16,
-    payload: Vec<u8>,
-    /// Seconds since the capture started.
-    at: f64,
-}
-
-/// UDP datagrams on the LAN for `secs`, either family, read with an AF_PACKET socket inside
-/// the LAN namespace.
+/// UDP datagrams on the LAN for `secs`, either family.
 fn capture(lan: String, secs: u64) -> std::thread::JoinHandle<Vec<Seen>> {
     std::thread::spawn(move || {
-        capture_timed(lan, secs).join().unwrap().into_iter().map(|d| (d.family, d.dport, d.payload)).collect()
-    })
-}
-
-/// [`capture`], with sources and times.
-fn capture_timed(lan: String, secs: u64) -> std::thread::JoinHandle<Vec<Datagram>> {
-    std::thread::spawn(move || {
-        weft::lab::netns::in_netns(&lan, move || {
-            // SAFETY: socket(2) with constant arguments; the result is checked and owned.
-            let fd =
-                unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from((libc::ETH_P_ALL as u16).to_be())) };
-            assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
-            // SAFETY: fd is a fresh descriptor nobody else owns.
-            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-            let tv = libc::timeval { tv_sec: 0, tv_usec: 200_000 };
-            // SAFETY: setsockopt with a pointer to a live timeval of the right size.
-            unsafe {
-                libc::setsockopt(
-                    fd.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_RCVTIMEO,
-                    (&tv as *const libc::timeval).cast(),
-                    std::mem::size_of::<libc::timeval>() as u32,
-                )
-            };
-            let mut out = Vec::new();
-            let mut buf = vec![0u8; 65_536];
-            let start = Instant::now();
-            while start.elapsed() < Duration::from_secs(secs) {
-                // SAFETY: recv into a live buffer of the given length.
-                let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-                if n <= 0 {
-                    continue;
-                }
-                let f = &buf[..n as usize];
-                if f.len() < 14 + 40 + 8 {
-                    continue;
-                }
-                let (family, udp) = match (f[12], f[13]) {
-                    (0x08, 0x00) if f[14 + 9] == 17 => (4, 14 + usize::from(f[14] & 0x0f) * 4),
-                    (0x86, 0xdd) if f[14 + 6] == 17 => (6, 14 + 40),
-                    _ => continue,
-                };
-                let dport = u16::from_be_bytes([f[udp + 2], f[udp + 3]]);
-                let src = (family == 4).then(|| std::net::Ipv4Addr::new(f[26], f[27], f[28], f[29]));
-                let at = start.elapsed().as_secs_f64();
-                out.push(Datagram { family, src, dport, payload: f[udp + 8..].to_vec(), at });
-            }
-            out
-        })
-        .unwrap()
+        common::capture::udp_on(lan, secs).join().unwrap().into_iter().map(|d| (d.family, d.dport, d.payload)).collect()
     })
 }
 
@@ -428,11 +365,13 @@ fn keepalives_every_interval_and_cookie_replies_under_load() {
     // Idle: with PersistentKeepaliveInterval 2, each side sends a keepalive (an empty data
     // message: 32 bytes) about every 2 s, and nothing else.
     std::thread::sleep(Duration::from_secs(1));
-    let idle = capture_timed(c.lan.ns.name.clone(), 9).join().unwrap();
-    for host in [std::net::Ipv4Addr::new(192, 0, 2, 11), std::net::Ipv4Addr::new(192, 0, 2, 12)] {
+    let idle = common::capture::udp_on(c.lan.ns.name.clone(), 9).join().unwrap();
+    for host in
+        [std::net::Ipv4Addr::new(192, 0, 2, 11), std::net::Ipv4Addr::new(192, 0, 2, 12)].map(std::net::IpAddr::V4)
+    {
         let times: Vec<f64> = idle
             .iter()
-            .filter(|d| d.src == Some(host) && d.dport == 51820 && d.payload.first() == Some(&4))
+            .filter(|d| d.src == host && d.dport == 51820 && d.payload.first() == Some(&4))
             .filter(|d| d.payload.len() == 32)
             .map(|d| d.at)
             .fold(Vec::new(), |mut v: Vec<f64>, t| {

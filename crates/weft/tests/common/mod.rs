@@ -1,6 +1,7 @@
 //! Shared helpers of the integration tests: root check, unique namespace prefixes, waiting.
 #![allow(dead_code)]
 
+pub mod capture;
 pub mod cluster;
 pub mod lab;
 pub mod scenarios;
