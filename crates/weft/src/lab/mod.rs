@@ -169,9 +169,31 @@ fn dispatch(args: &[String]) -> Result<u8, LabError> {
                 spec("all", Kind::Bool, "false", "measure every backend in one run"),
                 spec("backend", Kind::Str, "", "measure this backend in a lab of its own (default: the running lab)"),
                 spec("seconds", Kind::Uint, "5", "iperf3 duration"),
+                spec("repeat", Kind::Uint, "1", "with --all or --backend: K runs, printed as medians and ranges"),
             ];
             let Some(v) = parse(&specs, &rest)? else { return help("bench", &specs) };
             let seconds = v.uint("seconds").clamp(1, 60) as u32;
+            let repeat = v.uint("repeat").clamp(1, 20) as u32;
+            if repeat > 1 && (v.bool("all") || !v.str("backend").is_empty()) {
+                let chosen: Vec<(&str, &str)> = if v.bool("all") {
+                    bench::BACKENDS.to_vec()
+                } else {
+                    bench::BACKENDS.iter().copied().filter(|(b, _)| *b == v.str("backend")).collect()
+                };
+                if chosen.is_empty() {
+                    return Err(LabError::Usage(format!(
+                        "unknown --backend {:?}: use vxlan, host-gw, udp or wireguard",
+                        v.str("backend")
+                    )));
+                }
+                let runs = bench::repeated(v.str("name"), &chosen, seconds, repeat);
+                if v.bool("json") {
+                    print_json(&bench::to_json_repeated(&runs));
+                } else {
+                    print!("{}", bench::render_repeated(&runs));
+                }
+                return Ok(0);
+            }
             let results = if v.bool("all") {
                 bench::fresh(v.str("name"), &bench::BACKENDS, seconds)
             } else if !v.str("backend").is_empty() {
