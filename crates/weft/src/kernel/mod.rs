@@ -78,6 +78,9 @@ pub struct Kernel {
     handle: Handle,
     /// The batched sender (opened on first use).
     batcher: Arc<Mutex<Option<Batcher>>>,
+    /// A second socket: a resync dumps neighbours and FDB entries on it while the routes
+    /// come in on the first (the kernel's dump work then runs on two cores).
+    dumper: Arc<Mutex<Option<Batcher>>>,
     /// Whether nexthop objects are used (probed once).
     nexthops: Arc<std::sync::OnceLock<bool>>,
     /// The ids of others' nexthops as of the last dump (never allocated by us).
@@ -87,7 +90,13 @@ pub struct Kernel {
 impl Kernel {
     /// Wraps a handle.
     pub fn new(handle: Handle) -> Self {
-        Kernel { handle, batcher: Default::default(), nexthops: Default::default(), foreign_ids: Default::default() }
+        Kernel {
+            handle,
+            batcher: Default::default(),
+            dumper: Default::default(),
+            nexthops: Default::default(),
+            foreign_ids: Default::default(),
+        }
     }
 
     /// Runs `f` with the batched sender on a blocking thread.
@@ -95,7 +104,14 @@ impl Kernel {
         &self,
         f: impl FnOnce(&mut Batcher) -> std::io::Result<T> + Send + 'static,
     ) -> std::io::Result<T> {
-        let slot = self.batcher.clone();
+        Self::with_slot(self.batcher.clone(), f).await
+    }
+
+    /// Runs `f` with the sender in `slot` (opened on first use) on a blocking thread.
+    async fn with_slot<T: Send + 'static>(
+        slot: Arc<Mutex<Option<Batcher>>>,
+        f: impl FnOnce(&mut Batcher) -> std::io::Result<T> + Send + 'static,
+    ) -> std::io::Result<T> {
         tokio::task::spawn_blocking(move || {
             let mut guard = slot.lock().unwrap_or_else(|p| p.into_inner());
             if guard.is_none() {
@@ -227,12 +243,6 @@ impl Kernel {
         let started = std::time::Instant::now();
         let mut dump = Dump::default();
         let nexthops = self.nexthops().await;
-        // Also with nexthops off: ours from an earlier run are then found and removed.
-        match self.dump_nexthops().await {
-            Ok(n) => dump.nexthops = n,
-            Err(e) if nexthops => return Err(e),
-            Err(_) => {}
-        }
         let want_neigh: Vec<AddressFamily> =
             [(links.vxlan4, AddressFamily::Inet), (links.vxlan6, AddressFamily::Inet6)]
                 .into_iter()
@@ -240,42 +250,58 @@ impl Kernel {
                 .collect();
         let want_fdb = links.vxlan4.is_some() || links.vxlan6.is_some();
         // Raw dumps parsed in place: a resync reads every route, neighbour and FDB entry.
-        let (routes, neighbours, fdb) = self
-            .with_batcher(move |b| {
-                let mut routes = Vec::new();
-                for family in [AddressFamily::Inet, AddressFamily::Inet6] {
-                    b.dump(RTM_GETROUTE, &translate::route_dump(family), |t, p| {
-                        if t == RTM_NEWROUTE
-                            && let Some(r) = translate::parse_route(p)
-                        {
-                            routes.push(r);
-                        }
-                    })?;
-                }
-                let mut neighbours = Vec::new();
-                for family in want_neigh {
-                    b.dump(RTM_GETNEIGH, &translate::neigh_dump(family), |t, p| {
-                        if t == RTM_NEWNEIGH
-                            && let Some(n) = translate::parse_neigh(p)
-                        {
-                            neighbours.push(n);
-                        }
-                    })?;
-                }
-                let mut fdb = Vec::new();
-                if want_fdb {
-                    b.dump(RTM_GETNEIGH, &translate::neigh_dump(AddressFamily::Bridge), |t, p| {
-                        if t == RTM_NEWNEIGH
-                            && let Some(n) = translate::parse_neigh(p)
-                        {
-                            fdb.push(n);
-                        }
-                    })?;
-                }
-                Ok((routes, neighbours, fdb))
-            })
-            .await
-            .map_err(|e| io_error("dump routes, neighbours and FDB entries", e))?;
+        // Nexthops and routes on one socket, neighbours and FDB entries on another, at once.
+        let nexthops_and_routes = async {
+            let nh = self.dump_nexthops().await;
+            let routes = self
+                .with_batcher(move |b| {
+                    let mut routes = Vec::new();
+                    for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+                        b.dump(RTM_GETROUTE, &translate::route_dump(family), |t, p| {
+                            if t == RTM_NEWROUTE
+                                && let Some(r) = translate::parse_route(p)
+                            {
+                                routes.push(r);
+                            }
+                        })?;
+                    }
+                    Ok(routes)
+                })
+                .await;
+            (nh, routes)
+        };
+        let neighbours_and_fdb = Self::with_slot(self.dumper.clone(), move |b| {
+            let mut neighbours = Vec::new();
+            for family in want_neigh {
+                b.dump(RTM_GETNEIGH, &translate::neigh_dump(family), |t, p| {
+                    if t == RTM_NEWNEIGH
+                        && let Some(n) = translate::parse_neigh(p)
+                    {
+                        neighbours.push(n);
+                    }
+                })?;
+            }
+            let mut fdb = Vec::new();
+            if want_fdb {
+                b.dump(RTM_GETNEIGH, &translate::neigh_dump(AddressFamily::Bridge), |t, p| {
+                    if t == RTM_NEWNEIGH
+                        && let Some(n) = translate::parse_neigh(p)
+                    {
+                        fdb.push(n);
+                    }
+                })?;
+            }
+            Ok((neighbours, fdb))
+        });
+        let ((nh, routes), neighbours_fdb) = tokio::join!(nexthops_and_routes, neighbours_and_fdb);
+        // Also with nexthops off: ours from an earlier run are then found and removed.
+        match nh {
+            Ok(n) => dump.nexthops = n,
+            Err(e) if nexthops => return Err(e),
+            Err(_) => {}
+        }
+        let routes = routes.map_err(|e| io_error("dump routes", e))?;
+        let (neighbours, fdb) = neighbours_fdb.map_err(|e| io_error("dump neighbours and FDB entries", e))?;
         dump.routes = routes;
         dump.neighbours = neighbours;
         dump.fdb = fdb;
