@@ -3,13 +3,6 @@
 //! TSO super-packets from the TUN device are split in userspace and sent with UDP GSO;
 //! datagrams received with UDP GRO are coalesced into TCP super-packets for the TUN device.
 //! Each offload falls back to a plain batched path when the kernel lacks it.
-//!
-//! Latency: each direction's state sits behind a mutex both threads may take. A thread that
-//! has moved packets also moves whatever the other direction has queued (the answer to a
-//! packet it just wrote into `flannel0` is usually there already: one wake-up fewer per
-//! round trip). With `WEFT_UDP_SPIN_US=N` a thread keeps polling both for N µs after its
-//! last packet before it sleeps, to catch the reply of a request it just sent (off by
-//! default). A lone packet is sent at once with one `sendto`; nothing waits to fill a batch.
 
 pub mod socket;
 
@@ -17,7 +10,7 @@ use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -195,70 +188,6 @@ impl Stop {
     }
 }
 
-/// How long an engine thread keeps polling after its last packet before it sleeps
-/// (`WEFT_UDP_SPIN_US`; 0 sleeps at once).
-fn spin_time() -> Duration {
-    // Off by default: on a loaded 2-core machine the polling threads only took CPU from the
-    // work they wait for (lab bench medians: ping no better, throughput lower).
-    let us = std::env::var("WEFT_UDP_SPIN_US").ok().and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(0);
-    Duration::from_micros(us.min(10_000))
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// What an idle thread sleeps on.
-enum Waiter {
-    Dev(Arc<SyncDevice>),
-    Sock(Arc<Socket>),
-}
-
-impl Waiter {
-    fn fd(&self) -> BorrowedFd<'_> {
-        match self {
-            Waiter::Dev(d) => d.as_fd(),
-            Waiter::Sock(s) => s.as_fd(),
-        }
-    }
-}
-
-/// One direction of the engine.
-trait Pump: Send + 'static {
-    /// Moves what is queued now, without waiting; returns how many packets (or datagrams)
-    /// were read. `owner`: the direction's own thread, which alone pauses after an error of
-    /// the device (the other thread just leaves it).
-    fn pump(&mut self, owner: bool) -> usize;
-    /// What to sleep on when idle.
-    fn waiter(&self) -> Waiter;
-}
-
-/// An engine thread: moves its own direction's packets and, when the other direction is
-/// free, that one's too; polls both for `spin` after the last packet, then sleeps until its
-/// own direction has something (or the engine stops).
-fn drive<A: Pump, B: Pump>(mine: Arc<Mutex<A>>, other: Arc<Mutex<B>>, stop: Arc<Stop>, spin: Duration) {
-    let mut polling_until: Option<Instant> = None;
-    while !stop.stopped() {
-        // One lock at a time: the own side's guard is gone before the other side is tried.
-        let own = lock(&mine).pump(true);
-        let theirs = other.try_lock().map(|mut o| o.pump(false)).unwrap_or(0);
-        let moved = own + theirs;
-        let now = Instant::now();
-        if moved > 0 {
-            polling_until = Some(now + spin);
-            continue;
-        }
-        if polling_until.is_some_and(|t| now < t) {
-            // Other runnable work (iperf3, the peer's threads on a small machine) goes first.
-            std::thread::yield_now();
-            continue;
-        }
-        polling_until = None;
-        let w = lock(&mine).waiter();
-        stop.wait_readable(w.fd());
-    }
-}
-
 /// The forwarding threads of a started engine.
 struct Running {
     stop: Arc<Stop>,
@@ -361,33 +290,32 @@ impl Udp {
             udp_gro = self.sock.gro,
             "udp engine paths"
         );
-        let out = Arc::new(Mutex::new(TunToNet::new(
-            DevHandle::new(self.dev.clone()),
-            Arc::new(self.sock.try_clone()?),
-            self.peers.clone(),
-            Stats::new(metrics),
-            self.tun_offload,
-            self.port,
+        let out = TunToNet {
+            dev: DevHandle::new(self.dev.clone()),
+            sock: self.sock.try_clone()?,
+            peers: self.peers.clone(),
+            stats: Stats::new(metrics),
+            offload: self.tun_offload,
+            port: self.port,
             tun_ip,
-        )));
-        let inb = Arc::new(Mutex::new(NetToTun::new(
-            DevHandle::new(self.dev.clone()),
-            Arc::new(self.sock.try_clone()?),
-            self.peers.clone(),
-            Stats::new(metrics),
-            self.tun_offload,
+            stop: stop.clone(),
+        };
+        let inb = NetToTun {
+            dev: DevHandle::new(self.dev.clone()),
+            sock: self.sock.try_clone()?,
+            peers: self.peers.clone(),
+            stats: Stats::new(metrics),
+            offload: self.tun_offload,
             own,
-            stop.clone(),
-        )));
-        let spin = spin_time();
-        let (out2, inb2, stop2) = (out.clone(), inb.clone(), stop.clone());
-        let mut running = Running { stop: stop.clone(), threads: Vec::with_capacity(2) };
+            stop: stop.clone(),
+        };
+        let mut running = Running { stop, threads: Vec::with_capacity(2) };
         let spawned = std::thread::Builder::new()
             .name("udp-tun-to-net".into())
-            .spawn(move || drive(out, inb, stop, spin))
+            .spawn(move || out.run())
             .and_then(|t| {
                 running.threads.push(t);
-                std::thread::Builder::new().name("udp-net-to-tun".into()).spawn(move || drive(inb2, out2, stop2, spin))
+                std::thread::Builder::new().name("udp-net-to-tun".into()).spawn(move || inb.run())
             })
             .map(|t| running.threads.push(t));
         // Kept also when the second spawn failed, so the first thread is stopped and joined.
@@ -406,21 +334,16 @@ impl Drop for Udp {
     }
 }
 
-/// TUN → UDP, with its buffers (reused for every packet).
+/// TUN → UDP.
 struct TunToNet {
     dev: DevHandle,
-    sock: Arc<Socket>,
+    sock: Socket,
     peers: Peers,
     stats: Stats,
     offload: bool,
     port: u16,
     tun_ip: Ipv4Addr,
-    orig: Vec<u8>,
-    bufs: Vec<Vec<u8>>,
-    sizes: Vec<usize>,
-    group: Group,
-    plain: Vec<(usize, Ipv4Addr)>,
-    icmp_budget: (Instant, u32),
+    stop: Arc<Stop>,
 }
 
 /// Consecutive packets for one peer, of one size (the last may be shorter): one GSO send.
@@ -432,118 +355,91 @@ struct Group {
     closed: bool,
 }
 
-/// Most reads one pump makes before the thread looks at the other direction.
-const READS_PER_PUMP: usize = 16;
-
 impl TunToNet {
-    fn new(
-        dev: DevHandle,
-        sock: Arc<Socket>,
-        peers: Peers,
-        stats: Stats,
-        offload: bool,
-        port: u16,
-        tun_ip: Ipv4Addr,
-    ) -> TunToNet {
-        TunToNet {
-            dev,
-            sock,
-            peers,
-            stats,
-            offload,
-            port,
-            tun_ip,
-            orig: vec![0u8; BIG],
-            bufs: (0..IDEAL_BATCH_SIZE).map(|_| vec![0u8; PACKET]).collect(),
-            sizes: vec![0usize; IDEAL_BATCH_SIZE],
-            group: Group { buf: Vec::with_capacity(BIG), peer: None, seg: 0, count: 0, closed: false },
-            plain: Vec::with_capacity(IDEAL_BATCH_SIZE),
-            icmp_budget: (Instant::now(), ICMP_PER_SECOND),
+    fn run(mut self) {
+        let mut orig = vec![0u8; BIG];
+        let mut bufs: Vec<Vec<u8>> = (0..IDEAL_BATCH_SIZE).map(|_| vec![0u8; PACKET]).collect();
+        let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
+        let mut group = Group { buf: Vec::with_capacity(BIG), peer: None, seg: 0, count: 0, closed: false };
+        let mut plain: Vec<(usize, Ipv4Addr)> = Vec::with_capacity(IDEAL_BATCH_SIZE);
+        let mut icmp_budget = (Instant::now(), ICMP_PER_SECOND);
+        while !self.stop.stopped() {
+            let n = if self.offload {
+                match self.dev.dev.recv_multiple(&mut orig, &mut bufs, &mut sizes, 0) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.wait();
+                        continue;
+                    }
+                    Err(e) => {
+                        self.dev.failed("reading", &e);
+                        continue;
+                    }
+                }
+            } else {
+                match self.dev.dev.recv(&mut bufs[0]) {
+                    // A detached device reads as end of file.
+                    Ok(0) => {
+                        self.dev.failed("reading", &"end of file");
+                        continue;
+                    }
+                    Ok(len) => {
+                        sizes[0] = len;
+                        1
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.wait();
+                        continue;
+                    }
+                    Err(e) => {
+                        self.dev.failed("reading", &e);
+                        continue;
+                    }
+                }
+            };
+            self.dev.ok();
+            let table = self.peers.snapshot();
+            plain.clear();
+            for i in 0..n {
+                let pkt = &mut bufs[i][..sizes[i]];
+                match outbound(pkt, &table) {
+                    Outbound::Send(peer) => {
+                        self.stats.tx.inc();
+                        if self.sock.gso {
+                            self.add(&mut group, pkt, peer);
+                        } else {
+                            plain.push((i, peer));
+                        }
+                    }
+                    Outbound::NoRoute(h) => {
+                        if icmp_budget.0.elapsed() >= Duration::from_secs(1) {
+                            icmp_budget = (Instant::now(), ICMP_PER_SECOND);
+                        }
+                        if icmp_budget.1 > 0 {
+                            icmp_budget.1 -= 1;
+                            self.send_icmp(pkt, &h);
+                        }
+                    }
+                    Outbound::Drop(r) => self.stats.drop(r),
+                }
+            }
+            self.flush(&mut group);
+            if !plain.is_empty() {
+                let batch: Vec<(&[u8], SocketAddrV4)> =
+                    plain.iter().map(|(i, p)| (&bufs[*i][..sizes[*i]], SocketAddrV4::new(*p, self.port))).collect();
+                if let Err(e) = self.sock.send_each(&batch) {
+                    tracing::debug!("udp send: {e}");
+                }
+            }
         }
     }
 
-    /// One read of the TUN device (one packet, or one TSO super-packet split in segments):
-    /// `Some(n)` segments, `None` when nothing is queued or the read failed.
-    fn read(&mut self, owner: bool) -> Option<usize> {
-        let res = if self.offload {
-            self.dev.dev.recv_multiple(&mut self.orig, &mut self.bufs, &mut self.sizes, 0)
-        } else {
-            match self.dev.dev.recv(&mut self.bufs[0]) {
-                // A detached device reads as end of file.
-                Ok(0) => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "end of file")),
-                Ok(len) => {
-                    self.sizes[0] = len;
-                    Ok(1)
-                }
-                Err(e) => Err(e),
-            }
-        };
-        match res {
-            Ok(n) => {
-                self.dev.ok();
-                Some(n)
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
-            Err(e) => {
-                if owner {
-                    self.dev.failed("reading", &e);
-                }
-                None
-            }
-        }
+    /// Nothing to read: sleeps until there is, or until the engine stops.
+    fn wait(&self) {
+        self.stop.wait_readable(self.dev.dev.as_fd());
     }
 
-    /// Forwards the `n` packets just read.
-    fn forward(&mut self, n: usize) {
-        let table = self.peers.snapshot();
-        self.plain.clear();
-        let mut group =
-            std::mem::replace(&mut self.group, Group { buf: Vec::new(), peer: None, seg: 0, count: 0, closed: false });
-        for i in 0..n {
-            let len = self.sizes[i];
-            match outbound(&mut self.bufs[i][..len], &table) {
-                Outbound::Send(peer) => {
-                    self.stats.tx.inc();
-                    if self.sock.gso {
-                        self.add(&mut group, i, peer);
-                    } else {
-                        self.plain.push((i, peer));
-                    }
-                }
-                Outbound::NoRoute(h) => {
-                    if self.icmp_budget.0.elapsed() >= Duration::from_secs(1) {
-                        self.icmp_budget = (Instant::now(), ICMP_PER_SECOND);
-                    }
-                    if self.icmp_budget.1 > 0 {
-                        self.icmp_budget.1 -= 1;
-                        self.send_icmp(i, &h);
-                    }
-                }
-                Outbound::Drop(r) => self.stats.drop(r),
-            }
-        }
-        self.flush(&mut group);
-        self.group = group;
-        let r = match self.plain[..] {
-            [] => Ok(()),
-            // A lone packet: one sendto, no batch to set up.
-            [(i, p)] => self.sock.send_one(&self.bufs[i][..self.sizes[i]], SocketAddrV4::new(p, self.port)),
-            _ => {
-                let batch: Vec<(&[u8], SocketAddrV4)> = self
-                    .plain
-                    .iter()
-                    .map(|(i, p)| (&self.bufs[*i][..self.sizes[*i]], SocketAddrV4::new(*p, self.port)))
-                    .collect();
-                self.sock.send_each(&batch)
-            }
-        };
-        if let Err(e) = r {
-            tracing::debug!("udp send: {e}");
-        }
-    }
-
-    fn add(&self, g: &mut Group, i: usize, peer: Ipv4Addr) {
-        let pkt = &self.bufs[i][..self.sizes[i]];
+    fn add(&self, g: &mut Group, pkt: &[u8], peer: Ipv4Addr) {
         let fits = g.peer == Some(peer)
             && !g.closed
             && pkt.len() <= g.seg
@@ -565,7 +461,11 @@ impl TunToNet {
     fn flush(&self, g: &mut Group) {
         if let Some(peer) = g.peer.take() {
             let to = SocketAddrV4::new(peer, self.port);
-            let r = if g.count == 1 { self.sock.send_one(&g.buf, to) } else { self.sock.send_gso(&g.buf, g.seg, to) };
+            let r = if g.count == 1 {
+                self.sock.send_each(&[(&g.buf[..], to)])
+            } else {
+                self.sock.send_gso(&g.buf, g.seg, to)
+            };
             if let Err(e) = r {
                 tracing::debug!("udp send: {e}");
             }
@@ -576,8 +476,7 @@ impl TunToNet {
         g.closed = false;
     }
 
-    fn send_icmp(&self, i: usize, h: &weft_core::packet::Ipv4Header) {
-        let pkt = &self.bufs[i][..self.sizes[i]];
+    fn send_icmp(&self, pkt: &[u8], h: &weft_core::packet::Ipv4Header) {
         let mut out = [0u8; 128];
         let off = if self.offload { VIRTIO_NET_HDR_LEN } else { 0 };
         if let Some(len) = icmp_net_unreachable(pkt, h, self.tun_ip, &mut out[off..]) {
@@ -589,119 +488,74 @@ impl TunToNet {
     }
 }
 
-impl Pump for TunToNet {
-    fn pump(&mut self, owner: bool) -> usize {
-        let mut reads = 0;
-        while reads < READS_PER_PUMP {
-            let Some(n) = self.read(owner) else { break };
-            reads += 1;
-            self.forward(n);
-        }
-        reads
-    }
-
-    fn waiter(&self) -> Waiter {
-        Waiter::Dev(self.dev.dev.clone())
-    }
-}
-
-/// UDP → TUN, with its buffers.
+/// UDP → TUN.
 struct NetToTun {
     dev: DevHandle,
-    sock: Arc<Socket>,
+    sock: Socket,
     peers: Peers,
     stats: Stats,
     offload: bool,
     own: Ipv4Net,
     stop: Arc<Stop>,
-    recv: Vec<u8>,
-    bufs: Vec<BytesMut>,
-    gro: GROTable,
 }
 
 impl NetToTun {
-    fn new(
-        dev: DevHandle,
-        sock: Arc<Socket>,
-        peers: Peers,
-        stats: Stats,
-        offload: bool,
-        own: Ipv4Net,
-        stop: Arc<Stop>,
-    ) -> NetToTun {
-        NetToTun {
-            dev,
-            sock,
-            peers,
-            stats,
-            offload,
-            own,
-            stop,
-            recv: vec![0u8; BIG],
-            bufs: (0..IDEAL_BATCH_SIZE).map(|_| BytesMut::with_capacity(BIG)).collect(),
-            gro: GROTable::default(),
-        }
-    }
-}
-
-impl Pump for NetToTun {
-    /// Receives what is queued (never waiting for more to fill the batch) and writes it to
-    /// the TUN device.
-    fn pump(&mut self, owner: bool) -> usize {
+    fn run(mut self) {
         let off = if self.offload { VIRTIO_NET_HDR_LEN } else { 0 };
-        let mut staged = 0;
-        let mut received = 0;
-        while staged + MAX_GSO_SEGMENTS <= IDEAL_BATCH_SIZE {
-            let (n, seg, from) = match self.sock.recv(&mut self.recv, false) {
-                Ok(r) => r,
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => break,
-                Err(e) => {
-                    tracing::debug!("udp receive: {e}");
-                    break;
+        let mut recv = vec![0u8; BIG];
+        let mut bufs: Vec<BytesMut> = (0..IDEAL_BATCH_SIZE).map(|_| BytesMut::with_capacity(BIG)).collect();
+        let mut gro = GROTable::default();
+        let _ = self.sock.set_read_timeout(Duration::from_secs(1));
+        while !self.stop.stopped() {
+            let mut staged = 0;
+            let mut wait = true;
+            // One blocking receive, then whatever else is queued, until the batch is full.
+            while staged + MAX_GSO_SEGMENTS <= IDEAL_BATCH_SIZE {
+                let (n, seg, from) = match self.sock.recv(&mut recv, wait) {
+                    Ok(r) => r,
+                    Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => break,
+                    Err(e) => {
+                        tracing::debug!("udp receive: {e}");
+                        break;
+                    }
+                };
+                wait = false;
+                if self.stop.stopped() {
+                    return;
                 }
-            };
-            received += 1;
-            if self.stop.stopped() {
-                return received;
+                if n == 0 {
+                    self.stats.drop(DropReason::Truncated);
+                    continue;
+                }
+                let table = self.peers.snapshot();
+                let seg = if seg == 0 { n } else { seg };
+                for chunk in recv[..n].chunks(seg.max(1)) {
+                    let b = &mut bufs[staged];
+                    b.clear();
+                    b.resize(off, 0);
+                    b.extend_from_slice(chunk);
+                    match inbound(&mut b[off..], from, &table, self.own) {
+                        Ok(len) => {
+                            b.truncate(off + len);
+                            staged += 1;
+                            self.stats.rx.inc();
+                        }
+                        Err(r) => self.stats.drop(r),
+                    }
+                }
             }
-            if n == 0 {
-                self.stats.drop(DropReason::Truncated);
+            if staged == 0 {
                 continue;
             }
-            let table = self.peers.snapshot();
-            let seg = if seg == 0 { n } else { seg };
-            for chunk in self.recv[..n].chunks(seg.max(1)) {
-                let b = &mut self.bufs[staged];
-                b.clear();
-                b.resize(off, 0);
-                b.extend_from_slice(chunk);
-                match inbound(&mut b[off..], from, &table, self.own) {
-                    Ok(len) => {
-                        b.truncate(off + len);
-                        staged += 1;
-                        self.stats.rx.inc();
-                    }
-                    Err(r) => self.stats.drop(r),
-                }
+            let r = if self.offload {
+                self.dev.dev.send_multiple(&mut gro, &mut bufs[..staged], off).map(|_| ())
+            } else {
+                bufs[..staged].iter().try_for_each(|b| self.dev.dev.send(b).map(|_| ()))
+            };
+            match r {
+                Ok(()) => self.dev.ok(),
+                Err(e) => self.dev.failed("writing", &e),
             }
         }
-        if staged == 0 {
-            return received;
-        }
-        let r = if self.offload {
-            self.dev.dev.send_multiple(&mut self.gro, &mut self.bufs[..staged], off).map(|_| ())
-        } else {
-            self.bufs[..staged].iter().try_for_each(|b| self.dev.dev.send(b).map(|_| ()))
-        };
-        match r {
-            Ok(()) => self.dev.ok(),
-            Err(e) if owner => self.dev.failed("writing", &e),
-            Err(e) => tracing::debug!("writing to {DEVICE}: {e}"),
-        }
-        received
-    }
-
-    fn waiter(&self) -> Waiter {
-        Waiter::Sock(self.sock.clone())
     }
 }

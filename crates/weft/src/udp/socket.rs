@@ -6,7 +6,7 @@
 use std::io;
 use std::mem::{size_of, zeroed};
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::AsRawFd;
 
 use nix::sys::socket::{setsockopt, sockopt};
 
@@ -97,11 +97,6 @@ impl Socket {
         Ok(())
     }
 
-    /// Sends one datagram (`sendto`): the path of a lone packet, without the batch set-up.
-    pub fn send_one(&self, buf: &[u8], to: SocketAddrV4) -> io::Result<()> {
-        self.sock.send_to(buf, to).map(|_| ())
-    }
-
     /// Sends each of `packets` as its own datagram, up to 64 per `sendmmsg`.
     pub fn send_each(&self, packets: &[(&[u8], SocketAddrV4)]) -> io::Result<()> {
         for chunk in packets.chunks(64) {
@@ -180,11 +175,5 @@ impl Socket {
     /// Sets how long a waiting receive blocks.
     pub fn set_read_timeout(&self, d: std::time::Duration) -> io::Result<()> {
         self.sock.set_read_timeout(Some(d))
-    }
-}
-
-impl AsFd for Socket {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.sock.as_fd()
     }
 }
