@@ -3,11 +3,18 @@
 //! one public address or one VTEP MAC): the older lease (lower store create revision) wins,
 //! never "whichever came last", and when the winner goes away the loser is accepted again.
 //! Store snapshots and changes go in; Added/Removed events for the accepted set come out.
+//!
+//! Each lease is read once, when it arrives: its verdict under the single-lease rules and
+//! the planner's compact [`Peer`] (backend data parsed) are kept beside it, so a resync
+//! pass parses no JSON. One map holds every lease with whether it is in use, and the claim
+//! index is one ordered set of (claim, holder) pairs: no second copy of the accepted
+//! leases, no allocation per claim.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::lease::{Lease, SubnetKey};
-use crate::validate::{Claim, Reject, Rules, check, claims};
+use crate::lease::{Lease, LeaseAttrs, SubnetKey};
+use crate::plan::Peer;
+use crate::validate::{Claim, Reject, Rules, check, claims_of};
 
 /// A change in the set of peer leases in use.
 #[derive(Debug, Clone, PartialEq)]
@@ -26,18 +33,47 @@ fn age(l: &Lease) -> Age {
     (l.revision, l.key)
 }
 
+/// Below every age: where the holders of a claim start in the index.
+const FIRST: Age = (i64::MIN, SubnetKey { v4: None, v6: None });
+
+/// Whether two leases say the same (compares the backend data's text without copying it).
+fn same_attrs(a: &LeaseAttrs, b: &LeaseAttrs) -> bool {
+    fn raw(r: &Option<Box<serde_json::value::RawValue>>) -> Option<&str> {
+        r.as_ref().map(|v| v.get())
+    }
+    a.public_ip == b.public_ip
+        && a.public_ipv6 == b.public_ipv6
+        && a.backend_type == b.backend_type
+        && raw(&a.backend_data) == raw(&b.backend_data)
+        && raw(&a.backend_v6_data) == raw(&b.backend_v6_data)
+}
+
+/// A peer lease as the cache keeps it, with what was worked out when it arrived (the rules
+/// do not change during the cache's life).
+#[derive(Debug)]
+struct Stored {
+    lease: Lease,
+    peer: Peer,
+    /// Whether it passes the single-lease rules (a rare refusal is boxed: the common case
+    /// stays small). Its claims are worked out again when needed (on changes only), from
+    /// `peer`: kept for 20 000 leases they would cost more memory than anything else here.
+    rule: Result<(), Box<Reject>>,
+    /// Whether this version is in use.
+    accepted: bool,
+}
+
 /// The peer leases of a host, validated, with conflicts resolved: the one copy of the peer
-/// set. The lease watch writes it; the data plane plans from its accepted leases. Work per change is
-/// proportional to the leases that share a claim with the changed one.
+/// set. The lease watch writes it; the data plane plans from its accepted peers. Work per
+/// change is proportional to the leases that share a claim with the changed one.
 #[derive(Debug, Default)]
 pub struct LeaseCache {
     rules: Rules,
-    /// Every peer lease seen (not our own), valid or not.
-    all: BTreeMap<SubnetKey, Lease>,
-    /// Rule-valid leases by claim, oldest first.
-    holders: BTreeMap<Claim, BTreeSet<Age>>,
-    /// The leases in use.
-    accepted: BTreeMap<SubnetKey, Lease>,
+    /// Every peer lease seen (not our own), valid or not, and whether it is in use.
+    all: BTreeMap<SubnetKey, Stored>,
+    /// Rule-valid leases by claim, oldest first: (claim, holder) pairs.
+    holders: BTreeSet<(Claim, Age)>,
+    /// How many leases are in use.
+    in_use: usize,
     /// The leases not in use, with why.
     rejected: BTreeMap<SubnetKey, Reject>,
 }
@@ -57,33 +93,40 @@ impl LeaseCache {
         LeaseCache { rules, ..LeaseCache::default() }
     }
 
-    fn rule_check(&self, l: &Lease) -> Result<(), Reject> {
-        if self.rules.own == Some(l.key) {
-            return Err(Reject::OverlapsOwn(format!("{} is our own lease", l.key)));
-        }
-        check(l, &self.rules)
+    /// Reads a lease once: its verdict, claims and planner view.
+    fn store(&self, lease: Lease) -> Stored {
+        let rule = check(&lease, &self.rules).map_err(Box::new);
+        Stored { peer: Peer::of(&lease), lease, rule, accepted: false }
     }
 
-    fn index(&mut self, l: &Lease, add: bool) {
-        for c in claims(l, &self.rules) {
-            let set = self.holders.entry(c).or_default();
+    /// What `s` claims (nothing when it fails the rules).
+    fn claims(&self, s: &Stored) -> Vec<Claim> {
+        if s.rule.is_ok() { claims_of(&s.lease, &s.peer, &self.rules) } else { Vec::new() }
+    }
+
+    fn index(&mut self, s: &Stored, add: bool) {
+        let a = age(&s.lease);
+        for c in self.claims(s) {
             if add {
-                set.insert(age(l));
+                self.holders.insert((c, a));
             } else {
-                set.remove(&age(l));
-                if set.is_empty() {
-                    self.holders.remove(&c);
-                }
+                self.holders.remove(&(c, a));
             }
         }
     }
 
+    /// The holders of claim `c`, oldest first.
+    fn holders_of(&self, c: Claim) -> impl Iterator<Item = Age> + '_ {
+        self.holders.range((c, FIRST)..).take_while(move |(h, _)| *h == c).map(|(_, a)| *a)
+    }
+
     /// The verdict on a lease from the current indexes.
-    fn verdict(&self, l: &Lease) -> Result<(), Reject> {
-        self.rule_check(l)?;
-        for c in claims(l, &self.rules) {
-            if let Some(first) = self.holders.get(&c).and_then(|s| s.first())
-                && *first != age(l)
+    fn verdict(&self, s: &Stored) -> Result<(), Reject> {
+        s.rule.as_ref().map_err(|r| Reject::clone(r))?;
+        let mine = age(&s.lease);
+        for c in self.claims(s) {
+            if let Some(first) = self.holders_of(c).next()
+                && first != mine
             {
                 return Err(Reject::Conflict { what: c.describe(), winner: first.1 });
             }
@@ -91,39 +134,66 @@ impl LeaseCache {
         Ok(())
     }
 
-    /// Keys sharing a claim with `l` (including `l`).
-    fn neighbours(&self, l: &Lease, out: &mut BTreeSet<SubnetKey>) {
-        out.insert(l.key);
-        for c in claims(l, &self.rules) {
-            if let Some(s) = self.holders.get(&c) {
-                out.extend(s.iter().map(|a| a.1));
-            }
+    /// Keys sharing a claim with `s` (including its own).
+    fn neighbours(&self, s: &Stored, out: &mut BTreeSet<SubnetKey>) {
+        out.insert(s.lease.key);
+        for c in self.claims(s) {
+            out.extend(self.holders_of(c).map(|a| a.1));
         }
     }
 
-    /// Re-judges `keys` and reports what changed.
-    fn settle(&mut self, keys: BTreeSet<SubnetKey>, out: &mut Outcome) {
+    /// Takes `old` out of use (its replacement, if any, is judged by [`LeaseCache::settle`]);
+    /// returns the lease when it was in use, for the event.
+    fn retire(&mut self, old: Stored) -> Option<Lease> {
+        self.index(&old, false);
+        if old.accepted {
+            self.in_use -= 1;
+            Some(old.lease)
+        } else {
+            None
+        }
+    }
+
+    /// Re-judges `keys` and reports what changed. `was` holds the versions, in use until
+    /// now, of keys whose lease was replaced or removed.
+    fn settle(
+        &mut self,
+        keys: impl IntoIterator<Item = SubnetKey>,
+        was: &mut BTreeMap<SubnetKey, Lease>,
+        out: &mut Outcome,
+    ) {
         for k in keys {
-            let Some(l) = self.all.get(&k) else {
-                if let Some(old) = self.accepted.remove(&k) {
-                    out.events.push(LeaseEvent::Removed(old));
+            let prev = was.remove(&k);
+            let verdict = match self.all.get(&k) {
+                None => {
+                    if let Some(old) = prev {
+                        out.events.push(LeaseEvent::Removed(old));
+                    }
+                    self.rejected.remove(&k);
+                    continue;
                 }
-                self.rejected.remove(&k);
-                continue;
+                Some(s) => self.verdict(s),
             };
-            match self.verdict(l) {
+            let s = self.all.get_mut(&k).expect("looked up above");
+            match verdict {
                 Ok(()) => {
                     self.rejected.remove(&k);
-                    match self.accepted.get(&k) {
-                        Some(old) if old.attrs == l.attrs => {}
-                        _ => {
-                            out.events.push(LeaseEvent::Added(l.clone()));
-                            self.accepted.insert(k, l.clone());
-                        }
+                    if s.accepted {
+                        continue;
+                    }
+                    s.accepted = true;
+                    self.in_use += 1;
+                    match prev {
+                        Some(old) if same_attrs(&old.attrs, &s.lease.attrs) => {}
+                        _ => out.events.push(LeaseEvent::Added(s.lease.clone())),
                     }
                 }
                 Err(why) => {
-                    if let Some(old) = self.accepted.remove(&k) {
+                    if s.accepted {
+                        s.accepted = false;
+                        self.in_use -= 1;
+                        out.events.push(LeaseEvent::Removed(s.lease.clone()));
+                    } else if let Some(old) = prev {
                         out.events.push(LeaseEvent::Removed(old));
                     }
                     if self.rejected.get(&k) != Some(&why) {
@@ -141,19 +211,19 @@ impl LeaseCache {
             return Outcome::default();
         }
         let mut affected = BTreeSet::new();
+        let mut was = BTreeMap::new();
         if let Some(old) = self.all.remove(&lease.key) {
             self.neighbours(&old, &mut affected);
-            if self.rule_check(&old).is_ok() {
-                self.index(&old, false);
+            if let Some(l) = self.retire(old) {
+                was.insert(l.key, l);
             }
         }
-        if self.rule_check(&lease).is_ok() {
-            self.index(&lease, true);
-        }
-        self.neighbours(&lease, &mut affected);
-        self.all.insert(lease.key, lease);
+        let new = self.store(lease);
+        self.index(&new, true);
+        self.neighbours(&new, &mut affected);
+        self.all.insert(new.lease.key, new);
         let mut out = Outcome::default();
-        self.settle(affected, &mut out);
+        self.settle(affected, &mut was, &mut out);
         out
     }
 
@@ -162,39 +232,73 @@ impl LeaseCache {
         let mut out = Outcome::default();
         if let Some(old) = self.all.remove(key) {
             let mut affected = BTreeSet::new();
+            let mut was = BTreeMap::new();
             self.neighbours(&old, &mut affected);
-            if self.rule_check(&old).is_ok() {
-                self.index(&old, false);
+            if let Some(l) = self.retire(old) {
+                was.insert(l.key, l);
             }
-            self.settle(affected, &mut out);
+            self.settle(affected, &mut was, &mut out);
         }
         out
     }
 
-    /// Replaces the whole set (a fresh list) and reports the difference.
+    /// Replaces the whole set (a fresh list) and reports the difference. A lease listed
+    /// again unchanged keeps what was worked out for it (and its place in use).
     pub fn replace_all(&mut self, leases: impl IntoIterator<Item = Lease>) -> Outcome {
         let own = self.rules.own;
-        let next: BTreeMap<SubnetKey, Lease> =
-            leases.into_iter().filter(|l| Some(l.key) != own).map(|l| (l.key, l)).collect();
-        let mut keys: BTreeSet<SubnetKey> = self.all.keys().copied().collect();
-        keys.extend(next.keys().copied());
-        self.holders.clear();
-        for l in next.values() {
-            if self.rule_check(l).is_ok() {
-                for c in claims(l, &self.rules) {
-                    self.holders.entry(c).or_default().insert(age(l));
+        let mut old = std::mem::take(&mut self.all);
+        let mut was = BTreeMap::new();
+        // Gathered, then built at once: full B-tree nodes, half the memory of inserting
+        // 20 000 leases in the store's (string) order.
+        let mut next: Vec<(SubnetKey, Stored)> = Vec::new();
+        for l in leases.into_iter().filter(|l| Some(l.key) != own) {
+            let s = match old.remove(&l.key) {
+                Some(mut s) if s.lease.revision == l.revision && same_attrs(&s.lease.attrs, &l.attrs) => {
+                    // Judged the same; the expiry may have moved.
+                    s.lease.expiry = l.expiry;
+                    s
                 }
+                Some(s) => {
+                    if s.accepted {
+                        self.in_use -= 1;
+                        was.insert(s.lease.key, s.lease);
+                    }
+                    self.store(l)
+                }
+                None => self.store(l),
+            };
+            next.push((s.lease.key, s));
+        }
+        let next: BTreeMap<SubnetKey, Stored> = next.into_iter().collect();
+        for (k, s) in old {
+            if s.accepted {
+                self.in_use -= 1;
+                was.insert(k, s.lease);
             }
         }
+        let mut holders = Vec::with_capacity(next.len() * 3);
+        for s in next.values() {
+            let a = age(&s.lease);
+            holders.extend(self.claims(s).into_iter().map(|c| (c, a)));
+        }
+        self.holders = holders.into_iter().collect();
         self.all = next;
+        let mut keys: Vec<SubnetKey> = self.all.keys().chain(was.keys()).copied().collect();
+        keys.sort_unstable();
+        keys.dedup();
         let mut out = Outcome::default();
-        self.settle(keys, &mut out);
+        self.settle(keys, &mut was, &mut out);
         out
     }
 
     /// The leases in use.
     pub fn accepted(&self) -> impl Iterator<Item = &Lease> {
-        self.accepted.values()
+        self.all.values().filter(|s| s.accepted).map(|s| &s.lease)
+    }
+
+    /// The leases in use as the planner reads them (parsed when they arrived), by key.
+    pub fn peers(&self) -> impl Iterator<Item = &Peer> {
+        self.all.values().filter(|s| s.accepted).map(|s| &s.peer)
     }
 
     /// The leases not in use, with why.
@@ -204,12 +308,12 @@ impl LeaseCache {
 
     /// How many leases are in use.
     pub fn len(&self) -> usize {
-        self.accepted.len()
+        self.in_use
     }
 
     /// Whether no lease is in use.
     pub fn is_empty(&self) -> bool {
-        self.accepted.is_empty()
+        self.in_use == 0
     }
 }
 
@@ -220,6 +324,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::validate::claims;
     use crate::validate::tests::{lease, rules, vx};
 
     #[test]
@@ -309,6 +414,63 @@ mod tests {
         assert_eq!(v.delete(&good.key).events, vec![LeaseEvent::Removed(good), LeaseEvent::Added(thief)]);
     }
 
+    #[test]
+    fn a_relisted_unchanged_lease_keeps_its_place_and_a_changed_one_is_judged_again() {
+        let mut c = LeaseCache::new(rules());
+        let mac = [0x0e, 1, 2, 3, 4, 5];
+        let a = vx("10.5.2.0-24", "192.0.2.12", mac, 3);
+        let b = vx("10.5.3.0-24", "192.0.2.13", [0x0e, 1, 2, 3, 4, 6], 4);
+        assert_eq!(c.replace_all([a.clone(), b.clone()]).events.len(), 2);
+        // The same list again (an expiry moved): nothing to report.
+        let mut a2 = a.clone();
+        a2.expiry = crate::lease::Expiry::Reservation;
+        assert_eq!(c.replace_all([a2.clone(), b.clone()]), Outcome::default());
+        assert_eq!(c.peers().map(|p| p.vtep4).collect::<Vec<_>>(), vec![Some(mac), Some([0x0e, 1, 2, 3, 4, 6])]);
+        // b re-created (a new revision) with a's MAC: it is younger, so it loses and goes.
+        let b2 = vx("10.5.3.0-24", "192.0.2.13", mac, 9);
+        let out = c.replace_all([a2.clone(), b2.clone()]);
+        assert_eq!(out.events, vec![LeaseEvent::Removed(b.clone())]);
+        assert_eq!(out.rejected.len(), 1);
+        assert_eq!(c.len(), 1);
+        // A listing without a: a gone, b2 accepted in its place.
+        let out = c.replace_all([b2.clone()]);
+        assert_eq!(out.events, vec![LeaseEvent::Removed(a2.clone()), LeaseEvent::Added(b2.clone())]);
+        assert_eq!(c.peers().map(|p| p.key).collect::<Vec<_>>(), vec![b2.key]);
+    }
+
+    #[test]
+    fn hostile_backend_data_is_read_once_and_never_reaches_the_planner() {
+        use serde_json::value::RawValue;
+        let mut c = LeaseCache::new(rules());
+        for (i, data) in [
+            r#"[1,2,3]"#,
+            r#""VtepMAC""#,
+            r#"{"VtepMAC":17}"#,
+            r#"{"VtepMAC":"ff:ff:ff:ff:ff:ff"}"#,
+            r#"{"VtepMAC":"00:00:00:00:00:00"}"#,
+            r#"{"VtepMAC":"0e:01:02:03:04"}"#,
+            r#"{"VtepMAC":"0e:01:02:03:04:05:06"}"#,
+            r#"{"vtepmac":"01:00:5e:00:00:01","VNI":-1}"#,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut l = vx(&format!("10.5.{}.0-24", 10 + i), &format!("192.0.2.{}", 30 + i), [0x0e, 0, 0, 0, 0, 1], 1);
+            l.attrs.backend_data = Some(RawValue::from_string(data.to_string()).unwrap());
+            let out = c.put(l.clone());
+            assert!(out.events.is_empty(), "{data}");
+            assert_eq!(out.rejected[0].1.label(), "bad_vtep_mac", "{data}");
+            assert_eq!(Peer::of(&l).vtep4, None, "{data}");
+        }
+        // Keys match case-insensitively, as Go reads them; the MAC is parsed once, here.
+        let mut ok = vx("10.5.30.0-24", "192.0.2.60", [0x0e, 0, 0, 0, 0, 1], 1);
+        ok.attrs.backend_data =
+            Some(RawValue::from_string(r#"{"vni":1,"vtepmac":"0e:aa:bb:cc:dd:ee"}"#.into()).unwrap());
+        assert_eq!(c.put(ok.clone()).events.len(), 1);
+        assert_eq!(c.peers().next().unwrap().vtep4, Some([0x0e, 0xaa, 0xbb, 0xcc, 0xdd, 0xee]));
+        assert_eq!(c.len(), 1);
+    }
+
     fn arb_lease() -> impl Strategy<Value = Lease> {
         (0u8..6, 0u8..4, 0u8..4, any::<bool>(), 0i64..50).prop_map(|(sub, ip, mac, vxlan, rev)| {
             let key = format!("10.5.{sub}.0-24");
@@ -345,6 +507,11 @@ mod tests {
             }
             let accepted: BTreeMap<SubnetKey, Lease> = v.accepted().map(|l| (l.key, l.clone())).collect();
             prop_assert_eq!(&accepted, &mirror);
+            // The planner's view is the accepted set, read once from each lease.
+            let peers: Vec<Peer> = v.peers().copied().collect();
+            let want: Vec<Peer> = accepted.values().map(Peer::of).collect();
+            prop_assert_eq!(peers, want);
+            prop_assert_eq!(v.len(), accepted.len());
             let mut seen = BTreeSet::new();
             for l in accepted.values() {
                 prop_assert!(check(l, &rules()).is_ok());

@@ -2,12 +2,63 @@
 //! what the kernel has: the pure half of the reconciler.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 
 use crate::backend::{BackendSpec, Mac, mac_to_string, parse_vxlan_backend_data};
 use crate::lease::{Lease, SubnetKey};
+
+/// A peer lease's backend, compactly (its `BackendType`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PeerKind {
+    /// `host-gw`.
+    HostGw,
+    /// `vxlan`.
+    Vxlan,
+    /// `wireguard` (or flannel's `extension` name for it, whatever the lease type is).
+    Wireguard,
+    /// No `BackendType` (udp, alloc) or one weft does not program.
+    Other,
+}
+
+/// A peer lease as the planner needs it: addresses, backend, and the vxlan `VtepMAC`s parsed
+/// once, when the lease enters the cache, instead of on every pass. `Copy`, no heap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    /// The lease's subnet(s).
+    pub key: SubnetKey,
+    /// `PublicIP`.
+    pub public_ip: Ipv4Addr,
+    /// `PublicIPv6`.
+    pub public_ipv6: Option<Ipv6Addr>,
+    /// `BackendType`.
+    pub kind: PeerKind,
+    /// The `VtepMAC` of `BackendData` (vxlan leases), when it is a usable unicast MAC.
+    pub vtep4: Option<Mac>,
+    /// The `VtepMAC` of `BackendV6Data`.
+    pub vtep6: Option<Mac>,
+}
+
+impl Peer {
+    /// Reads what the planner needs from `lease` (the JSON of its backend data is parsed
+    /// here, once).
+    pub fn of(lease: &Lease) -> Peer {
+        let a = &lease.attrs;
+        let kind = match a.backend_type.as_str() {
+            "host-gw" => PeerKind::HostGw,
+            "vxlan" => PeerKind::Vxlan,
+            t if t == crate::wireguard::LEASE_TYPE => PeerKind::Wireguard,
+            _ => PeerKind::Other,
+        };
+        let mac = |d: &Option<Box<serde_json::value::RawValue>>| {
+            d.as_ref().and_then(|d| parse_vxlan_backend_data(d.get())).map(|(_, m)| m)
+        };
+        let (vtep4, vtep6) =
+            if kind == PeerKind::Vxlan { (mac(&a.backend_data), mac(&a.backend_v6_data)) } else { (None, None) };
+        Peer { key: lease.key, public_ip: a.public_ip, public_ipv6: a.public_ipv6, kind, vtep4, vtep6 }
+    }
+}
 
 /// Which of our links an entry lives on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -100,60 +151,99 @@ fn base(net: IpNet) -> IpAddr {
     net.network()
 }
 
-/// Computes the desired state for `peers` (our own lease is never among them).
+/// Computes the desired state for `peers` (our own lease is never among them), reading
+/// each lease's backend data (see [`plan_peers`] for peers read once, in the cache).
 pub fn plan<'a>(spec: &BackendSpec, peers: impl IntoIterator<Item = &'a Lease>, facts: &HostFacts) -> Plan {
+    let peers: Vec<Peer> = peers.into_iter().map(Peer::of).collect();
+    plan_peers(spec, &peers, facts)
+}
+
+/// Computes the desired state for `peers`, whose backend data was parsed when they
+/// arrived: no JSON, no allocation per peer beyond the entries themselves.
+pub fn plan_peers<'a>(spec: &BackendSpec, peers: impl IntoIterator<Item = &'a Peer>, facts: &HostFacts) -> Plan {
     let mut p = Plan::default();
-    let own_type = spec.lease_type();
+    let own_kind = match spec {
+        BackendSpec::HostGw => PeerKind::HostGw,
+        BackendSpec::Vxlan(_) => PeerKind::Vxlan,
+        // wireguard peers live in its own peer table, udp's in the engine's: no routes.
+        BackendSpec::Alloc | BackendSpec::Udp(_) | BackendSpec::Wireguard(_) => return p,
+    };
+    // Entries are gathered in lists and each map built at once (sorted, then filled in
+    // order), which is several times cheaper than inserting one by one; a later entry for
+    // the same key wins, as with inserts.
+    let mut b = Builder::default();
     for peer in peers {
         // Peers of another backend program nothing here (flannel ignores them too).
-        if peer.attrs.backend_type != own_type {
+        if peer.kind != own_kind {
             continue;
         }
         match spec {
             BackendSpec::HostGw => {
                 if let Some(v4) = peer.key.v4 {
-                    let r = Route::new(v4.into(), peer.attrs.public_ip.into(), LinkRef::External, false);
-                    p.state.routes.insert(r.dst, r);
+                    b.routes.push(Route::new(v4.into(), peer.public_ip.into(), LinkRef::External, false));
                 }
-                if let (Some(v6), Some(ip6)) = (peer.key.v6, peer.attrs.public_ipv6) {
-                    let r = Route::new(v6.into(), ip6.into(), LinkRef::External, false);
-                    p.state.routes.insert(r.dst, r);
+                if let (Some(v6), Some(ip6)) = (peer.key.v6, peer.public_ipv6) {
+                    b.routes.push(Route::new(v6.into(), ip6.into(), LinkRef::External, false));
                 }
             }
             BackendSpec::Vxlan(v) => {
                 if let Some(v4) = peer.key.v4 {
-                    let public: IpAddr = peer.attrs.public_ip.into();
+                    let public: IpAddr = peer.public_ip.into();
                     if v.direct_routing && facts.connected.iter().any(|n| n.contains(&public)) {
-                        let r = Route::new(v4.into(), public, LinkRef::External, false);
-                        p.state.routes.insert(r.dst, r);
+                        b.routes.push(Route::new(v4.into(), public, LinkRef::External, false));
                     } else {
-                        match peer.attrs.backend_data.as_ref().and_then(|d| parse_vxlan_backend_data(d.get())) {
-                            Some((_, mac)) => add_vxlan_peer(&mut p.state, LinkRef::Vxlan4, v4.into(), mac, public),
+                        match peer.vtep4 {
+                            Some(mac) => b.vxlan_peer(LinkRef::Vxlan4, v4.into(), mac, public),
                             None => p.skipped.push((peer.key, "its BackendData has no valid VtepMAC".into())),
                         }
                     }
                 }
                 if facts.vxlan6
-                    && let (Some(v6), Some(ip6)) = (peer.key.v6, peer.attrs.public_ipv6)
+                    && let (Some(v6), Some(ip6)) = (peer.key.v6, peer.public_ipv6)
                 {
-                    match peer.attrs.backend_v6_data.as_ref().and_then(|d| parse_vxlan_backend_data(d.get())) {
-                        Some((_, mac)) => add_vxlan_peer(&mut p.state, LinkRef::Vxlan6, v6.into(), mac, ip6.into()),
+                    match peer.vtep6 {
+                        Some(mac) => b.vxlan_peer(LinkRef::Vxlan6, v6.into(), mac, ip6.into()),
                         None => p.skipped.push((peer.key, "its BackendV6Data has no valid VtepMAC".into())),
                     }
                 }
             }
-            // wireguard peers live in its own peer table, not in routes.
             BackendSpec::Alloc | BackendSpec::Udp(_) | BackendSpec::Wireguard(_) => {}
         }
     }
+    p.state = b.build();
     p
 }
 
-fn add_vxlan_peer(s: &mut KernelState, link: LinkRef, subnet: IpNet, mac: Mac, public: IpAddr) {
-    let gw = base(subnet);
-    s.neighbors.insert((link, gw), mac);
-    s.fdb.insert((link, mac), public);
-    s.routes.insert(subnet, Route::new(subnet, gw, link, true));
+/// Entries of a [`KernelState`] gathered in lists, built into its maps at once.
+#[derive(Debug, Default)]
+pub struct Builder {
+    /// Routes.
+    pub routes: Vec<Route>,
+    /// Neighbours.
+    pub neighbors: Vec<((LinkRef, IpAddr), Mac)>,
+    /// FDB entries.
+    pub fdb: Vec<((LinkRef, Mac), IpAddr)>,
+    /// Nexthop objects.
+    pub nexthops: Vec<(u32, Nexthop)>,
+}
+
+impl Builder {
+    fn vxlan_peer(&mut self, link: LinkRef, subnet: IpNet, mac: Mac, public: IpAddr) {
+        let gw = base(subnet);
+        self.neighbors.push(((link, gw), mac));
+        self.fdb.push(((link, mac), public));
+        self.routes.push(Route::new(subnet, gw, link, true));
+    }
+
+    /// The maps (for equal keys the later entry wins).
+    pub fn build(self) -> KernelState {
+        KernelState {
+            routes: self.routes.into_iter().map(|r| (r.dst, r)).collect(),
+            neighbors: self.neighbors.into_iter().collect(),
+            fdb: self.fdb.into_iter().collect(),
+            nexthops: self.nexthops.into_iter().collect(),
+        }
+    }
 }
 
 /// What to change, in the order to apply it.
@@ -229,55 +319,69 @@ impl Ops {
     }
 }
 
+/// Walks two maps in key order at once: `f(key, wanted, present)` for every key of either.
+/// O(n) with no lookups, since both are sorted the same way.
+fn merge<K: Ord + Copy, V>(want: &BTreeMap<K, V>, have: &BTreeMap<K, V>, mut f: impl FnMut(K, Option<&V>, Option<&V>)) {
+    let mut w = want.iter().peekable();
+    let mut h = have.iter().peekable();
+    loop {
+        match (w.peek(), h.peek()) {
+            (None, None) => return,
+            (Some((k, v)), None) => {
+                f(**k, Some(*v), None);
+                w.next();
+            }
+            (None, Some((k, v))) => {
+                f(**k, None, Some(*v));
+                h.next();
+            }
+            (Some((kw, vw)), Some((kh, vh))) => match kw.cmp(kh) {
+                std::cmp::Ordering::Less => {
+                    f(**kw, Some(*vw), None);
+                    w.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    f(**kh, None, Some(*vh));
+                    h.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    f(**kw, Some(*vw), Some(*vh));
+                    w.next();
+                    h.next();
+                }
+            },
+        }
+    }
+}
+
 /// The changes that turn `actual` into `desired`. Entries already right are left alone, so
 /// a restart or a resync never disturbs working traffic. `actual` holds only entries that
-/// are ours: whatever is not in it is never replaced or deleted.
+/// are ours: whatever is not in it is never replaced or deleted. One ordered walk of each
+/// pair of maps: O(entries), no lookups.
 pub fn diff(desired: &KernelState, actual: &KernelState) -> Ops {
     let mut ops = Ops::default();
-    for (&(l, ip), mac) in &desired.neighbors {
-        if actual.neighbors.get(&(l, ip)) != Some(mac) {
-            ops.neighbors_set.push((l, ip, *mac));
-        }
-    }
-    for (&(l, mac), dst) in &desired.fdb {
-        if actual.fdb.get(&(l, mac)) != Some(dst) {
-            ops.fdb_set.push((l, mac, *dst));
-        }
-    }
-    for (&id, nh) in &desired.nexthops {
-        match actual.nexthops.get(&id) {
-            None => ops.nexthops_add.push((id, *nh)),
-            Some(a) if a != nh => ops.nexthops_set.push((id, *nh)),
-            Some(_) => {}
-        }
-    }
-    for (dst, r) in &desired.routes {
-        match actual.routes.get(dst) {
-            None => ops.routes_add.push(*r),
-            Some(a) if a != r => ops.routes_set.push(*r),
-            Some(_) => {}
-        }
-    }
-    for (dst, r) in &actual.routes {
-        if !desired.routes.contains_key(dst) {
-            ops.routes_del.push(*r);
-        }
-    }
-    for (&id, nh) in &actual.nexthops {
-        if !desired.nexthops.contains_key(&id) {
-            ops.nexthops_del.push((id, *nh));
-        }
-    }
-    for (&(l, mac), dst) in &actual.fdb {
-        if !desired.fdb.contains_key(&(l, mac)) {
-            ops.fdb_del.push((l, mac, *dst));
-        }
-    }
-    for (&(l, ip), mac) in &actual.neighbors {
-        if !desired.neighbors.contains_key(&(l, ip)) {
-            ops.neighbors_del.push((l, ip, *mac));
-        }
-    }
+    merge(&desired.neighbors, &actual.neighbors, |(l, ip), want, have| match (want, have) {
+        (Some(m), h) if h != Some(m) => ops.neighbors_set.push((l, ip, *m)),
+        (None, Some(m)) => ops.neighbors_del.push((l, ip, *m)),
+        _ => {}
+    });
+    merge(&desired.fdb, &actual.fdb, |(l, mac), want, have| match (want, have) {
+        (Some(d), h) if h != Some(d) => ops.fdb_set.push((l, mac, *d)),
+        (None, Some(d)) => ops.fdb_del.push((l, mac, *d)),
+        _ => {}
+    });
+    merge(&desired.nexthops, &actual.nexthops, |id, want, have| match (want, have) {
+        (Some(n), None) => ops.nexthops_add.push((id, *n)),
+        (Some(n), Some(a)) if a != n => ops.nexthops_set.push((id, *n)),
+        (None, Some(a)) => ops.nexthops_del.push((id, *a)),
+        _ => {}
+    });
+    merge(&desired.routes, &actual.routes, |_, want, have| match (want, have) {
+        (Some(r), None) => ops.routes_add.push(*r),
+        (Some(r), Some(a)) if a != r => ops.routes_set.push(*r),
+        (None, Some(a)) => ops.routes_del.push(*a),
+        _ => {}
+    });
     ops
 }
 
@@ -288,16 +392,19 @@ pub fn diff(desired: &KernelState, actual: &KernelState) -> Ops {
 /// `desired.nexthops`; a duplicate or unused nexthop of ours is then left for [`diff`] to
 /// delete. Work is O(routes + nexthops) map operations.
 pub fn assign_nexthops(desired: &mut KernelState, actual: &KernelState, taken: &dyn Fn(u32) -> bool) {
-    let mut existing: BTreeMap<Nexthop, u32> = BTreeMap::new();
-    for (&id, nh) in &actual.nexthops {
-        existing.entry(*nh).or_insert(id);
-    }
+    // Ours by where they go, the lowest id first for each (a sorted list: no map to build).
+    let mut existing: Vec<(Nexthop, u32)> = actual.nexthops.iter().map(|(&id, nh)| (*nh, id)).collect();
+    existing.sort_unstable();
+    existing.dedup_by_key(|e| e.0);
+    // Allocated in this call (rarely more than a few in a resync).
+    let mut fresh: BTreeMap<Nexthop, u32> = BTreeMap::new();
     let mut next = NEXTHOP_IDS.start;
-    desired.nexthops.clear();
+    let mut chosen: Vec<(u32, Nexthop)> = Vec::with_capacity(desired.routes.len());
     for r in desired.routes.values_mut() {
         let nh = r.nexthop();
-        let id = match existing.get(&nh) {
-            Some(&id) => id,
+        let found = existing.binary_search_by(|e| e.0.cmp(&nh)).ok().map(|i| existing[i].1);
+        let id = match found.or_else(|| fresh.get(&nh).copied()) {
+            Some(id) => id,
             None => {
                 while next < NEXTHOP_IDS.end && (taken(next) || actual.nexthops.contains_key(&next)) {
                     next += 1;
@@ -309,13 +416,14 @@ pub fn assign_nexthops(desired: &mut KernelState, actual: &KernelState, taken: &
                 }
                 let id = next;
                 next += 1;
-                existing.insert(nh, id);
+                fresh.insert(nh, id);
                 id
             }
         };
         r.nhid = Some(id);
-        desired.nexthops.insert(id, nh);
+        chosen.push((id, nh));
     }
+    desired.nexthops = chosen.into_iter().collect();
 }
 
 /// The changes for a few peers alone, against `model` (what the kernel holds as of the
@@ -522,6 +630,116 @@ mod tests {
         assert_eq!(ops.neighbors_del.len(), 1);
         assert!(ops.fdb_set.is_empty());
         assert_eq!(ops.len(), 6);
+    }
+
+    /// The diff by definition: a lookup of every key in the other map.
+    fn naive_diff(desired: &KernelState, actual: &KernelState) -> Ops {
+        let mut ops = Ops::default();
+        for (&(l, ip), mac) in &desired.neighbors {
+            if actual.neighbors.get(&(l, ip)) != Some(mac) {
+                ops.neighbors_set.push((l, ip, *mac));
+            }
+        }
+        for (&(l, mac), dst) in &desired.fdb {
+            if actual.fdb.get(&(l, mac)) != Some(dst) {
+                ops.fdb_set.push((l, mac, *dst));
+            }
+        }
+        for (&id, nh) in &desired.nexthops {
+            match actual.nexthops.get(&id) {
+                None => ops.nexthops_add.push((id, *nh)),
+                Some(a) if a != nh => ops.nexthops_set.push((id, *nh)),
+                Some(_) => {}
+            }
+        }
+        for (dst, r) in &desired.routes {
+            match actual.routes.get(dst) {
+                None => ops.routes_add.push(*r),
+                Some(a) if a != r => ops.routes_set.push(*r),
+                Some(_) => {}
+            }
+        }
+        ops.routes_del =
+            actual.routes.iter().filter(|(k, _)| !desired.routes.contains_key(k)).map(|(_, r)| *r).collect();
+        ops.nexthops_del =
+            actual.nexthops.iter().filter(|(k, _)| !desired.nexthops.contains_key(k)).map(|(k, n)| (*k, *n)).collect();
+        ops.fdb_del =
+            actual.fdb.iter().filter(|(k, _)| !desired.fdb.contains_key(k)).map(|(k, d)| (k.0, k.1, *d)).collect();
+        ops.neighbors_del = actual
+            .neighbors
+            .iter()
+            .filter(|(k, _)| !desired.neighbors.contains_key(k))
+            .map(|(k, m)| (k.0, k.1, *m))
+            .collect();
+        ops
+    }
+
+    fn arb_state() -> impl proptest::strategy::Strategy<Value = KernelState> {
+        use proptest::prelude::*;
+        // Few distinct keys and values, so that both maps share keys with equal and unequal values.
+        let link = prop_oneof![Just(LinkRef::Vxlan4), Just(LinkRef::Vxlan6), Just(LinkRef::External)];
+        let ip = (0u8..6).prop_map(|i| IpAddr::from([10, 5, i, 0]));
+        let mac = (0u8..4).prop_map(|i| [0x0e, 0, 0, 0, 0, i]);
+        let route = (0u8..6, 0u8..3, link.clone(), any::<bool>(), proptest::option::of(0u32..4)).prop_map(
+            |(d, via, link, onlink, nhid)| Route {
+                dst: IpNet::new(IpAddr::from([10, 5, d, 0]), 24).unwrap(),
+                via: IpAddr::from([192, 0, 2, via]),
+                link,
+                onlink,
+                nhid,
+            },
+        );
+        let nh = (0u8..3, link.clone(), any::<bool>()).prop_map(|(via, link, onlink)| Nexthop {
+            via: IpAddr::from([192, 0, 2, via]),
+            link,
+            onlink,
+        });
+        (
+            proptest::collection::vec(route, 0..8),
+            proptest::collection::vec(((link.clone(), ip.clone()), mac.clone()), 0..8),
+            proptest::collection::vec(((link, mac), ip), 0..8),
+            proptest::collection::vec((0u32..6, nh), 0..8),
+        )
+            .prop_map(|(routes, neighbors, fdb, nexthops)| Builder { routes, neighbors, fdb, nexthops }.build())
+    }
+
+    proptest::proptest! {
+        /// The ordered walk finds exactly what a lookup of every key finds, in the same order.
+        #[test]
+        fn the_merged_diff_equals_the_diff_by_lookup(want in arb_state(), have in arb_state()) {
+            proptest::prop_assert_eq!(diff(&want, &have), naive_diff(&want, &have));
+            proptest::prop_assert!(diff(&want, &want).is_empty());
+        }
+    }
+
+    #[test]
+    fn the_builder_keeps_the_later_of_two_entries_for_one_key() {
+        let dst: IpNet = "10.5.2.0/24".parse().unwrap();
+        let a = Route::new(dst, "10.5.2.0".parse().unwrap(), LinkRef::Vxlan4, true);
+        let b = Route::new(dst, "192.0.2.2".parse().unwrap(), LinkRef::External, false);
+        let s = Builder { routes: vec![a, b], ..Builder::default() }.build();
+        assert_eq!(s.routes.len(), 1);
+        assert_eq!(s.routes[&dst], b, "as inserting one after the other would");
+    }
+
+    #[test]
+    fn planning_from_leases_and_from_peers_read_once_agree() {
+        let mut peers = vx_peers(4);
+        peers.push(peer("10.5.40.0-24", [192, 0, 2, 40], "host-gw", None));
+        let mut bad = peer("10.5.41.0-24", [192, 0, 2, 41], "vxlan", None);
+        bad.attrs.backend_data = Some(RawValue::from_string(r#"{"VtepMAC":null}"#.into()).unwrap());
+        peers.push(bad);
+        let read: Vec<Peer> = peers.iter().map(Peer::of).collect();
+        let a = plan(&vxlan(false), &peers, &HostFacts::default());
+        let b = plan_peers(&vxlan(false), &read, &HostFacts::default());
+        assert_eq!(a.state, b.state);
+        assert_eq!(a.skipped, b.skipped);
+        assert_eq!(b.skipped.len(), 1, "the vxlan peer without a VtepMAC");
+        assert_eq!(b.state.routes.len(), 4, "the host-gw peer is another backend's");
+        let hg = plan_peers(&BackendSpec::HostGw, &read, &HostFacts::default());
+        assert_eq!(hg.state.routes.len(), 1);
+        let wg = plan_peers(&BackendSpec::Alloc, &read, &HostFacts::default());
+        assert!(wg.state.routes.is_empty() && wg.skipped.is_empty());
     }
 
     fn vx_peers(n: u8) -> Vec<Lease> {

@@ -276,6 +276,31 @@ pub(crate) fn claims(lease: &Lease, rules: &Rules) -> Vec<Claim> {
     c
 }
 
+/// [`claims`] of a rule-valid lease whose [`crate::plan::Peer`] was read already: the vxlan
+/// MACs come from it, so only a wireguard lease's data is parsed again (the cache calls this
+/// on changes instead of keeping every lease's claims).
+pub(crate) fn claims_of(lease: &Lease, peer: &crate::plan::Peer, rules: &Rules) -> Vec<Claim> {
+    if lease.attrs.backend_type != "vxlan" {
+        return claims(lease, rules);
+    }
+    let mut c = Vec::with_capacity(4);
+    if let Some(n) = lease.key.v4.filter(|_| rules.v4.is_some()) {
+        c.push(Claim::V4(n));
+        c.push(Claim::Ip(IpAddr::V4(lease.attrs.public_ip)));
+        c.extend(peer.vtep4.map(Claim::Mac));
+    }
+    if let Some(n) = lease.key.v6.filter(|_| rules.v6.is_some()) {
+        c.push(Claim::V6(n));
+        if let Some(ip) = lease.attrs.public_ipv6 {
+            c.push(Claim::Ip(IpAddr::V6(ip)));
+            c.extend(peer.vtep6.map(Claim::Mac));
+        }
+    }
+    c.sort();
+    c.dedup();
+    c
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
 
@@ -341,6 +366,27 @@ pub(crate) mod tests {
             ok6.attrs.public_ipv6 = Some(ip.parse().unwrap());
             assert_eq!(check(&ok6, &r6).unwrap_err().label(), "bad_public_ip", "{ip}");
         }
+    }
+
+    #[test]
+    fn claims_from_the_parsed_peer_are_the_claims_from_the_lease() {
+        let r6 = Rules {
+            v4: Some(("10.5.0.0/16".parse().unwrap(), 24)),
+            v6: Some(("fd00:5::/56".parse().unwrap(), 64)),
+            own: None,
+            own_ips: vec![],
+        };
+        let mut dual = vx("10.5.2.0-24", "192.0.2.12", [0x0e, 1, 2, 3, 4, 5], 1);
+        dual.key = "10.5.2.0-24&fd00:5:0:2::-64".parse().unwrap();
+        dual.attrs.public_ipv6 = Some("2001:db8::12".parse().unwrap());
+        dual.attrs.backend_v6_data =
+            Some(RawValue::from_string(vxlan_backend_data(1, &[0x0e, 6, 6, 6, 6, 6])).unwrap());
+        let hg = lease("10.5.3.0-24", "192.0.2.13", 1);
+        for (l, r) in [(&dual, &r6), (&dual, &rules()), (&hg, &rules()), (&hg, &r6)] {
+            assert_eq!(check(l, r), Ok(()));
+            assert_eq!(claims_of(l, &crate::plan::Peer::of(l), r), claims(l, r), "{} {r:?}", l.key);
+        }
+        assert_eq!(claims(&dual, &r6).len(), 6, "two subnets, two addresses, two MACs");
     }
 
     pub(crate) fn wg(key: &str, ip: &str, data: Option<&str>, rev: i64) -> Lease {

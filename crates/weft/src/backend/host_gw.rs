@@ -2,6 +2,7 @@
 //! segment, so the public IP must be the interface's own address.
 
 use weft_core::backend::BackendSpec;
+use weft_core::cache::LeaseCache;
 use weft_core::iface::External;
 use weft_core::lease::Lease;
 use weft_core::plan::{self, HostFacts, Plan};
@@ -26,6 +27,10 @@ impl Backend for HostGw {
 
     fn plan(&self, peers: &mut dyn Iterator<Item = &Lease>) -> Option<Plan> {
         Some(plan::plan(&BackendSpec::HostGw, peers, &HostFacts::default()))
+    }
+
+    fn plan_cached(&self, cache: &LeaseCache) -> Option<Plan> {
+        Some(plan::plan_peers(&BackendSpec::HostGw, cache.peers(), &HostFacts::default()))
     }
 }
 

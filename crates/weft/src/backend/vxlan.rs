@@ -7,6 +7,7 @@ use futures::future::BoxFuture;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde_json::value::RawValue;
 use weft_core::backend::{BackendSpec, VxlanSettings, vxlan_backend_data};
+use weft_core::cache::LeaseCache;
 use weft_core::config::NetworkConfig;
 use weft_core::iface::External;
 use weft_core::lease::{Lease, LeaseAttrs, SubnetKey};
@@ -187,5 +188,9 @@ impl Backend for Vxlan {
 
     fn plan(&self, peers: &mut dyn Iterator<Item = &Lease>) -> Option<Plan> {
         Some(plan::plan(&self.spec, peers, &self.facts))
+    }
+
+    fn plan_cached(&self, cache: &LeaseCache) -> Option<Plan> {
+        Some(plan::plan_peers(&self.spec, cache.peers(), &self.facts))
     }
 }

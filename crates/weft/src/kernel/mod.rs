@@ -78,6 +78,9 @@ pub struct Kernel {
     handle: Handle,
     /// The batched sender (opened on first use).
     batcher: Arc<Mutex<Option<Batcher>>>,
+    /// A second socket: a resync dumps neighbours and FDB entries on it while the routes
+    /// come in on the first (the kernel's dump work then runs on two cores).
+    dumper: Arc<Mutex<Option<Batcher>>>,
     /// Whether nexthop objects are used (probed once).
     nexthops: Arc<std::sync::OnceLock<bool>>,
     /// The ids of others' nexthops as of the last dump (never allocated by us).
@@ -87,7 +90,13 @@ pub struct Kernel {
 impl Kernel {
     /// Wraps a handle.
     pub fn new(handle: Handle) -> Self {
-        Kernel { handle, batcher: Default::default(), nexthops: Default::default(), foreign_ids: Default::default() }
+        Kernel {
+            handle,
+            batcher: Default::default(),
+            dumper: Default::default(),
+            nexthops: Default::default(),
+            foreign_ids: Default::default(),
+        }
     }
 
     /// Runs `f` with the batched sender on a blocking thread.
@@ -95,7 +104,14 @@ impl Kernel {
         &self,
         f: impl FnOnce(&mut Batcher) -> std::io::Result<T> + Send + 'static,
     ) -> std::io::Result<T> {
-        let slot = self.batcher.clone();
+        Self::with_slot(self.batcher.clone(), f).await
+    }
+
+    /// Runs `f` with the sender in `slot` (opened on first use) on a blocking thread.
+    async fn with_slot<T: Send + 'static>(
+        slot: Arc<Mutex<Option<Batcher>>>,
+        f: impl FnOnce(&mut Batcher) -> std::io::Result<T> + Send + 'static,
+    ) -> std::io::Result<T> {
         tokio::task::spawn_blocking(move || {
             let mut guard = slot.lock().unwrap_or_else(|p| p.into_inner());
             if guard.is_none() {
@@ -224,14 +240,9 @@ impl Kernel {
         own: &[IpNet],
         desired: &mut KernelState,
     ) -> Result<(KernelState, Vec<IpNet>), KernelError> {
+        let started = std::time::Instant::now();
         let mut dump = Dump::default();
         let nexthops = self.nexthops().await;
-        // Also with nexthops off: ours from an earlier run are then found and removed.
-        match self.dump_nexthops().await {
-            Ok(n) => dump.nexthops = n,
-            Err(e) if nexthops => return Err(e),
-            Err(_) => {}
-        }
         let want_neigh: Vec<AddressFamily> =
             [(links.vxlan4, AddressFamily::Inet), (links.vxlan6, AddressFamily::Inet6)]
                 .into_iter()
@@ -239,52 +250,90 @@ impl Kernel {
                 .collect();
         let want_fdb = links.vxlan4.is_some() || links.vxlan6.is_some();
         // Raw dumps parsed in place: a resync reads every route, neighbour and FDB entry.
-        let (routes, neighbours, fdb) = self
-            .with_batcher(move |b| {
-                let mut routes = Vec::new();
-                for family in [AddressFamily::Inet, AddressFamily::Inet6] {
-                    b.dump(RTM_GETROUTE, &translate::route_dump(family), |t, p| {
-                        if t == RTM_NEWROUTE
-                            && let Some(r) = translate::parse_route(p)
-                        {
-                            routes.push(r);
-                        }
-                    })?;
-                }
-                let mut neighbours = Vec::new();
-                for family in want_neigh {
-                    b.dump(RTM_GETNEIGH, &translate::neigh_dump(family), |t, p| {
-                        if t == RTM_NEWNEIGH
-                            && let Some(n) = translate::parse_neigh(p)
-                        {
-                            neighbours.push(n);
-                        }
-                    })?;
-                }
-                let mut fdb = Vec::new();
-                if want_fdb {
-                    b.dump(RTM_GETNEIGH, &translate::neigh_dump(AddressFamily::Bridge), |t, p| {
-                        if t == RTM_NEWNEIGH
-                            && let Some(n) = translate::parse_neigh(p)
-                        {
-                            fdb.push(n);
-                        }
-                    })?;
-                }
-                Ok((routes, neighbours, fdb))
-            })
-            .await
-            .map_err(|e| io_error("dump routes, neighbours and FDB entries", e))?;
+        // Nexthops and routes on one socket, neighbours and FDB entries on another, at once.
+        let nexthops_and_routes = async {
+            let nh = self.dump_nexthops().await;
+            let routes = self
+                .with_batcher(move |b| {
+                    let mut routes = Vec::new();
+                    for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+                        b.dump(RTM_GETROUTE, &translate::route_dump(family), |t, p| {
+                            if t == RTM_NEWROUTE
+                                && let Some(r) = translate::parse_route(p)
+                            {
+                                routes.push(r);
+                            }
+                        })?;
+                    }
+                    Ok(routes)
+                })
+                .await;
+            (nh, routes)
+        };
+        let neighbours_and_fdb = Self::with_slot(self.dumper.clone(), move |b| {
+            let mut neighbours = Vec::new();
+            for family in want_neigh {
+                b.dump(RTM_GETNEIGH, &translate::neigh_dump(family), |t, p| {
+                    if t == RTM_NEWNEIGH
+                        && let Some(n) = translate::parse_neigh(p)
+                    {
+                        neighbours.push(n);
+                    }
+                })?;
+            }
+            let mut fdb = Vec::new();
+            if want_fdb {
+                b.dump(RTM_GETNEIGH, &translate::neigh_dump(AddressFamily::Bridge), |t, p| {
+                    if t == RTM_NEWNEIGH
+                        && let Some(n) = translate::parse_neigh(p)
+                    {
+                        fdb.push(n);
+                    }
+                })?;
+            }
+            Ok((neighbours, fdb))
+        });
+        let ((nh, routes), neighbours_fdb) = tokio::join!(nexthops_and_routes, neighbours_and_fdb);
+        // Also with nexthops off: ours from an earlier run are then found and removed.
+        match nh {
+            Ok(n) => dump.nexthops = n,
+            Err(e) if nexthops => return Err(e),
+            Err(_) => {}
+        }
+        let routes = routes.map_err(|e| io_error("dump routes", e))?;
+        let (neighbours, fdb) = neighbours_fdb.map_err(|e| io_error("dump neighbours and FDB entries", e))?;
         dump.routes = routes;
         dump.neighbours = neighbours;
         dump.fdb = fdb;
+        let dumped = started.elapsed();
         let (actual, displaced) = translate::read_state(&dump, links, networks, own);
+        let parsed = started.elapsed();
         if nexthops {
-            let taken: std::collections::HashSet<u32> = dump.nexthops.iter().map(|n| n.id).collect();
-            weft_core::plan::assign_nexthops(desired, &actual, &|id| taken.contains(&id));
-            *self.foreign_ids.lock().unwrap_or_else(|p| p.into_inner()) =
-                taken.into_iter().filter(|id| !actual.nexthops.contains_key(id)).collect();
+            // Every id in the kernel, sorted (the dump comes by id): searched, not hashed.
+            let mut taken: Vec<u32> = dump.nexthops.iter().map(|n| n.id).collect();
+            taken.sort_unstable();
+            weft_core::plan::assign_nexthops(desired, &actual, &|id| taken.binary_search(&id).is_ok());
+            // Others' ids: those of the dump that are not ours (both lists sorted).
+            let mut ours = actual.nexthops.keys().peekable();
+            let foreign: std::collections::HashSet<u32> = taken
+                .iter()
+                .copied()
+                .filter(|id| {
+                    while ours.next_if(|o| **o < *id).is_some() {}
+                    ours.peek() != Some(&id)
+                })
+                .collect();
+            *self.foreign_ids.lock().unwrap_or_else(|p| p.into_inner()) = foreign;
         }
+        tracing::debug!(
+            dump_us = dumped.as_micros() as u64,
+            model_us = (parsed - dumped).as_micros() as u64,
+            ids_us = (started.elapsed() - parsed).as_micros() as u64,
+            routes = dump.routes.len(),
+            neighbours = dump.neighbours.len(),
+            fdb = dump.fdb.len(),
+            "kernel state read"
+        );
         Ok((actual, displaced))
     }
 
@@ -315,11 +364,22 @@ impl Kernel {
         const DELROUTE: u16 = 25;
         const NEWNEIGH: u16 = 28;
         const DELNEIGH: u16 = 29;
-        /// What each request was, to map its answer back.
+        /// What each request was, to map its answer back (described only when it failed: a
+        /// first pass at 20 000 peers sends 80 000 requests).
         enum What {
-            Other(String),
+            Neigh(&'static str, std::net::IpAddr),
+            Fdb(&'static str, weft_core::backend::Mac, std::net::IpAddr),
+            Nexthop(&'static str, u32),
+            Route(&'static str, IpNet),
             RouteAdd(Route),
         }
+        let describe = |w: &What| match w {
+            What::Neigh(verb, ip) => format!("{verb} neighbour {ip}"),
+            What::Fdb(verb, m, dst) => format!("{verb} fdb {} dst {dst}", weft_core::backend::mac_to_string(m)),
+            What::Nexthop(verb, id) => format!("{verb} nexthop id {id}"),
+            What::Route(verb, dst) => format!("{verb} route {dst}"),
+            What::RouteAdd(r) => format!("add route {}", r.dst),
+        };
         let mut errors = Vec::new();
         let missing = |l: LinkRef| KernelError {
             op: format!("{l:?} device is missing"),
@@ -327,12 +387,11 @@ impl Kernel {
         };
         let mut reqs = Requests::default();
         let mut what: Vec<What> = Vec::with_capacity(ops.len());
-        let mac = weft_core::backend::mac_to_string;
         for &(l, ip, m) in &ops.neighbors_set {
             match links.index(l) {
                 Some(idx) => {
                     reqs.neighbour(NEWNEIGH, CREATE_REPLACE, &translate::neighbour_set(idx, ip, &m));
-                    what.push(What::Other(format!("set neighbour {ip}")));
+                    what.push(What::Neigh("set", ip));
                 }
                 None => errors.push(missing(l)),
             }
@@ -341,7 +400,7 @@ impl Kernel {
             match links.index(l) {
                 Some(idx) => {
                     reqs.neighbour(NEWNEIGH, CREATE_REPLACE, &translate::fdb_set(idx, &m, dst));
-                    what.push(What::Other(format!("set fdb {} dst {dst}", mac(&m))));
+                    what.push(What::Fdb("set", m, dst));
                 }
                 None => errors.push(missing(l)),
             }
@@ -352,7 +411,7 @@ impl Kernel {
                 match links.index(nh.link) {
                     Some(idx) => {
                         reqs.raw(translate::RTM_NEWNEXTHOP, flags, &translate::nexthop_add(id, &nh, idx));
-                        what.push(What::Other(format!("{verb} nexthop id {id} via {}", nh.via)));
+                        what.push(What::Nexthop(verb, id));
                     }
                     None => errors.push(missing(nh.link)),
                 }
@@ -372,7 +431,7 @@ impl Kernel {
             match links.index(r.link) {
                 Some(idx) => {
                     reqs.route(NEWROUTE, CREATE_REPLACE, &translate::route_add(r, idx));
-                    what.push(What::Other(format!("set route {}", r.dst)));
+                    what.push(What::Route("set", r.dst));
                 }
                 None => errors.push(missing(r.link)),
             }
@@ -381,20 +440,20 @@ impl Kernel {
             match links.index(r.link) {
                 Some(idx) => {
                     reqs.route(DELROUTE, 0, &translate::route_del(r, idx));
-                    what.push(What::Other(format!("delete route {}", r.dst)));
+                    what.push(What::Route("delete", r.dst));
                 }
                 None => errors.push(missing(r.link)),
             }
         }
         for &(id, _) in &ops.nexthops_del {
             reqs.raw(translate::RTM_DELNEXTHOP, 0, &translate::nexthop_del(id));
-            what.push(What::Other(format!("delete nexthop id {id}")));
+            what.push(What::Nexthop("delete", id));
         }
         for &(l, m, dst) in &ops.fdb_del {
             match links.index(l) {
                 Some(idx) => {
                     reqs.neighbour(DELNEIGH, 0, &translate::fdb_del(idx, &m, dst));
-                    what.push(What::Other(format!("delete fdb {}", mac(&m))));
+                    what.push(What::Fdb("delete", m, dst));
                 }
                 None => errors.push(missing(l)),
             }
@@ -403,7 +462,7 @@ impl Kernel {
             match links.index(l) {
                 Some(idx) => {
                     reqs.neighbour(DELNEIGH, 0, &translate::neighbour_del(idx, ip));
-                    what.push(What::Other(format!("delete neighbour {ip}")));
+                    what.push(What::Neigh("delete", ip));
                 }
                 None => errors.push(missing(l)),
             }
@@ -424,8 +483,7 @@ impl Kernel {
                     match w {
                         // Someone else's route holds the destination: left alone.
                         What::RouteAdd(route) if r.errno == libc::EEXIST => blocked.push(route),
-                        What::RouteAdd(route) => errors.push(refused(format!("add route {}", route.dst), r)),
-                        What::Other(op) => errors.push(refused(op, r)),
+                        w => errors.push(refused(describe(&w), r)),
                     }
                 }
             }

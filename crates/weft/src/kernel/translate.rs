@@ -532,14 +532,19 @@ pub fn neigh_dump(family: AddressFamily) -> Vec<u8> {
 /// the external interface (what a hostile lease did before weft validated leases).
 pub fn read_state(dump: &Dump, links: &Links, networks: &[IpNet], own: &[IpNet]) -> (KernelState, Vec<IpNet>) {
     let mut displaced = Vec::new();
-    let mut s = KernelState::default();
-    let by_id: std::collections::HashMap<u32, &NexthopEntry> = dump.nexthops.iter().map(|n| (n.id, n)).collect();
-    for n in &dump.nexthops {
+    // Lists built into maps at once (a resync reads every entry; see `plan::Builder`).
+    let mut s = weft_core::plan::Builder::default();
+    // The kernel dumps nexthops by id; sorted here whatever it did, for binary search.
+    let mut by_id: Vec<&NexthopEntry> = dump.nexthops.iter().collect();
+    if !by_id.is_sorted_by_key(|n| n.id) {
+        by_id.sort_by_key(|n| n.id);
+    }
+    for n in &by_id {
         if n.protocol != 87 || n.blackhole {
             continue;
         }
         if let (Some(via), Some(link)) = (n.gateway, n.oif.and_then(|i| links.link(i))) {
-            s.nexthops.insert(n.id, Nexthop { via, link, onlink: n.onlink });
+            s.nexthops.push((n.id, Nexthop { via, link, onlink: n.onlink }));
         }
     }
     const UNICAST: u8 = 1;
@@ -550,7 +555,7 @@ pub fn read_state(dump: &Dump, links: &Links, networks: &[IpNet], own: &[IpNet])
         }
         // A route through a nexthop object goes where the object says (the dump repeats it
         // only while `nexthop_compat_mode` is on).
-        let nh = r.nhid.and_then(|id| by_id.get(&id));
+        let nh = r.nhid.and_then(|id| by_id.binary_search_by_key(&id, |n| n.id).ok().map(|i| by_id[i]));
         let Some(dst) = r.dst else { continue };
         let Some(oif) = nh.map_or(r.oif, |n| n.oif) else { continue };
         let (gateway, onlink) = match nh {
@@ -575,7 +580,7 @@ pub fn read_state(dump: &Dump, links: &Links, networks: &[IpNet], own: &[IpNet])
             // A route without a gateway is not one we make: replace or delete it.
             None => Route { dst, via: dst.network(), link, onlink: false, nhid },
         };
-        s.routes.insert(dst, route);
+        s.routes.push(route);
     }
     for n in &dump.neighbours {
         let Some(link @ (LinkRef::Vxlan4 | LinkRef::Vxlan6)) = links.link(n.ifindex) else { continue };
@@ -584,7 +589,7 @@ pub fn read_state(dump: &Dump, links: &Links, networks: &[IpNet], own: &[IpNet])
             _ => n.family == u8::from(AddressFamily::Inet6),
         };
         if let (true, Some(ip), Some(mac)) = (family_ok, n.dst, n.mac) {
-            s.neighbors.insert((link, ip), mac);
+            s.neighbors.push(((link, ip), mac));
         }
     }
     for n in &dump.fdb {
@@ -592,10 +597,10 @@ pub fn read_state(dump: &Dump, links: &Links, networks: &[IpNet], own: &[IpNet])
         if let (Some(mac), Some(dst)) = (n.mac, n.dst)
             && mac != [0; 6]
         {
-            s.fdb.insert((link, mac), dst);
+            s.fdb.push(((link, mac), dst));
         }
     }
-    (s, displaced)
+    (s.build(), displaced)
 }
 
 #[cfg(test)]

@@ -328,3 +328,162 @@ pub fn policies_json(r: &PolicyFigures) -> Value {
         "enforce_seconds": r.enforce_seconds,
     })
 }
+
+/// The median and range of some figures (`None` when there are none).
+fn spread(mut v: Vec<f64>) -> Option<(f64, f64, f64)> {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    let median = if v.len() % 2 == 1 { v[mid] } else { (v[mid - 1] + v[mid]) / 2.0 };
+    Some((median, v[0], v[v.len() - 1]))
+}
+
+/// Runs `fresh` `k` times (each run measures every backend, so ratios come from one run)
+/// and returns the runs.
+pub fn repeated(name: &str, backends: &[(&str, &str)], seconds: u32, k: u32) -> Vec<Vec<Figures>> {
+    (0..k.max(1))
+        .map(|i| {
+            eprintln!("run {} of {}", i + 1, k.max(1));
+            fresh(name, backends, seconds)
+        })
+        .collect()
+}
+
+/// Per backend over `runs`: throughput, its ratio to vxlan's in the same run, ping, and
+/// ping's ratio to vxlan's, each as (median, min, max).
+struct Summary {
+    backend: String,
+    gbits: Option<(f64, f64, f64)>,
+    ratio: Option<(f64, f64, f64)>,
+    ping_ms: Option<(f64, f64, f64)>,
+    ping_ratio: Option<(f64, f64, f64)>,
+    runs: usize,
+}
+
+fn summarize(runs: &[Vec<Figures>]) -> Vec<Summary> {
+    let mut names: Vec<String> = Vec::new();
+    for f in runs.iter().flatten() {
+        if !names.contains(&f.backend) {
+            names.push(f.backend.clone());
+        }
+    }
+    names
+        .into_iter()
+        .map(|name| {
+            let mut gbits = Vec::new();
+            let mut ratio = Vec::new();
+            let mut ping = Vec::new();
+            let mut ping_ratio = Vec::new();
+            let mut n = 0;
+            for run in runs {
+                let vx = run.iter().find(|f| f.backend == "vxlan");
+                let Some(f) = run.iter().find(|f| f.backend == name) else { continue };
+                n += 1;
+                if let Some(g) = f.gbits {
+                    gbits.push(g);
+                    if let Some(v) = vx.and_then(|v| v.gbits).filter(|v| *v > 0.0) {
+                        ratio.push(g / v);
+                    }
+                }
+                if let Some(p) = f.ping_ms {
+                    ping.push(p);
+                    if let Some(v) = vx.and_then(|v| v.ping_ms).filter(|v| *v > 0.0) {
+                        ping_ratio.push(p / v);
+                    }
+                }
+            }
+            Summary {
+                backend: name,
+                gbits: spread(gbits),
+                ratio: spread(ratio),
+                ping_ms: spread(ping),
+                ping_ratio: spread(ping_ratio),
+                runs: n,
+            }
+        })
+        .collect()
+}
+
+/// Several runs as one table: medians with ranges; the ratios to vxlan are taken within each
+/// run, then their median.
+pub fn render_repeated(runs: &[Vec<Figures>]) -> String {
+    let cell = |s: Option<(f64, f64, f64)>, f: &dyn Fn(f64) -> String| match s {
+        Some((m, lo, hi)) => format!("{} ({}..{})", f(m), f(lo), f(hi)),
+        None => "n/a".into(),
+    };
+    let mut rows = vec![
+        ["BACKEND", "GBIT/S MEDIAN (RANGE)", "VS VXLAN", "PING AVG MEDIAN (RANGE)", "PING VS VXLAN", "RUNS"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    for s in summarize(runs) {
+        rows.push(vec![
+            s.backend,
+            cell(s.gbits, &|g| format!("{g:.2}")),
+            cell(s.ratio, &|r| format!("{r:.2}x")),
+            cell(s.ping_ms, &|p| format!("{:.0} us", p * 1000.0)),
+            cell(s.ping_ratio, &|r| format!("{r:.2}x")),
+            s.runs.to_string(),
+        ]);
+    }
+    let mut out = super::check::table(&rows);
+    for (i, run) in runs.iter().enumerate() {
+        for f in run.iter().filter(|f| f.note.is_some()) {
+            out.push_str(&format!("run {}: {}: {}\n", i + 1, f.backend, f.note.as_deref().unwrap_or("")));
+        }
+    }
+    out
+}
+
+/// Several runs as JSON: every run's figures and the per-backend medians and ranges.
+pub fn to_json_repeated(runs: &[Vec<Figures>]) -> Value {
+    let triple = |s: Option<(f64, f64, f64)>| s.map(|(m, lo, hi)| json!({"median": m, "min": lo, "max": hi}));
+    json!({
+        "runs": runs.iter().map(|r| to_json(r)).collect::<Vec<_>>(),
+        "summary": summarize(runs).into_iter().map(|s| json!({
+            "backend": s.backend,
+            "gbit_per_s": triple(s.gbits),
+            "ratio_to_vxlan": triple(s.ratio),
+            "ping_avg_ms": triple(s.ping_ms),
+            "ping_ratio_to_vxlan": triple(s.ping_ratio),
+            "runs": s.runs,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fig(backend: &str, gbits: Option<f64>, ping_ms: Option<f64>) -> Figures {
+        Figures { backend: backend.into(), gbits, ping_ms, note: None }
+    }
+
+    #[test]
+    fn repeated_runs_give_medians_ranges_and_per_run_ratios() {
+        let runs = vec![
+            vec![fig("vxlan", Some(10.0), Some(0.100)), fig("udp", Some(5.0), Some(0.300))],
+            vec![fig("vxlan", Some(20.0), Some(0.200)), fig("udp", Some(18.0), Some(0.220))],
+            vec![fig("vxlan", Some(12.0), Some(0.120)), fig("udp", None, None)],
+        ];
+        let s = summarize(&runs);
+        let udp = s.iter().find(|s| s.backend == "udp").unwrap();
+        assert_eq!(udp.runs, 3);
+        assert_eq!(udp.gbits, Some((11.5, 5.0, 18.0)), "an even count takes the middle two");
+        // Ratios within each run (0.5 and 0.9), not the ratio of the medians.
+        let (m, lo, hi) = udp.ratio.unwrap();
+        assert!((m - 0.7).abs() < 1e-9 && (lo - 0.5).abs() < 1e-9 && (hi - 0.9).abs() < 1e-9, "{:?}", udp.ratio);
+        let (pm, _, _) = udp.ping_ratio.unwrap();
+        assert!((pm - 2.05).abs() < 1e-9, "{pm}");
+        let vx = s.iter().find(|s| s.backend == "vxlan").unwrap();
+        assert_eq!(vx.gbits, Some((12.0, 10.0, 20.0)));
+        let table = render_repeated(&runs);
+        assert!(table.contains("11.50 (5.00..18.00)"), "{table}");
+        // NaN (a ping without a summary line) is left out, not sorted into the middle.
+        assert_eq!(spread(vec![f64::NAN, 1.0, 3.0]), Some((2.0, 1.0, 3.0)));
+        assert_eq!(spread(vec![f64::NAN]), None);
+    }
+}

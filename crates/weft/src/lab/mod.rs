@@ -195,9 +195,11 @@ fn dispatch(args: &[String]) -> Result<u8, LabError> {
                     "0",
                     "with N NetworkPolicies selecting the destination pod vs none (running lab)",
                 ),
+                spec("repeat", Kind::Uint, "1", "with --all or --backend: K runs, printed as medians and ranges"),
             ];
             let Some(v) = parse(&specs, &rest)? else { return help("bench", &specs) };
             let seconds = v.uint("seconds").clamp(1, 60) as u32;
+            let repeat = v.uint("repeat").clamp(1, 20) as u32;
             if v.uint("policies") > 0 {
                 let n = usize::try_from(v.uint("policies").min(20_000)).unwrap_or(20_000);
                 let r = bench::with_policies(&topology::load(v.str("name"))?, n, seconds)?;
@@ -205,6 +207,26 @@ fn dispatch(args: &[String]) -> Result<u8, LabError> {
                     print_json(&bench::policies_json(&r));
                 } else {
                     print!("{}", bench::policies_render(&r));
+                }
+                return Ok(0);
+            }
+            if repeat > 1 && (v.bool("all") || !v.str("backend").is_empty()) {
+                let chosen: Vec<(&str, &str)> = if v.bool("all") {
+                    bench::BACKENDS.to_vec()
+                } else {
+                    bench::BACKENDS.iter().copied().filter(|(b, _)| *b == v.str("backend")).collect()
+                };
+                if chosen.is_empty() {
+                    return Err(LabError::Usage(format!(
+                        "unknown --backend {:?}: use vxlan, host-gw, udp or wireguard",
+                        v.str("backend")
+                    )));
+                }
+                let runs = bench::repeated(v.str("name"), &chosen, seconds, repeat);
+                if v.bool("json") {
+                    print_json(&bench::to_json_repeated(&runs));
+                } else {
+                    print!("{}", bench::render_repeated(&runs));
                 }
                 return Ok(0);
             }
