@@ -17,7 +17,7 @@ pub fn status_json(lab: &Lab) -> Value {
         "store": lab.store,
         "network_policy": lab.network_policy,
         "ipv6": lab.ipv6,
-        "kubeconfig": (lab.store == "kube").then(|| super::pods::kubeconfig_path(lab)),
+        "kubeconfig": (lab.store == "kube").then(|| super::kube::kubeconfig_path(lab)),
         "hosts": lab.hosts.iter().map(|h| json!({
             "host": format!("h{}", h.index),
             "namespace": h.ns,

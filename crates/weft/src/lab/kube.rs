@@ -1,16 +1,22 @@
 //! `weft lab up --store kube`: the test Kubernetes API server (`weft test-apiserver`) on the
 //! LAN bridge, one Node per host with a podCIDR, daemons with `--kube-subnet-mgr`, a
-//! kubeconfig and `NODE_NAME`. Nodes are written with the real `kubectl`.
+//! kubeconfig and `NODE_NAME`; every lab pod as a Pod object (namespace, name, labels, IPs,
+//! node, phase Running, the upstream NetworkPolicy model's container ports) in its
+//! Namespace. Nodes and pods are written with the real `kubectl`.
 
+use std::collections::BTreeSet;
 use std::io;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use serde_json::{Value, json};
+
 use super::error::LabError;
 use super::netns::Netns;
-use super::state::{LAN, Lab};
+use super::responder::PORTS;
+use super::state::{LAN, Lab, Pod};
 
 /// Where the API server listens (the LAN bridge's address).
 pub const API_PORT: u16 = 6443;
@@ -124,4 +130,91 @@ pub fn daemon_args(lab: &Lab) -> Vec<String> {
         format!("--kubeconfig-file={}", kubeconfig(lab).display()),
         format!("--net-config-path={}", net_conf(lab).display()),
     ]
+}
+
+/// The kubeconfig of a lab with the kube store, where users and tools look for it.
+pub fn kubeconfig_path(lab: &Lab) -> std::path::PathBuf {
+    lab.dir().join("kubeconfig")
+}
+
+/// Makes `/run/weft-lab/<name>/kubeconfig` the lab's kubeconfig (a copy of the API
+/// server's, which lives in its own directory).
+pub fn link_kubeconfig(lab: &Lab) -> Result<(), LabError> {
+    let from = super::kube::kubeconfig(lab);
+    std::fs::copy(&from, kubeconfig_path(lab))
+        .map(|_| ())
+        .map_err(|e| LabError::Step(format!("copying {} to the lab directory: {e}", from.display())))
+}
+
+/// The Pod object of `pod` on host `index`, with its status.
+pub fn object(lab: &Lab, index: u8, pod: &Pod) -> Value {
+    let mut containers = Vec::new();
+    for proto in ["tcp", "udp", "sctp"] {
+        for port in PORTS {
+            containers.push(json!({
+                "name": format!("cont-{port}-{proto}"),
+                "image": "weft-lab-responder",
+                "ports": [{"name": format!("serve-{port}-{proto}"), "containerPort": port, "protocol": proto.to_uppercase()}],
+            }));
+        }
+    }
+    let ips: Vec<Value> = std::iter::once(&pod.ip).chain(pod.ip6.as_ref()).map(|ip| json!({"ip": ip})).collect();
+    let host_ip = lab.hosts.iter().find(|h| h.index == index).map(|h| h.ip.clone()).unwrap_or_default();
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": pod.name, "namespace": pod.kube_ns, "labels": pod.labels},
+        "spec": {"nodeName": node_name(index), "containers": containers},
+        "status": {"phase": "Running", "podIP": pod.ip, "podIPs": ips, "hostIP": host_ip},
+    })
+}
+
+fn write_list(lab: &Lab, file: &str, items: Vec<Value>) -> Result<String, LabError> {
+    let path = super::kube::dir(lab).join(file);
+    let list = json!({"apiVersion": "v1", "kind": "List", "items": items});
+    std::fs::write(&path, list.to_string()).map_err(|e| LabError::Step(format!("writing {}: {e}", path.display())))?;
+    Ok(path.to_string_lossy().into_owned())
+}
+
+/// Creates the Namespace objects of `names` that do not exist yet (the server adds
+/// `kubernetes.io/metadata.name`).
+pub fn ensure_namespaces(lab: &Lab, names: &BTreeSet<String>) -> Result<(), LabError> {
+    let have = kubectl(lab, &["get", "namespaces", "-o", "json"])
+        .map_err(|e| LabError::Step(format!("listing namespaces: {e}")))?;
+    let have: Value = serde_json::from_str(&have).unwrap_or(Value::Null);
+    let existing: BTreeSet<&str> =
+        have["items"].as_array().into_iter().flatten().filter_map(|n| n["metadata"]["name"].as_str()).collect();
+    let missing: Vec<Value> = names
+        .iter()
+        .filter(|n| !existing.contains(n.as_str()))
+        .map(|n| json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n}}))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let file = write_list(lab, "namespaces.json", missing)?;
+    kubectl(lab, &["create", "--validate=false", "-f", &file])
+        .map(|_| ())
+        .map_err(|e| LabError::Step(format!("creating namespaces: {e}")))
+}
+
+/// Registers `pods` (host index, pod) as Pod objects: created, then their status written
+/// through the status subresource (a create resets status, as in Kubernetes).
+pub fn register(lab: &Lab, pods: &[(u8, Pod)]) -> Result<(), LabError> {
+    let names: BTreeSet<String> = pods.iter().map(|(_, p)| p.kube_ns.clone()).collect();
+    ensure_namespaces(lab, &names)?;
+    let items: Vec<Value> = pods.iter().map(|(i, p)| object(lab, *i, p)).collect();
+    let file = write_list(lab, "pods.json", items)?;
+    kubectl(lab, &["create", "--validate=false", "-f", &file])
+        .map_err(|e| LabError::Step(format!("creating the Pod objects: {e}")))?;
+    kubectl(lab, &["replace", "--validate=false", "--subresource=status", "-f", &file])
+        .map(|_| ())
+        .map_err(|e| LabError::Step(format!("writing the Pod objects' status: {e}")))
+}
+
+/// Deletes the Pod object of `pod`.
+pub fn delete_object(lab: &Lab, pod: &Pod) -> Result<(), LabError> {
+    kubectl(lab, &["delete", "pod", "-n", &pod.kube_ns, &pod.name, "--wait=false"])
+        .map(|_| ())
+        .map_err(|e| LabError::Step(format!("deleting Pod {}/{}: {e}", pod.kube_ns, pod.name)))
 }

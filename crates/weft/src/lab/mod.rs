@@ -9,6 +9,7 @@ pub mod error;
 pub mod etcd;
 pub mod kube;
 pub mod netns;
+pub mod pids;
 pub mod pods;
 pub mod policy_check;
 pub mod probe;

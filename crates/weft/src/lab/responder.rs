@@ -3,11 +3,22 @@
 //! sockets are dual-stack (`[::]`), so one responder serves IPv4 and IPv6. SCTP has no
 //! responder: this kernel has SCTP in netfilter and conntrack but no SCTP sockets, so the
 //! probe sends a raw INIT and watches for it with a raw socket in the destination pod.
+//! [`start`] launches it in a pod's namespace.
 
 use std::io::Write;
 use std::net::{TcpListener, UdpSocket};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
-use super::pods::PORTS;
+use super::error::LabError;
+use super::netns::in_netns;
+use super::pids::{alive, kill};
+use super::state::Lab;
+
+/// The ports every lab pod serves, and the upstream model's container port names
+/// (`serve-<port>-<proto>`).
+pub const PORTS: [u16; 2] = [80, 81];
 
 /// The TCP answer.
 pub const REPLY: &[u8] = b"ok";
@@ -48,4 +59,50 @@ pub fn run() -> u8 {
         let _ = t.join();
     }
     0
+}
+
+/// Starts the responder (`weft lab responder`) in pod namespace `pod_ns`, detached, and
+/// waits until it answers; returns its pid.
+pub fn start(lab: &Lab, pod_ns: &str) -> Result<u32, LabError> {
+    let exe = std::env::current_exe().map_err(|e| LabError::Step(format!("locating the weft binary: {e}")))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(lab.dir().join("responders.log"))
+        .map_err(|e| LabError::Step(format!("opening the responders' log: {e}")))?;
+    let err = log.try_clone().map_err(|e| LabError::Step(e.to_string()))?;
+    let child = Command::new("ip")
+        .args(["netns", "exec", pod_ns])
+        .arg(exe)
+        .args(["lab", "responder"])
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(err)
+        .process_group(0)
+        .spawn()
+        .map_err(|e| LabError::Step(format!("starting the responder in {pod_ns}: {e}")))?;
+    let pid = child.id();
+    // Not waited for: it outlives this command; `lab down` kills it.
+    drop(child);
+    let start = Instant::now();
+    loop {
+        let ok = in_netns(pod_ns, || {
+            std::net::TcpStream::connect_timeout(&"127.0.0.1:81".parse().expect("literal"), Duration::from_millis(200))
+                .is_ok()
+        })
+        .unwrap_or(false);
+        if ok {
+            return Ok(pid);
+        }
+        if !alive(pid) || start.elapsed() > Duration::from_secs(10) {
+            kill(pid, libc::SIGKILL);
+            let log = std::fs::read_to_string(lab.dir().join("responders.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(5).collect();
+            return Err(LabError::Step(format!(
+                "the responder in {pod_ns} did not answer on port 81; its log ends with:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

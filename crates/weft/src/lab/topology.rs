@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 pub use super::error::LabError;
 use super::etcd::{Etcd, EtcdCluster};
 use super::netns::{self, Netns, http_get, plug};
+use super::pids::{alive, kill};
 pub use super::state::LAN;
 use super::state::{self, Host, Lab, Pod};
 
@@ -38,34 +39,6 @@ pub fn check_name(name: &str) -> Result<(), LabError> {
 fn exists(name: &str) -> bool {
     state::dir(name).exists()
         || netns::ip(&["netns", "list"]).unwrap_or_default().lines().any(|l| l.starts_with(&format!("{name}-")))
-}
-
-pub(crate) fn alive(pid: u32) -> bool {
-    if pid == 0 {
-        return false;
-    }
-    let mut status = 0;
-    // SAFETY: waitpid(2) with WNOHANG on a pid; `status` is a valid out-pointer. Reaps the
-    // daemon if it is our exited child, so it does not linger as a zombie that looks alive.
-    if unsafe { libc::waitpid(pid as i32, &mut status, libc::WNOHANG) } == pid as i32 {
-        return false;
-    }
-    // Another parent's exited child is a zombie until reaped: not running, once all its
-    // threads are gone too (a zombie leader can still have threads closing its sockets).
-    match std::fs::read_to_string(format!("/proc/{pid}/status")) {
-        Ok(status) => {
-            let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or("");
-            !field("State:").starts_with('Z') || field("Threads:").parse::<u32>().unwrap_or(0) > 1
-        }
-        Err(_) => false,
-    }
-}
-
-pub(crate) fn kill(pid: u32, sig: i32) {
-    if pid > 0 {
-        // SAFETY: kill(2) on a pid the lab started; no memory is involved.
-        unsafe { libc::kill(pid as i32, sig) };
-    }
 }
 
 /// Options of `weft lab up`.
@@ -248,7 +221,7 @@ fn add_pods(lab: &mut Lab, index: u8) -> Result<(), LabError> {
         added.push((index, pod));
     }
     if lab.store == "kube" && !added.is_empty() {
-        super::pods::register(lab, &added)?;
+        super::kube::register(lab, &added)?;
     }
     Ok(())
 }
@@ -291,7 +264,7 @@ pub(crate) fn create_pod(
             responder_pid: None,
         };
         if lab.store == "kube" {
-            pod.responder_pid = Some(super::pods::start_responder(lab, pod_ns)?);
+            pod.responder_pid = Some(super::responder::start(lab, pod_ns)?);
         }
         Ok(pod)
     })();
@@ -464,7 +437,7 @@ fn build(lab: &mut Lab, o: &UpOptions) -> Result<(), LabError> {
         step("writing the network config", std::fs::write(super::kube::net_conf(lab), &config))?;
         lab.apiserver_pid = Some(super::kube::start_apiserver(lab)?);
         step("saving the lab state", lab.save())?;
-        super::pods::link_kubeconfig(lab)?;
+        super::kube::link_kubeconfig(lab)?;
     } else {
         progress(&format!("  store: local file {} ... ", lab.dir().join("leases.db").display()));
         step("writing the network config", std::fs::write(lab.dir().join("net-conf.json"), &config))?;
@@ -598,7 +571,7 @@ pub fn remove_host(name: &str, index: u8) -> Result<Lab, LabError> {
             kill(pid, libc::SIGKILL);
         }
         if lab.store == "kube" {
-            let _ = super::pods::delete_object(&lab, p);
+            let _ = super::kube::delete_object(&lab, p);
         }
         netns::remove(&p.ns);
     }

@@ -27,9 +27,12 @@ pub use cases::{Case, Combo, ModelPod, NAMESPACES, PODS, Truth, cases, key};
 use cases::{N, Step, proto_name};
 
 use super::error::LabError;
+use super::kube;
 use super::kube::kubectl;
-use super::pods::{self, PORTS};
+use super::pids;
+use super::pods;
 use super::probe::{self, Job};
+use super::responder::PORTS;
 use super::state::Lab;
 use super::topology::{self, load};
 
@@ -65,7 +68,7 @@ impl World {
         for (i, m) in model.iter().enumerate() {
             let mut p = m.pod.clone();
             p.labels = self.pod_labels[i].clone();
-            let obj: core::Pod = serde_json::from_value(pods::object(lab, m.host, &p)).map_err(|e| e.to_string())?;
+            let obj: core::Pod = serde_json::from_value(kube::object(lab, m.host, &p)).map_err(|e| e.to_string())?;
             c.pods.extend(crate::netpol::pod(&obj));
         }
         for v in self.policies.values() {
@@ -149,7 +152,7 @@ fn apply_list(lab: &Lab, verb: &str, items: &[Value]) -> Result<(), String> {
 pub fn setup(lab: &mut Lab) -> Result<Vec<ModelPod>, LabError> {
     let step = |e: String| LabError::Step(e);
     let names: BTreeSet<String> = NAMESPACES.iter().map(|s| s.to_string()).collect();
-    pods::ensure_namespaces(lab, &names)?;
+    kube::ensure_namespaces(lab, &names)?;
     for n in NAMESPACES {
         k(lab, &["label", "namespace", n, &format!("ns={n}"), "ns2-", "--overwrite"]).map_err(step)?;
         k(lab, &["delete", "networkpolicies", "--all", "-n", n]).map_err(step)?;
@@ -173,7 +176,7 @@ pub fn setup(lab: &mut Lab) -> Result<Vec<ModelPod>, LabError> {
         lab.save().map_err(|e| LabError::Step(format!("saving the lab state: {e}")))?;
     }
     if !added.is_empty() {
-        pods::register(lab, &added)?;
+        kube::register(lab, &added)?;
     }
     for i in 0..N {
         let (ns, p) = (NAMESPACES[i / 3], PODS[i % 3]);
@@ -187,7 +190,7 @@ pub fn setup(lab: &mut Lab) -> Result<Vec<ModelPod>, LabError> {
             .iter()
             .find_map(|h| h.pods.iter().find(|q| q.kube_ns == ns && q.name == p).map(|q| (h.index, q.clone())))
             .ok_or_else(|| LabError::Step(format!("pod {ns}/{p} is missing from the lab state")))?;
-        if pod.responder_pid.is_none_or(|pid| !topology::alive(pid)) {
+        if pod.responder_pid.is_none_or(|pid| !pids::alive(pid)) {
             return Err(LabError::Step(format!(
                 "the responder of pod {ns}/{p} is not running; recreate the pod: weft lab pod del --name {0} --namespace {ns} --pod {p}",
                 lab.name
