@@ -3,7 +3,7 @@
 set -euo pipefail
 pkgs=(protobuf-compiler libprotobuf-dev etcd-server etcd-client containernetworking-plugins iptables nftables
       iproute2 iperf3 iputils-ping openssl procps psmisc curl golang-go golang-github-appc-cni-dev
-      wireguard-go wireguard-tools)
+      wireguard-go wireguard-tools clang)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -88,6 +88,16 @@ impl PeerTable {
         self.by_public.get(&public).copied()
     }
 
+    /// The prefix length every peer subnet has.
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+
+    /// Every peer: (subnet base address, public address).
+    pub fn iter(&self) -> impl Iterator<Item = (Ipv4Addr, Ipv4Addr)> + '_ {
+        self.by_subnet.iter().map(|(net, ip)| (Ipv4Addr::from(*net), *ip))
+    }
+
     /// Number of peers.
     pub fn len(&self) -> usize {
         self.by_subnet.len()
@@ -218,6 +228,39 @@ pub fn inbound(pkt: &mut [u8], from: Ipv4Addr, peers: &PeerTable, own: Ipv4Net) 
     Ok(h.total_len)
 }
 
+/// A datagram that carries one whole TCP super-packet, longer than the device MTU: a
+/// peer's kernel fast path on the same machine hands its unsegmented TCP packets over as
+/// one datagram (the outer header marked as a UDP tunnel, so the socket reports no segment
+/// size); IP fragments reassembled into one datagram look the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SuperPacket {
+    /// IPv4 header length.
+    pub ip_len: usize,
+    /// IPv4 + TCP header length.
+    pub headers: usize,
+    /// Payload bytes per segment, so that each segment fits `mtu`.
+    pub seg: usize,
+}
+
+/// Whether `pkt` is exactly one IPv4 TCP packet too long for `mtu` (the device's), with
+/// well-formed headers: then it can be handed to the kernel as one TSO packet, cut into
+/// segments of at most `mtu` bytes. `None` for anything else.
+pub fn tcp_super_packet(pkt: &[u8], mtu: usize) -> Option<SuperPacket> {
+    let h = parse_ipv4(pkt).ok()?;
+    if h.protocol != 6 || h.later_fragment || h.total_len != pkt.len() || pkt.len() <= mtu {
+        return None;
+    }
+    let tcp = pkt.get(h.header_len..h.header_len + 20)?;
+    let tcp_len = usize::from(tcp[12] >> 4) * 4;
+    let headers = h.header_len + tcp_len;
+    let seg = mtu.checked_sub(headers)?;
+    (tcp_len >= 20 && headers < pkt.len() && seg > 0 && seg <= usize::from(u16::MAX)).then_some(SuperPacket {
+        ip_len: h.header_len,
+        headers,
+        seg,
+    })
+}
+
 /// Writes into `out` the ICMP "destination net unreachable" (type 3, code 0) flannel sends
 /// back into the TUN device for `orig` (an unroutable packet), from `src` (our TUN address),
 /// TTL 8. Returns its length, or `None` when no ICMP must be sent (for ICMP itself, for
@@ -278,6 +321,47 @@ mod tests {
                 ("10.5.3.0/24".parse().unwrap(), Ipv4Addr::new(192, 0, 2, 13)),
             ],
         )
+    }
+
+    /// An IPv4 TCP packet of `total` bytes with a 20-byte TCP header (data offset `doff`).
+    fn tcp_packet(total: usize, doff: u8) -> Vec<u8> {
+        let mut p = vec![0u8; total];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+        p[8] = 64;
+        p[9] = 6;
+        p[12..16].copy_from_slice(&[10, 5, 1, 2]);
+        p[16..20].copy_from_slice(&[10, 5, 2, 3]);
+        if total >= 33 {
+            p[32] = doff << 4;
+        }
+        p
+    }
+
+    #[test]
+    fn tcp_super_packet_is_one_whole_tcp_packet_longer_than_the_mtu() {
+        // Hostile and ordinary datagrams first: none of them is a super-packet.
+        assert_eq!(tcp_super_packet(&[], 1472), None, "empty");
+        assert_eq!(tcp_super_packet(&[0x45; 19], 1472), None, "shorter than a header");
+        assert_eq!(tcp_super_packet(&tcp_packet(1472, 5), 1472), None, "fits the MTU");
+        assert_eq!(tcp_super_packet(&tcp_packet(3000, 4), 1472), None, "TCP data offset below 5");
+        assert_eq!(tcp_super_packet(&tcp_packet(3000, 15)[..2000], 1472), None, "length field beyond the datagram");
+        let mut two = tcp_packet(1400, 5);
+        two.extend(tcp_packet(1400, 5));
+        assert_eq!(tcp_super_packet(&two, 1472), None, "two packets in one datagram");
+        let mut udp = tcp_packet(3000, 5);
+        udp[9] = 17;
+        assert_eq!(tcp_super_packet(&udp, 1472), None, "not TCP");
+        let mut frag = tcp_packet(3000, 5);
+        frag[7] = 1;
+        assert_eq!(tcp_super_packet(&frag, 1472), None, "a later fragment");
+        assert_eq!(tcp_super_packet(&tcp_packet(3000, 15), 60), None, "headers leave no room in the MTU");
+        assert_eq!(tcp_super_packet(&tcp_packet(3000, 5), 0), None, "no MTU");
+        // The real thing: 20 + 32 bytes of headers, segments that fit 1472.
+        assert_eq!(
+            tcp_super_packet(&tcp_packet(52 + 3 * 1420, 8), 1472),
+            Some(SuperPacket { ip_len: 20, headers: 52, seg: 1420 })
+        );
     }
 
     #[test]

@@ -30,6 +30,9 @@ pub fn stale_limit() -> std::time::Duration {
         .unwrap_or(std::time::Duration::from_secs(60))
 }
 
+/// Brings metrics kept elsewhere up to date before a rendering.
+pub type Refresher = Box<dyn Fn() + Send + Sync>;
+
 /// Every metric the daemon exports.
 pub struct Metrics {
     registry: Registry,
@@ -57,6 +60,12 @@ pub struct Metrics {
     pub udp_drops: Family<Labels, Counter>,
     /// udp backend offload paths in use (1) or not (0), by feature.
     pub udp_offload: Family<Labels, Gauge>,
+    /// udp packets the kernel fast path carried, by direction (tx, rx); read from the
+    /// kernel at each rendering.
+    pub udp_fast_path_packets: Family<Labels, Counter>,
+    /// Run before each rendering: counters kept elsewhere (the udp fast path's, in the
+    /// kernel) are brought up to date.
+    refreshers: std::sync::Mutex<Vec<Refresher>>,
     /// Errors, by kind (renew, store, …).
     pub errors: Family<Labels, Counter>,
     /// Peer leases rejected by validation, by reason.
@@ -111,6 +120,8 @@ impl Metrics {
             udp_packets: Family::default(),
             udp_drops: Family::default(),
             udp_offload: Family::default(),
+            udp_fast_path_packets: Family::default(),
+            refreshers: std::sync::Mutex::new(Vec::new()),
             errors: Family::default(),
             leases_rejected: Family::default(),
             store_retries: Family::default(),
@@ -158,6 +169,11 @@ impl Metrics {
         registry.register("weft_udp_packets", "udp backend packets forwarded", m.udp_packets.clone());
         registry.register("weft_udp_drops", "udp backend packets dropped, by reason", m.udp_drops.clone());
         registry.register("weft_udp_offload", "udp backend offload paths in use", m.udp_offload.clone());
+        registry.register(
+            "weft_udp_fast_path_packets",
+            "udp packets carried by the kernel fast path",
+            m.udp_fast_path_packets.clone(),
+        );
         registry.register("weft_errors", "Errors by kind", m.errors.clone());
         registry.register("weft_wireguard_packets", "wireguard packets, by kind", m.wg_packets.clone());
         registry.register("weft_wireguard_drops", "wireguard packets dropped, by reason", m.wg_drops.clone());
@@ -232,8 +248,16 @@ impl Metrics {
         age(self.main_loop_ms.get())
     }
 
+    /// Adds `f` to what runs before each rendering.
+    pub fn on_render(&self, f: Refresher) {
+        self.refreshers.lock().unwrap_or_else(|p| p.into_inner()).push(f);
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
+        for refresh in self.refreshers.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            refresh();
+        }
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);

@@ -1,7 +1,8 @@
 //! The udp backend on the wire, with bytes this test builds and parses itself: a
-//! hand-made datagram from a peer reaches a pod, the engine's answer is exactly one IPv4
-//! packet per datagram with the TTL decremented, and datagrams from strangers, with spoofed
-//! sources or garbage are dropped and counted.
+//! hand-made datagram from a peer reaches a pod, the answer is exactly one IPv4 packet per
+//! datagram with the TTL decremented, and datagrams from strangers, with spoofed sources or
+//! garbage are dropped and counted; once with the kernel fast path (tc programs) carrying
+//! the good packets, once with the user-space engine alone.
 
 mod common;
 
@@ -46,10 +47,62 @@ fn drops(c: &common::cluster::Cluster, reason: &str) -> i64 {
     c.metric(0, &format!("weft_udp_drops_total{{reason=\"{reason}\"}} ")).unwrap_or(0)
 }
 
+/// The processes started as the daemon writing `subnet_file` (the daemon, and any wrapper
+/// that started it).
+fn daemon_pids(subnet_file: &std::path::Path) -> Vec<u32> {
+    let want = format!("--subnet-file={}", subnet_file.display());
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+            args.iter().any(|a| *a == b"daemon") && args.iter().any(|a| *a == want.as_bytes())
+        })
+        .collect()
+}
+
+/// The tcx links (kernel-side program attachments) a process holds: (ifindex, attach type).
+fn tcx_links(pid: u32) -> Vec<(u32, String)> {
+    let mut links = Vec::new();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).unwrap().flatten() {
+        let info = std::fs::read_to_string(fd.path()).unwrap_or_default();
+        let field = |k: &str| info.lines().find_map(|l| l.strip_prefix(k).map(|v| v.trim().to_string()));
+        if field("link_type:").as_deref() == Some("tcx") {
+            let ifindex = field("ifindex:").and_then(|v| v.parse().ok()).unwrap_or(0);
+            // "47 (egress)"
+            let kind = field("attach_type:").unwrap_or_default();
+            links.push((
+                ifindex,
+                kind.split_once('(').map(|(_, k)| k.trim_end_matches(')')).unwrap_or(&kind).to_string(),
+            ));
+        }
+    }
+    links.sort();
+    links
+}
+
+fn ifindex(c: &common::cluster::Cluster, name: &str) -> u32 {
+    let link: serde_json::Value =
+        serde_json::from_str(&c.hosts[0].exec("ip", &["-j", "link", "show", name]).unwrap()).unwrap();
+    link[0]["ifindex"].as_u64().unwrap() as u32
+}
+
 #[test]
-fn flannel_wire_format_both_ways_and_untrusted_datagrams_are_dropped() {
-    let c = cluster("udp", 3, UDP);
-    let _d = c.daemon(0, &[]);
+fn flannel_wire_format_both_ways_and_untrusted_datagrams_are_dropped_with_the_fast_path() {
+    wire_format(true);
+}
+
+#[test]
+fn flannel_wire_format_both_ways_and_untrusted_datagrams_are_dropped_by_the_engine_alone() {
+    wire_format(false);
+}
+
+fn wire_format(fast: bool) {
+    let c = cluster(if fast { "udp" } else { "udq" }, 3, UDP);
+    let env: &[(&str, &str)] = if fast { &[] } else { &[("WEFT_UDP_DISABLE", "tc_bpf")] };
+    let _d = c.daemon_with_env(0, &[], env);
     let env = c.wait_env(0);
     assert!(env.contains("FLANNEL_MTU=1472\n"), "{env}");
     let sub = env.lines().find_map(|l| l.strip_prefix("FLANNEL_SUBNET=")).unwrap().to_string();
@@ -141,6 +194,31 @@ fn flannel_wire_format_both_ways_and_untrusted_datagrams_are_dropped() {
             .then_some(())
     });
     assert_eq!(c.metric(0, "weft_udp_offload{feature=\"udp_gso\"} "), Some(1), "the path in use is in /metrics");
+    // Which path carried the good packets, by the kernel's own account of the programs the
+    // daemon holds attached, and by the counters.
+    let pids = daemon_pids(&c.env_file(0));
+    assert!(!pids.is_empty(), "the daemon's process");
+    let links: Vec<(u32, String)> = pids.iter().flat_map(|p| tcx_links(*p)).collect();
+    let fast_rx = c.metric(0, "weft_udp_fast_path_packets_total{direction=\"rx\"} ").unwrap_or(0);
+    let fast_tx = c.metric(0, "weft_udp_fast_path_packets_total{direction=\"tx\"} ").unwrap_or(0);
+    let engine_rx = c.metric(0, "weft_udp_packets_total{direction=\"rx\"} ").unwrap_or(0);
+    if fast {
+        let mut want =
+            vec![(ifindex(&c, "flannel0"), "egress".to_string()), (ifindex(&c, "eth0"), "ingress".to_string())];
+        want.sort();
+        assert_eq!(links, want, "the fast path's two programs: flannel0's egress, the LAN interface's ingress");
+        assert_eq!(c.metric(0, "weft_udp_offload{feature=\"tc_bpf\"} "), Some(1));
+        assert!(fast_rx >= 1 && fast_tx >= 1, "the request and its reply went through the kernel: {fast_rx} {fast_tx}");
+        assert_eq!(engine_rx, 0, "nothing good was left to the engine");
+        // Strangers and garbage were handed on to the engine, which dropped them: counted
+        // above. UDP GRO is off, so a NIC does not merge datagrams past the fast path.
+        assert_eq!(c.metric(0, "weft_udp_offload{feature=\"udp_gro\"} "), Some(0));
+    } else {
+        assert!(links.is_empty(), "no programs attached: {links:?}");
+        assert_eq!(c.metric(0, "weft_udp_offload{feature=\"tc_bpf\"} "), Some(0));
+        assert_eq!(fast_rx + fast_tx, 0);
+        assert!(engine_rx >= 1, "the engine carried the request");
+    }
     // Still forwarding after all that.
     let again = echo_request(peer_src, pod_ip, 64, 9);
     let ok = in_netns(&c.hosts[1].name, move || {
@@ -180,7 +258,7 @@ fn the_udp_engine_stops_and_restarts_without_leaving_threads() {
         let mut engine = weft::udp::Udp::open(Ipv4Addr::LOCALHOST, 8285).unwrap();
         assert_eq!(engine_threads(), 0);
         for round in 0..3 {
-            engine.start(own, own.network(), &metrics).unwrap();
+            engine.start(own, own.network(), 1472, &metrics).unwrap();
             wait_for(Duration::from_secs(5), "two engine threads", || (engine_threads() == 2).then_some(()));
             if round == 1 {
                 // Busy: a datagram in flight while it stops.
@@ -193,9 +271,9 @@ fn the_udp_engine_stops_and_restarts_without_leaving_threads() {
             assert_eq!(engine_threads(), 0, "threads left after stop {round}");
             assert!(!engine.is_running());
         }
-        engine.start(own, own.network(), &metrics).unwrap();
+        engine.start(own, own.network(), 1472, &metrics).unwrap();
         // A restart without a stop in between replaces the threads, never adds to them.
-        engine.start(own, own.network(), &metrics).unwrap();
+        engine.start(own, own.network(), 1472, &metrics).unwrap();
         wait_for(Duration::from_secs(5), "two engine threads after a restart", || {
             (engine_threads() == 2).then_some(())
         });

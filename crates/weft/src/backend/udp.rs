@@ -1,7 +1,7 @@
 //! udp: `flannel0` (a TUN device) carries the whole cluster network; the userspace engine
 //! (`crate::udp`) forwards its packets to peers over UDP.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::{IpNet, Ipv4Net};
 use weft_core::backend::UdpSettings;
@@ -15,8 +15,29 @@ use weft_core::plan::Plan;
 
 use super::{Backend, BackendError};
 use crate::kernel::{Kernel, KernelError};
-use crate::metrics::Metrics;
+use crate::metrics::{Labels, Metrics};
+use crate::udp::fastpath::Attachment;
 use crate::udp::{DEVICE, Udp};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+
+/// Adds what the fast path carried since the last rendering to `packets`.
+fn fast_path_refresher(
+    read: impl Fn() -> Option<(u64, u64)> + Send + Sync + 'static,
+    packets: Family<Labels, Counter>,
+) -> crate::metrics::Refresher {
+    let last = std::sync::Mutex::new((0u64, 0u64));
+    Box::new(move || {
+        let Some((tx, rx)) = read() else { return };
+        let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+        // Re-attached programs count from zero: then all they counted is new.
+        let delta = |now: u64, before: u64| now.checked_sub(before).unwrap_or(now);
+        packets.get_or_create(&vec![("direction", "tx")]).inc_by(delta(tx, last.0));
+        packets.get_or_create(&vec![("direction", "rx")]).inc_by(delta(rx, last.1));
+        *last = (tx, rx);
+    })
+}
 
 /// The udp backend.
 pub struct UdpBackend {
@@ -27,6 +48,13 @@ pub struct UdpBackend {
     own: Option<Ipv4Net>,
     /// `flannel0`'s index, as of the last repair.
     index: Option<u32>,
+    /// The external interface's name (the fast path's ingress follows it by name).
+    ext_name: String,
+    /// The engine's bind address and port.
+    bind: Ipv4Addr,
+    port: u16,
+    /// `weft_udp_offload` (set at start).
+    offload_metric: Option<Family<Labels, Gauge>>,
 }
 
 impl UdpBackend {
@@ -48,14 +76,30 @@ impl UdpBackend {
                 s.port
             ))
         })?;
-        Ok(UdpBackend { engine, mtu, network, subnet_len, own: None, index: None })
+        Ok(UdpBackend {
+            engine,
+            mtu,
+            network,
+            subnet_len,
+            own: None,
+            index: None,
+            ext_name: ext.name.clone(),
+            bind,
+            port: s.port,
+            offload_metric: None,
+        })
     }
 
     /// Addresses and routes `flannel0` for our lease and starts forwarding.
     pub async fn start(&mut self, kernel: &Kernel, own: Ipv4Net, metrics: &Metrics) -> Result<(), KernelError> {
         self.own = Some(own);
+        if self.offload_metric.is_none() {
+            self.offload_metric = Some(metrics.udp_offload.clone());
+            metrics
+                .on_render(fast_path_refresher(self.engine.fast_path_counter(), metrics.udp_fast_path_packets.clone()));
+        }
         self.ensure(kernel).await?;
-        self.engine.start(own, own.network(), metrics).map_err(|e| KernelError {
+        self.engine.start(own, own.network(), self.mtu, metrics).map_err(|e| KernelError {
             op: format!("start the udp engine: {e}"),
             source: rtnetlink::Error::RequestFailed,
         })
@@ -93,7 +137,33 @@ impl UdpBackend {
             )
             .await?;
         // flannel's text (`10.5.0.0/16 dev flannel0 scope link`): flannel0 is ours whole.
-        kernel.ensure_device_route(self.network, link.index).await
+        kernel.ensure_device_route(self.network, link.index).await?;
+        self.ensure_fast_path(kernel, own, link.index).await
+    }
+
+    /// The kernel fast path on flannel0's egress and the external interface's ingress,
+    /// re-attached when either device was re-created.
+    async fn ensure_fast_path(&mut self, kernel: &Kernel, own: Ipv4Net, tun_index: u32) -> Result<(), KernelError> {
+        let Some(ext) = kernel.link(&self.ext_name).await? else {
+            // The data plane waits for the interface to come back; nothing to attach to.
+            return Ok(());
+        };
+        let at = Attachment {
+            own,
+            subnet_len: self.subnet_len,
+            local: self.bind,
+            port: self.port,
+            ext_index: ext.index,
+            ext_ethernet: ext.mac.is_some(),
+            tun_index,
+        };
+        // Every possible subnet of the network fits, up to a million.
+        let room = 1u64 << u32::from(self.subnet_len.saturating_sub(self.network.prefix_len())).min(20);
+        let on = self.engine.ensure_fast_path(at, room as u32);
+        if let Some(offload) = &self.offload_metric {
+            offload.get_or_create(&vec![("feature", "tc_bpf")]).set(i64::from(on));
+        }
+        Ok(())
     }
 
     /// Swaps in a new peer table (udp leases carry no BackendType).
@@ -102,7 +172,7 @@ impl UdpBackend {
             self.subnet_len,
             peers.filter(|l| l.attrs.backend_type.is_empty()).filter_map(|l| l.key.v4.map(|n| (n, l.attrs.public_ip))),
         );
-        self.engine.peers.set(table);
+        self.engine.set_peers(table);
     }
 }
 

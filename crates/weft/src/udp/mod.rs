@@ -4,6 +4,7 @@
 //! datagrams received with UDP GRO are coalesced into TCP super-packets for the TUN device.
 //! Each offload falls back to a plain batched path when the kernel lacks it.
 
+pub mod fastpath;
 pub mod socket;
 
 use std::io;
@@ -20,9 +21,14 @@ use nix::sys::eventfd::EventFd;
 use bytes::BytesMut;
 use ipnet::Ipv4Net;
 use prometheus_client::metrics::counter::Counter;
-use tun_rs::{DeviceBuilder, GROTable, IDEAL_BATCH_SIZE, SyncDevice, VIRTIO_NET_HDR_LEN};
-use weft_core::packet::{DropReason, Outbound, PeerTable, icmp_net_unreachable, inbound, outbound};
+use tun_rs::{
+    DeviceBuilder, GROTable, IDEAL_BATCH_SIZE, SyncDevice, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_LEN, VirtioNetHdr,
+};
+use weft_core::packet::{
+    DropReason, Outbound, PeerTable, SuperPacket, icmp_net_unreachable, inbound, outbound, tcp_super_packet,
+};
 
+use self::fastpath::{Attachment, FastPath};
 use self::socket::{MAX_GSO_SEGMENTS, Socket};
 use crate::metrics::Metrics;
 
@@ -30,6 +36,8 @@ use crate::metrics::Metrics;
 pub const DEVICE: &str = "flannel0";
 /// Room for one receive: the largest TUN read or GRO-coalesced datagram batch.
 const BIG: usize = 65_536 + VIRTIO_NET_HDR_LEN;
+/// virtio_net_hdr's "checksum from csum_start" flag (not exported by tun-rs).
+const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
 /// Largest inner packet handled (the device MTU is far below).
 const PACKET: usize = 16 * 1024;
 /// ICMP "net unreachable" messages per second, at most.
@@ -204,14 +212,21 @@ pub struct Udp {
     /// The peer table.
     pub peers: Peers,
     running: Option<Running>,
+    /// The kernel fast path, when attached (shared with the metrics' refresher).
+    fast: Arc<Mutex<Option<FastPath>>>,
+    /// The fast path is turned off (`WEFT_UDP_DISABLE=tc_bpf`).
+    fast_disabled: bool,
+    /// The attachment the last attempt failed for (not retried until it changes).
+    fast_failed: Option<Attachment>,
 }
 
 impl Udp {
     /// Opens `flannel0` (IFF_TUN|IFF_NO_PI, with offloads when the kernel allows) and binds
     /// the UDP socket on the interface address and `port`.
     pub fn open(bind: Ipv4Addr, port: u16) -> io::Result<Udp> {
-        // WEFT_UDP_DISABLE=tun_tso,udp_gso,udp_gro turns offloads off, to measure the plain
-        // paths or to work around a kernel that misbehaves with one of them.
+        // WEFT_UDP_DISABLE=tun_tso,udp_gso,udp_gro,tc_bpf turns offloads (and the kernel fast
+        // path) off, to measure the plain paths or to work around a kernel that misbehaves
+        // with one of them.
         let disabled = std::env::var("WEFT_UDP_DISABLE").unwrap_or_default();
         let off = |f: &str| disabled.split(',').any(|d| d.trim() == f);
         let open = open_tun;
@@ -235,7 +250,71 @@ impl Udp {
             port,
             peers: Peers::default(),
             running: None,
+            fast: Arc::new(Mutex::new(None)),
+            fast_disabled: off("tc_bpf"),
+            fast_failed: None,
         })
+    }
+
+    /// Replaces the peer table of the engine and of the fast path.
+    pub fn set_peers(&self, table: PeerTable) {
+        if let Some(f) = self.fast.lock().unwrap_or_else(|p| p.into_inner()).as_mut()
+            && let Err(e) = f.set_peers(&table)
+        {
+            // The programs hand unknown peers to the engine, which has the whole table.
+            tracing::warn!("updating the udp fast path's peers failed ({e}); the engine carries the rest");
+        }
+        self.peers.set(table);
+    }
+
+    /// Runs the kernel fast path at `at` (re-attached when it changed: flannel0 or the
+    /// external interface re-created). A failure is logged once per attachment and leaves
+    /// the engine to carry everything. Returns whether the fast path runs.
+    pub fn ensure_fast_path(&mut self, at: Attachment, max_peers: u32) -> bool {
+        if self.fast_disabled {
+            return false;
+        }
+        let mut fast = self.fast.lock().unwrap_or_else(|p| p.into_inner());
+        if fast.as_ref().is_some_and(|f| f.at == at) {
+            return true;
+        }
+        if self.fast_failed == Some(at) {
+            return false;
+        }
+        match FastPath::attach(at, max_peers) {
+            Ok(mut f) => {
+                // With UDP GRO on the socket a NIC merges our datagrams for it, and the
+                // merged ones would reach pods through the engine behind single ones the
+                // fast path carried: reordered. Off, every datagram takes the fast path.
+                if let Err(e) = self.sock.disable_gro() {
+                    tracing::warn!("turning UDP GRO off for the fast path failed ({e})");
+                }
+                let table = self.peers.snapshot();
+                if let Err(e) = f.set_peers(&table) {
+                    tracing::warn!("loading the udp fast path's peers failed ({e}); the engine carries the rest");
+                }
+                // The old programs, if any, go only now: no moment without one.
+                *fast = Some(f);
+                self.fast_failed = None;
+                tracing::info!(?at, "udp kernel fast path attached");
+                true
+            }
+            Err(e) => {
+                *fast = None;
+                self.fast_failed = Some(at);
+                tracing::warn!(
+                    "the udp kernel fast path is unavailable ({e}); the user-space engine carries all traffic"
+                );
+                false
+            }
+        }
+    }
+
+    /// Reads the packets the fast path carried so far, (sent, received), whenever called;
+    /// `None` while it is not attached. Re-attached programs count from zero again.
+    pub fn fast_path_counter(&self) -> impl Fn() -> Option<(u64, u64)> + Send + Sync + 'static {
+        let fast = self.fast.clone();
+        move || fast.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|f| f.counts())
     }
 
     /// Opens `flannel0` again (it was deleted) with the same offloads; the forwarding
@@ -276,9 +355,9 @@ impl Udp {
         tracing::info!("udp engine stopped");
     }
 
-    /// Starts the two forwarding threads for our subnet `own`, TUN address `tun_ip`; a
-    /// running engine is stopped first (a restart).
-    pub fn start(&mut self, own: Ipv4Net, tun_ip: Ipv4Addr, metrics: &Metrics) -> io::Result<()> {
+    /// Starts the two forwarding threads for our subnet `own`, TUN address `tun_ip`, TUN
+    /// MTU `mtu`; a running engine is stopped first (a restart).
+    pub fn start(&mut self, own: Ipv4Net, tun_ip: Ipv4Addr, mtu: u32, metrics: &Metrics) -> io::Result<()> {
         self.stop();
         let stop = Arc::new(Stop::new()?);
         for (feature, on) in self.paths() {
@@ -307,6 +386,7 @@ impl Udp {
             stats: Stats::new(metrics),
             offload: self.tun_offload,
             own,
+            mtu: mtu as usize,
             stop: stop.clone(),
         };
         let mut running = Running { stop, threads: Vec::with_capacity(2) };
@@ -496,6 +576,8 @@ struct NetToTun {
     stats: Stats,
     offload: bool,
     own: Ipv4Net,
+    /// flannel0's MTU: what a TCP super-packet is cut to.
+    mtu: usize,
     stop: Arc<Stop>,
 }
 
@@ -511,7 +593,8 @@ impl NetToTun {
             let mut wait = true;
             // One blocking receive, then whatever else is queued, until the batch is full.
             while staged + MAX_GSO_SEGMENTS <= IDEAL_BATCH_SIZE {
-                let (n, seg, from) = match self.sock.recv(&mut recv, wait) {
+                // Received behind room for a virtio header: a super-packet is written whole.
+                let (n, seg, from) = match self.sock.recv(&mut recv[off..], wait) {
                     Ok(r) => r,
                     Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => break,
                     Err(e) => {
@@ -528,8 +611,18 @@ impl NetToTun {
                     continue;
                 }
                 let table = self.peers.snapshot();
+                if self.offload
+                    && seg == 0
+                    && let Some(sp) = tcp_super_packet(&recv[off..off + n], self.mtu)
+                {
+                    // Order: what is staged goes first.
+                    self.write_staged(&mut gro, &mut bufs[..staged], off);
+                    staged = 0;
+                    self.write_super(&mut recv, n, sp, from, &table);
+                    continue;
+                }
                 let seg = if seg == 0 { n } else { seg };
-                for chunk in recv[..n].chunks(seg.max(1)) {
+                for chunk in recv[off..off + n].chunks(seg.max(1)) {
                     let b = &mut bufs[staged];
                     b.clear();
                     b.resize(off, 0);
@@ -544,18 +637,55 @@ impl NetToTun {
                     }
                 }
             }
-            if staged == 0 {
-                continue;
+            self.write_staged(&mut gro, &mut bufs[..staged], off);
+        }
+    }
+
+    /// Writes the staged packets into the TUN device (coalesced into TCP super-packets
+    /// where the offloads allow).
+    fn write_staged(&mut self, gro: &mut GROTable, bufs: &mut [BytesMut], off: usize) {
+        if bufs.is_empty() {
+            return;
+        }
+        let r = if self.offload {
+            self.dev.dev.send_multiple(gro, bufs, off).map(|_| ())
+        } else {
+            bufs.iter().try_for_each(|b| self.dev.dev.send(b).map(|_| ()))
+        };
+        match r {
+            Ok(()) => self.dev.ok(),
+            Err(e) => self.dev.failed("writing", &e),
+        }
+    }
+
+    /// Writes one TCP super-packet (`buf[off..off + n]`, as [`tcp_super_packet`] found it)
+    /// into the TUN device as one TSO packet, after the same checks as any datagram: the
+    /// kernel cuts it into segments that fit the MTU, or hands it whole to a pod here.
+    fn write_super(&mut self, buf: &mut [u8], n: usize, sp: SuperPacket, from: Ipv4Addr, table: &PeerTable) {
+        let off = VIRTIO_NET_HDR_LEN;
+        let len = match inbound(&mut buf[off..off + n], from, table, self.own) {
+            Ok(len) => len,
+            Err(r) => {
+                self.stats.drop(r);
+                return;
             }
-            let r = if self.offload {
-                self.dev.dev.send_multiple(&mut gro, &mut bufs[..staged], off).map(|_| ())
-            } else {
-                bufs[..staged].iter().try_for_each(|b| self.dev.dev.send(b).map(|_| ()))
-            };
-            match r {
-                Ok(()) => self.dev.ok(),
-                Err(e) => self.dev.failed("writing", &e),
-            }
+        };
+        let hdr = VirtioNetHdr {
+            flags: VIRTIO_NET_HDR_F_NEEDS_CSUM,
+            gso_type: VIRTIO_NET_HDR_GSO_TCPV4,
+            hdr_len: sp.headers as u16,
+            gso_size: sp.seg as u16,
+            csum_start: sp.ip_len as u16,
+            // The TCP checksum field, 16 bytes into the TCP header.
+            csum_offset: 16,
+        };
+        if hdr.encode(&mut buf[..off]).is_err() {
+            return;
+        }
+        self.stats.rx.inc_by(len.saturating_sub(sp.headers).div_ceil(sp.seg) as u64);
+        match self.dev.dev.send(&buf[..off + len]) {
+            Ok(_) => self.dev.ok(),
+            Err(e) => self.dev.failed("writing", &e),
         }
     }
 }

@@ -97,11 +97,16 @@ impl Cluster {
     }
 
     pub fn daemon(&self, i: usize, extra: &[&str]) -> Daemon {
+        self.daemon_with_env(i, extra, &[])
+    }
+
+    /// [`Cluster::daemon`] with extra environment variables.
+    pub fn daemon_with_env(&self, i: usize, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
         let endpoints = format!("--etcd-endpoints={}", self.etcd.url());
         let subnet_file = format!("--subnet-file={}", self.env_file(i).display());
         let mut args = vec![endpoints.as_str(), subnet_file.as_str(), "-healthz-port", "8081"];
         args.extend_from_slice(extra);
-        Daemon::start(&self.hosts[i], &self.dir, &args)
+        Daemon::start_with_env(&self.hosts[i], &self.dir, &args, env)
     }
 
     pub fn wait_env(&self, i: usize) -> String {
