@@ -36,16 +36,10 @@ fn age(l: &Lease) -> Age {
 /// Below every age: where the holders of a claim start in the index.
 const FIRST: Age = (i64::MIN, SubnetKey { v4: None, v6: None });
 
-/// Whether two leases say the same (compares the backend data's text without copying it).
+/// Whether two leases say the same (`LeaseAttrs`' equality compares the backend data's
+/// text without copying it).
 fn same_attrs(a: &LeaseAttrs, b: &LeaseAttrs) -> bool {
-    fn raw(r: &Option<Box<serde_json::value::RawValue>>) -> Option<&str> {
-        r.as_ref().map(|v| v.get())
-    }
-    a.public_ip == b.public_ip
-        && a.public_ipv6 == b.public_ipv6
-        && a.backend_type == b.backend_type
-        && raw(&a.backend_data) == raw(&b.backend_data)
-        && raw(&a.backend_v6_data) == raw(&b.backend_v6_data)
+    a == b
 }
 
 /// A peer lease as the cache keeps it, with what was worked out when it arrived (the rules
@@ -294,6 +288,25 @@ impl LeaseCache {
     /// The leases in use.
     pub fn accepted(&self) -> impl Iterator<Item = &Lease> {
         self.all.values().filter(|s| s.accepted).map(|s| &s.lease)
+    }
+
+    /// The lease of `key` if it is in use (what a table keyed by lease holds for it now).
+    pub fn accepted_lease(&self, key: &SubnetKey) -> Option<&Lease> {
+        self.all.get(key).filter(|s| s.accepted).map(|s| &s.lease)
+    }
+
+    /// For each event (already applied to the cache), its key and what is in use for that
+    /// key now: the state a per-peer table must hold for it, whatever the event said (a
+    /// later change may have been applied already; its own event follows and finds the same
+    /// state). A key with several events is named several times; applying the same state
+    /// twice changes nothing. O(events × log peers), no allocation.
+    pub fn current<'a>(&'a self, events: &'a [LeaseEvent]) -> impl Iterator<Item = (SubnetKey, Option<&'a Lease>)> {
+        events.iter().map(|e| {
+            let key = match e {
+                LeaseEvent::Added(l) | LeaseEvent::Removed(l) => l.key,
+            };
+            (key, self.accepted_lease(&key))
+        })
     }
 
     /// The leases in use as the planner reads them (parsed when they arrived), by key.

@@ -5,6 +5,7 @@ use std::net::IpAddr;
 
 use ipnet::{IpNet, Ipv4Net};
 use weft_core::backend::UdpSettings;
+use weft_core::cache::{LeaseCache, LeaseEvent};
 use weft_core::iface::External;
 use weft_core::lease::Lease;
 use weft_core::packet::PeerTable;
@@ -96,13 +97,10 @@ impl UdpBackend {
         kernel.ensure_device_route(self.network, link.index).await
     }
 
-    /// Swaps in a new peer table (udp leases carry no BackendType).
+    /// Replaces the engine's peer table with one built from `peers` (the accepted leases;
+    /// udp leases carry no BackendType).
     pub fn set_peers<'a>(&self, peers: impl Iterator<Item = &'a Lease>) {
-        let table = PeerTable::new(
-            self.subnet_len,
-            peers.filter(|l| l.attrs.backend_type.is_empty()).filter_map(|l| l.key.v4.map(|n| (n, l.attrs.public_ip))),
-        );
-        self.engine.peers.set(table);
+        self.engine.peers.set(PeerTable::of_leases(self.subnet_len, peers));
     }
 }
 
@@ -147,8 +145,13 @@ impl Backend for UdpBackend {
         None
     }
 
-    fn peers_changed(&self, peers: &mut dyn Iterator<Item = &Lease>) {
-        self.set_peers(peers);
+    /// One peer's two entries per event, changed in place under the table's write lock.
+    fn peers_changed(&self, events: &[LeaseEvent], cache: &LeaseCache) {
+        self.engine.peers.update(|t| t.apply(events, cache));
+    }
+
+    fn peers_reset(&self, cache: &LeaseCache) {
+        self.set_peers(cache.accepted());
     }
 
     fn stop(&mut self) {

@@ -10,7 +10,7 @@ use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -67,21 +67,28 @@ impl Stats {
     }
 }
 
-/// The shared peer table: swapped whole on lease events; readers take a snapshot per batch,
-/// so traffic never waits for an update.
+/// The shared peer table, changed in place one peer at a time on lease events. A
+/// forwarding thread holds the read lock for one batch (never across a wait), so an update
+/// waits at most for the batches in flight and a batch never sees half an update; no table
+/// is copied or rebuilt per event.
 #[derive(Clone, Default)]
-pub struct Peers(Arc<RwLock<Arc<PeerTable>>>);
+pub struct Peers(Arc<RwLock<PeerTable>>);
 
 impl Peers {
-    fn snapshot(&self) -> Arc<PeerTable> {
-        self.0.read().map(|t| t.clone()).unwrap_or_default()
+    /// The table for one batch: drop it before waiting for more packets.
+    fn snapshot(&self) -> RwLockReadGuard<'_, PeerTable> {
+        // A writer that panicked left a table whose maps are whole: forwarding goes on.
+        self.0.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Replaces the table.
+    /// Changes the table in place (one peer per lease event).
+    pub fn update<R>(&self, f: impl FnOnce(&mut PeerTable) -> R) -> R {
+        f(&mut self.0.write().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Replaces the table (a rebuild from the whole peer set).
     pub fn set(&self, t: PeerTable) {
-        if let Ok(mut w) = self.0.write() {
-            *w = Arc::new(t);
-        }
+        self.update(|w| *w = t);
     }
 }
 
