@@ -503,6 +503,7 @@ impl DataPlane {
         // Before applying: the echoes of this pass then match what is wanted. The model it
         // replaces is dropped after the lock is released.
         let mut state = p.state;
+        let entries = state.routes.len() + state.neighbors.len() + state.fdb.len();
         self.set_interest(|i| std::mem::swap(&mut i.desired, &mut state));
         drop(state);
         drop(actual);
@@ -557,6 +558,12 @@ impl DataPlane {
                 tokio::time::sleep(std::time::Duration::from_secs(2)).await;
                 let _ = tokio::task::spawn_blocking(release_free_memory).await;
             });
+        } else if entries >= TRIM_AFTER {
+            // Even a pass with nothing to do read and freed every entry the kernel holds
+            // (80 000 at 20 000 peers), between the live data: the freed pages go back (off
+            // the pass's clock). Without it RSS at 20 000 peers crept from 26 to 35 MiB over
+            // three resyncs.
+            drop(tokio::task::spawn_blocking(release_free_memory));
         }
         report
     }
