@@ -441,11 +441,12 @@ mod tests {
     fn entries_that_cannot_come_from_a_valid_lease_change_nothing_else() {
         let mut t = table();
         let before = t.clone();
-        // A /16 shares its first address with the /24 peer 10.5.2.0: it names no entry.
-        assert!(!t.insert(net("10.5.2.0/16"), ip("192.0.2.99")));
-        assert_eq!(t.remove(net("10.5.2.0/16")), None);
-        assert_eq!(t.remove(net("10.5.0.0/0")), None);
-        t.update(&SubnetKey { v4: Some(net("10.5.2.0/16")), v6: None }, None);
+        // A /23 or /25 shares its first address with the /24 peer 10.5.2.0: it names no entry.
+        for other in ["10.5.2.0/23", "10.5.2.0/25", "10.5.2.0/16", "0.0.0.0/0"] {
+            assert!(!t.insert(net(other), ip("192.0.2.99")), "{other}");
+            assert_eq!(t.remove(net(other)), None, "{other}");
+            t.update(&SubnetKey { v4: Some(net(other)), v6: None }, None);
+        }
         assert_eq!(t, before, "nothing but the named subnet's entries may change");
         // An unset public address is no peer: the subnet's entry goes, nothing enters.
         assert!(!t.insert(net("10.5.2.0/24"), Ipv4Addr::UNSPECIFIED));
