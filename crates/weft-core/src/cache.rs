@@ -33,19 +33,38 @@ fn age(l: &Lease) -> Age {
     (l.revision, l.key)
 }
 
+/// A claim other than a WireGuard key, as the index keeps it (18 bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Small {
+    V4(ipnet::Ipv4Net),
+    V6(ipnet::Ipv6Net),
+    Ip(std::net::IpAddr),
+    Mac(crate::backend::Mac),
+}
+
+/// Which index holds claim `c`, and its key there.
+enum Slot {
+    Small(Small),
+    Key([u8; 32]),
+}
+
+fn slot(c: Claim) -> Slot {
+    match c {
+        Claim::V4(n) => Slot::Small(Small::V4(n)),
+        Claim::V6(n) => Slot::Small(Small::V6(n)),
+        Claim::Ip(ip) => Slot::Small(Small::Ip(ip)),
+        Claim::Mac(m) => Slot::Small(Small::Mac(m)),
+        Claim::Key(k) => Slot::Key(k),
+    }
+}
+
 /// Below every age: where the holders of a claim start in the index.
 const FIRST: Age = (i64::MIN, SubnetKey { v4: None, v6: None });
 
-/// Whether two leases say the same (compares the backend data's text without copying it).
+/// Whether two leases say the same (`LeaseAttrs`' equality compares the backend data's
+/// text without copying it).
 fn same_attrs(a: &LeaseAttrs, b: &LeaseAttrs) -> bool {
-    fn raw(r: &Option<Box<serde_json::value::RawValue>>) -> Option<&str> {
-        r.as_ref().map(|v| v.get())
-    }
-    a.public_ip == b.public_ip
-        && a.public_ipv6 == b.public_ipv6
-        && a.backend_type == b.backend_type
-        && raw(&a.backend_data) == raw(&b.backend_data)
-        && raw(&a.backend_v6_data) == raw(&b.backend_v6_data)
+    a == b
 }
 
 /// A peer lease as the cache keeps it, with what was worked out when it arrived (the rules
@@ -70,8 +89,12 @@ pub struct LeaseCache {
     rules: Rules,
     /// Every peer lease seen (not our own), valid or not, and whether it is in use.
     all: BTreeMap<SubnetKey, Stored>,
-    /// Rule-valid leases by claim, oldest first: (claim, holder) pairs.
-    holders: BTreeSet<(Claim, Age)>,
+    /// Rule-valid leases by claim, oldest first: (claim, holder) pairs. WireGuard keys
+    /// (32 bytes) have a set of their own: in one set every entry would be as large as the
+    /// largest claim (72 bytes instead of 56, for the three claims of each of 20 000 leases).
+    holders: BTreeSet<(Small, Age)>,
+    /// The WireGuard key claims, as `holders`.
+    key_holders: BTreeSet<([u8; 32], Age)>,
     /// How many leases are in use.
     in_use: usize,
     /// The leases not in use, with why.
@@ -107,17 +130,28 @@ impl LeaseCache {
     fn index(&mut self, s: &Stored, add: bool) {
         let a = age(&s.lease);
         for c in self.claims(s) {
-            if add {
-                self.holders.insert((c, a));
-            } else {
-                self.holders.remove(&(c, a));
-            }
+            match (slot(c), add) {
+                (Slot::Small(c), true) => self.holders.insert((c, a)),
+                (Slot::Small(c), false) => self.holders.remove(&(c, a)),
+                (Slot::Key(k), true) => self.key_holders.insert((k, a)),
+                (Slot::Key(k), false) => self.key_holders.remove(&(k, a)),
+            };
         }
     }
 
     /// The holders of claim `c`, oldest first.
     fn holders_of(&self, c: Claim) -> impl Iterator<Item = Age> + '_ {
-        self.holders.range((c, FIRST)..).take_while(move |(h, _)| *h == c).map(|(_, a)| *a)
+        let (small, key) = match slot(c) {
+            Slot::Small(c) => (Some(c), None),
+            Slot::Key(k) => (None, Some(k)),
+        };
+        let s = small
+            .into_iter()
+            .flat_map(move |c| self.holders.range((c, FIRST)..).take_while(move |(h, _)| *h == c).map(|(_, a)| *a));
+        let k = key
+            .into_iter()
+            .flat_map(move |k| self.key_holders.range((k, FIRST)..).take_while(move |(h, _)| *h == k).map(|(_, a)| *a));
+        s.chain(k)
     }
 
     /// The verdict on a lease from the current indexes.
@@ -277,11 +311,18 @@ impl LeaseCache {
             }
         }
         let mut holders = Vec::with_capacity(next.len() * 3);
+        let mut key_holders = Vec::new();
         for s in next.values() {
             let a = age(&s.lease);
-            holders.extend(self.claims(s).into_iter().map(|c| (c, a)));
+            for c in self.claims(s) {
+                match slot(c) {
+                    Slot::Small(c) => holders.push((c, a)),
+                    Slot::Key(k) => key_holders.push((k, a)),
+                }
+            }
         }
         self.holders = holders.into_iter().collect();
+        self.key_holders = key_holders.into_iter().collect();
         self.all = next;
         let mut keys: Vec<SubnetKey> = self.all.keys().chain(was.keys()).copied().collect();
         keys.sort_unstable();
@@ -294,6 +335,25 @@ impl LeaseCache {
     /// The leases in use.
     pub fn accepted(&self) -> impl Iterator<Item = &Lease> {
         self.all.values().filter(|s| s.accepted).map(|s| &s.lease)
+    }
+
+    /// The lease of `key` if it is in use (what a table keyed by lease holds for it now).
+    pub fn accepted_lease(&self, key: &SubnetKey) -> Option<&Lease> {
+        self.all.get(key).filter(|s| s.accepted).map(|s| &s.lease)
+    }
+
+    /// For each event (already applied to the cache), its key and what is in use for that
+    /// key now: the state a per-peer table must hold for it, whatever the event said (a
+    /// later change may have been applied already; its own event follows and finds the same
+    /// state). A key with several events is named several times; applying the same state
+    /// twice changes nothing. O(events × log peers), no allocation.
+    pub fn current<'a>(&'a self, events: &'a [LeaseEvent]) -> impl Iterator<Item = (SubnetKey, Option<&'a Lease>)> {
+        events.iter().map(|e| {
+            let key = match e {
+                LeaseEvent::Added(l) | LeaseEvent::Removed(l) => l.key,
+            };
+            (key, self.accepted_lease(&key))
+        })
     }
 
     /// The leases in use as the planner reads them (parsed when they arrived), by key.
@@ -326,6 +386,12 @@ mod tests {
     use super::*;
     use crate::validate::claims;
     use crate::validate::tests::{lease, rules, vx};
+
+    #[test]
+    fn the_claim_index_stays_small() {
+        // Three claims per vxlan lease, 20 000 leases: 16 bytes an entry is ~1 MiB.
+        assert!(std::mem::size_of::<(Small, Age)>() <= 56, "{}", std::mem::size_of::<(Small, Age)>());
+    }
 
     #[test]
     fn our_own_lease_is_never_a_peer() {

@@ -132,8 +132,12 @@ pub struct LeaseAttrs {
 }
 
 impl PartialEq for LeaseAttrs {
+    /// Compares the backend data's JSON text in place (a lease is compared on every store
+    /// change and relisting; copying its text each time cost an allocation per value).
     fn eq(&self, other: &Self) -> bool {
-        let raw = |r: &Option<Box<RawValue>>| r.as_ref().map(|v| v.get().to_string());
+        fn raw(r: &Option<Box<RawValue>>) -> Option<&str> {
+            r.as_deref().map(RawValue::get)
+        }
         self.public_ip == other.public_ip
             && self.public_ipv6 == other.public_ipv6
             && self.backend_type == other.backend_type

@@ -8,6 +8,9 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 
+use crate::cache::{LeaseCache, LeaseEvent};
+use crate::lease::{Lease, SubnetKey};
+
 /// Why a packet was dropped (also the `reason` label of the drop counter).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DropReason {
@@ -50,7 +53,9 @@ impl DropReason {
 }
 
 /// The peers: O(1) lookups both ways, since every lease of a network has the same length.
-#[derive(Debug, Clone, Default)]
+/// Built whole at start, then changed one peer at a time ([`PeerTable::apply`]): a lease
+/// event touches only its own peer's two entries.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PeerTable {
     /// Lease prefix length (all peers share it).
     prefix: u8,
@@ -64,18 +69,93 @@ fn mask(prefix: u8) -> u32 {
     if prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(prefix)) }
 }
 
+/// The table entry of a peer lease for the udp backend: its IPv4 subnet and public address.
+/// `None` for leases of other backends (udp leases carry no `BackendType`) and IPv6-only ones.
+pub fn udp_entry(l: &Lease) -> Option<(Ipv4Net, Ipv4Addr)> {
+    if !l.attrs.backend_type.is_empty() {
+        return None;
+    }
+    l.key.v4.map(|n| (n, l.attrs.public_ip))
+}
+
 impl PeerTable {
     /// Builds the table from (subnet, public IP) pairs; subnets of another length than
-    /// `prefix` are ignored (they cannot come from a valid config).
+    /// `prefix` and unset (`0.0.0.0`) addresses are ignored (they cannot come from a valid
+    /// lease).
     pub fn new(prefix: u8, peers: impl IntoIterator<Item = (Ipv4Net, Ipv4Addr)>) -> Self {
         let mut t = PeerTable { prefix, ..Default::default() };
         for (net, ip) in peers {
-            if net.prefix_len() == prefix && !ip.is_unspecified() {
-                t.by_subnet.insert(u32::from(net.network()), ip);
-                t.by_public.insert(ip, net);
-            }
+            t.insert(net, ip);
         }
         t
+    }
+
+    /// The table of the udp peers among `leases` (the accepted set): the full rebuild.
+    pub fn of_leases<'a>(prefix: u8, leases: impl IntoIterator<Item = &'a Lease>) -> Self {
+        PeerTable::new(prefix, leases.into_iter().filter_map(udp_entry))
+    }
+
+    /// Makes `net`'s peer the one at `ip`, replacing what `net` had (its old address no
+    /// longer maps to it). An entry that cannot be used (another prefix length: left alone;
+    /// `0.0.0.0`: `net`'s entry removed) is refused with `false`. A public address held by
+    /// another subnet moves to `net` (a transient state while events are applied one by
+    /// one: the cache never accepts two leases with one address); removing that other
+    /// subnet later leaves `net`'s mapping alone.
+    pub fn insert(&mut self, net: Ipv4Net, ip: Ipv4Addr) -> bool {
+        if net.prefix_len() != self.prefix {
+            return false;
+        }
+        if ip.is_unspecified() {
+            self.remove(net);
+            return false;
+        }
+        let net = net.trunc();
+        if let Some(old) = self.by_subnet.insert(u32::from(net.network()), ip)
+            && old != ip
+            && self.by_public.get(&old) == Some(&net)
+        {
+            self.by_public.remove(&old);
+        }
+        self.by_public.insert(ip, net);
+        true
+    }
+
+    /// Removes `net`'s peer, and its public address's mapping when that still names `net`;
+    /// returns the address it had. A subnet of another prefix length names no entry (a
+    /// `/16` must not remove the `/24` that shares its first address).
+    pub fn remove(&mut self, net: Ipv4Net) -> Option<Ipv4Addr> {
+        if net.prefix_len() != self.prefix {
+            return None;
+        }
+        let net = net.trunc();
+        let ip = self.by_subnet.remove(&u32::from(net.network()))?;
+        if self.by_public.get(&ip) == Some(&net) {
+            self.by_public.remove(&ip);
+        }
+        Some(ip)
+    }
+
+    /// Brings lease `key`'s entry to `lease`, what is in use for it now (`None`: nothing, or
+    /// a lease that is no udp peer): one peer's entries, nothing else.
+    pub fn update(&mut self, key: &SubnetKey, lease: Option<&Lease>) {
+        let Some(net) = key.v4 else { return };
+        match lease.filter(|l| l.key == *key).and_then(udp_entry) {
+            Some((n, ip)) => {
+                self.insert(n, ip);
+            }
+            None => {
+                self.remove(net);
+            }
+        }
+    }
+
+    /// Applies `events` (already applied to `cache`): each event's peer is brought to what
+    /// the cache has in use for it now, so a rejected lease never enters and a lease that
+    /// becomes rejected or accepted leaves or enters. O(events).
+    pub fn apply(&mut self, events: &[LeaseEvent], cache: &LeaseCache) {
+        for (key, lease) in cache.current(events) {
+            self.update(&key, lease);
+        }
     }
 
     /// The peer owning `dst`.
@@ -427,8 +507,170 @@ mod tests {
         );
     }
 
+    fn udp(key: &str, ip: &str, rev: i64) -> Lease {
+        let mut l = crate::validate::tests::lease(key, ip, rev);
+        l.attrs.backend_type.clear();
+        l
+    }
+
+    fn net(s: &str) -> Ipv4Net {
+        s.parse().unwrap()
+    }
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn entries_that_cannot_come_from_a_valid_lease_change_nothing_else() {
+        let mut t = table();
+        let before = t.clone();
+        // A /23 or /25 shares its first address with the /24 peer 10.5.2.0: it names no entry.
+        for other in ["10.5.2.0/23", "10.5.2.0/25", "10.5.2.0/16", "0.0.0.0/0"] {
+            assert!(!t.insert(net(other), ip("192.0.2.99")), "{other}");
+            assert_eq!(t.remove(net(other)), None, "{other}");
+            t.update(&SubnetKey { v4: Some(net(other)), v6: None }, None);
+        }
+        assert_eq!(t, before, "nothing but the named subnet's entries may change");
+        // An unset public address is no peer: the subnet's entry goes, nothing enters.
+        assert!(!t.insert(net("10.5.2.0/24"), Ipv4Addr::UNSPECIFIED));
+        assert_eq!((t.route(ip("10.5.2.1")), t.subnet_of(ip("192.0.2.12"))), (None, None));
+        assert_eq!(t.subnet_of(Ipv4Addr::UNSPECIFIED), None);
+        assert_eq!(t.route(ip("10.5.3.1")), Some(ip("192.0.2.13")), "the other peer is untouched");
+        // Host bits in a subnet are cut off, as the kernel would.
+        assert!(t.insert(net("10.5.2.7/24"), ip("192.0.2.12")));
+        assert_eq!(t.subnet_of(ip("192.0.2.12")), Some(net("10.5.2.0/24")));
+        assert_eq!(t, before);
+        // An IPv6-only key or a lease of another backend names no udp entry.
+        t.update(&"10.5.2.0-24".parse().unwrap(), Some(&crate::validate::tests::lease("10.5.2.0-24", "192.0.2.12", 1)));
+        assert_eq!(t.route(ip("10.5.2.1")), None, "a host-gw lease is no udp peer");
+        let mut v6only = udp("10.5.2.0-24", "192.0.2.12", 1);
+        v6only.key = SubnetKey { v4: None, v6: Some("fd00::/64".parse().unwrap()) };
+        t.update(&v6only.key, Some(&v6only));
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn one_peer_is_inserted_moved_and_removed_without_touching_the_others() {
+        let mut t = table();
+        assert!(t.insert(net("10.5.4.0/24"), ip("192.0.2.14")));
+        assert_eq!(
+            (t.len(), t.route(ip("10.5.4.9")), t.subnet_of(ip("192.0.2.14"))),
+            (3, Some(ip("192.0.2.14")), Some(net("10.5.4.0/24")))
+        );
+        // A new public address: the old one no longer maps to the peer.
+        assert!(t.insert(net("10.5.4.0/24"), ip("192.0.2.44")));
+        assert_eq!(
+            (t.len(), t.subnet_of(ip("192.0.2.14")), t.subnet_of(ip("192.0.2.44"))),
+            (3, None, Some(net("10.5.4.0/24")))
+        );
+        assert_eq!(t.remove(net("10.5.4.0/24")), Some(ip("192.0.2.44")));
+        assert_eq!(t.remove(net("10.5.4.0/24")), None);
+        assert_eq!(t, table());
+        // An address taken over by another subnet (events applied one by one): removing or
+        // moving the old holder leaves the new holder's mapping alone.
+        assert!(t.insert(net("10.5.4.0/24"), ip("192.0.2.12")));
+        assert_eq!(t.subnet_of(ip("192.0.2.12")), Some(net("10.5.4.0/24")));
+        assert_eq!(t.remove(net("10.5.2.0/24")), Some(ip("192.0.2.12")));
+        assert_eq!(t.subnet_of(ip("192.0.2.12")), Some(net("10.5.4.0/24")));
+        assert!(t.insert(net("10.5.3.0/24"), ip("192.0.2.33")));
+        assert_eq!(
+            t,
+            PeerTable::new(24, [(net("10.5.3.0/24"), ip("192.0.2.33")), (net("10.5.4.0/24"), ip("192.0.2.12"))])
+        );
+    }
+
+    #[test]
+    fn a_lease_event_changes_only_its_peer_as_the_cache_decides() {
+        use crate::cache::LeaseCache;
+        use crate::validate::tests::rules;
+        let mut c = LeaseCache::new(rules());
+        let a = udp("10.5.4.0-24", "192.0.2.12", 1);
+        let b = udp("10.5.5.0-24", "192.0.2.13", 2);
+        let out = c.replace_all([a.clone(), b.clone()]);
+        let mut t = PeerTable::new(24, []);
+        t.apply(&out.events, &c);
+        assert_eq!(t, PeerTable::of_leases(24, c.accepted()));
+        assert_eq!(t.len(), 2);
+        // A younger lease wanting a's address is rejected: it never enters.
+        let thief = udp("10.5.3.0-24", "192.0.2.12", 5);
+        let out = c.put(thief.clone());
+        assert!(out.events.is_empty() && out.rejected.len() == 1);
+        t.apply(&out.events, &c);
+        // Even a stray event for it finds nothing in use.
+        t.apply(&[crate::cache::LeaseEvent::Added(thief.clone())], &c);
+        assert_eq!(t.subnet_of(ip("192.0.2.12")), Some(net("10.5.4.0/24")));
+        assert_eq!(t.route(ip("10.5.3.1")), None);
+        // Hostile leases: another prefix length, an unset address. Rejected by the cache;
+        // the table is untouched.
+        let before = t.clone();
+        for bad in [udp("10.5.0.0-16", "192.0.2.20", 6), udp("10.5.6.0-24", "0.0.0.0", 7)] {
+            let out = c.put(bad.clone());
+            assert!(out.events.is_empty(), "{bad:?}");
+            t.apply(&[crate::cache::LeaseEvent::Added(bad)], &c);
+        }
+        assert_eq!(t, before);
+        // b moves to a new address: only b's entries change.
+        let b2 = udp("10.5.5.0-24", "192.0.2.33", 2);
+        let out = c.put(b2.clone());
+        assert_eq!(out.events.len(), 1);
+        t.apply(&out.events, &c);
+        assert_eq!((t.subnet_of(ip("192.0.2.13")), t.subnet_of(ip("192.0.2.33"))), (None, Some(net("10.5.5.0/24"))));
+        assert_eq!(t.route(ip("10.5.4.1")), Some(ip("192.0.2.12")));
+        // a moves away from its address: the rejected thief (settled first, by key) takes it.
+        let a2 = udp("10.5.4.0-24", "192.0.2.44", 1);
+        let out = c.put(a2.clone());
+        assert_eq!(out.events.len(), 2, "{:?}", out.events);
+        t.apply(&out.events, &c);
+        assert_eq!(t.subnet_of(ip("192.0.2.12")), Some(net("10.5.3.0/24")));
+        assert_eq!(t.subnet_of(ip("192.0.2.44")), Some(net("10.5.4.0/24")));
+        assert_eq!(t, PeerTable::of_leases(24, c.accepted()));
+        // An older lease takes the address of a younger one; settled first (by key), it
+        // enters before the younger leaves: the removal keeps the new holder's mapping.
+        let young = udp("10.5.7.0-24", "192.0.2.50", 9);
+        let out = c.put(young.clone());
+        t.apply(&out.events, &c);
+        assert_eq!(t.subnet_of(ip("192.0.2.50")), Some(net("10.5.7.0/24")));
+        let old = udp("10.5.6.0-24", "192.0.2.50", 0);
+        let out = c.put(old.clone());
+        assert_eq!(
+            out.events,
+            vec![crate::cache::LeaseEvent::Added(old.clone()), crate::cache::LeaseEvent::Removed(young.clone())]
+        );
+        t.apply(&out.events, &c);
+        assert_eq!(t.subnet_of(ip("192.0.2.50")), Some(net("10.5.6.0/24")));
+        assert_eq!(t.route(ip("10.5.7.1")), None);
+        assert_eq!(t, PeerTable::of_leases(24, c.accepted()));
+        assert_eq!(t.len(), 4);
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(20_000))]
+        /// Applying each change's events one peer at a time gives the table a full rebuild
+        /// from the accepted leases gives, whatever the order of puts and deletes (shared,
+        /// moved and re-used addresses, leases of another backend).
+        #[test]
+        fn events_applied_one_by_one_equal_a_rebuild(
+            ops in proptest::collection::vec((0u8..6, 0u8..4, any::<bool>(), 0i64..30, any::<bool>()), 0..40)
+        ) {
+            use crate::cache::LeaseCache;
+            let mut c = LeaseCache::new(crate::validate::tests::rules());
+            let mut t = PeerTable::new(24, []);
+            for (sub, addr, udp_type, rev, del) in ops {
+                let key = format!("10.5.{}.0-24", sub + 2);
+                let out = if del {
+                    c.delete(&key.parse().unwrap())
+                } else {
+                    let l = if udp_type { udp(&key, &format!("192.0.2.{}", 20 + addr), rev) } else {
+                        crate::validate::tests::lease(&key, &format!("192.0.2.{}", 20 + addr), rev)
+                    };
+                    c.put(l)
+                };
+                t.apply(&out.events, &c);
+                prop_assert_eq!(&t, &PeerTable::of_leases(24, c.accepted()));
+            }
+        }
+
         /// The receive path never panics on arbitrary bytes from arbitrary senders.
         #[test]
         fn inbound_never_panics(mut bytes in proptest::collection::vec(any::<u8>(), 0..80), from in any::<u32>(), pick in any::<bool>()) {

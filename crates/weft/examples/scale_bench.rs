@@ -294,6 +294,8 @@ fn data_plane(n: u32) -> Row {
         b.wait("a periodic pass", Duration::from_secs(15), || b.metric("weft_reconciles_total ").unwrap_or(0) > passes);
         idle.push(b.metric("weft_reconcile_milliseconds ").unwrap_or(-1));
     }
+    // Memory once the first pass's leftovers are gone (its delayed trim ran).
+    let rss_steady = rss_mib(d.id());
     // One peer change: a lease written now → its route in the kernel (the route goes in last).
     let mut one = Vec::new();
     for k in 0..3 {
@@ -309,7 +311,7 @@ fn data_plane(n: u32) -> Row {
         ms(converged),
     );
     println!(
-        "data plane (vxlan), {n} peers: no-op resync {idle:?} ms; one peer change {:.1} ms (median of 3, {:.1}..{:.1}); RSS {rss:.1} MiB",
+        "data plane (vxlan), {n} peers: no-op resync {idle:?} ms; one peer change {:.1} ms (median of 3, {:.1}..{:.1}); RSS {rss:.1} MiB ({rss_steady:.1} MiB after the resync passes)",
         ms(one[1]),
         ms(one[0]),
         ms(one[2]),

@@ -90,6 +90,7 @@ fn daemon(args: &[String]) -> ExitCode {
         }
     };
     die_on_broken_pipe(false);
+    weft::backend::tune_allocator();
     init_logging_as(opts.verbosity, opts.log_json);
     let result = runtime().block_on(weft::daemon::run(opts));
     weft::notify::stopping();

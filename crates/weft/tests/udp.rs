@@ -58,7 +58,7 @@ fn daemon_pids(subnet_file: &std::path::Path) -> Vec<u32> {
         .filter(|pid| {
             let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
-            args.iter().any(|a| *a == b"daemon") && args.iter().any(|a| *a == want.as_bytes())
+            args.contains(&&b"daemon"[..]) && args.contains(&want.as_bytes())
         })
         .collect()
 }

@@ -5,6 +5,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::{IpNet, Ipv4Net};
 use weft_core::backend::UdpSettings;
+use weft_core::cache::{LeaseCache, LeaseEvent};
 use weft_core::iface::External;
 use weft_core::lease::Lease;
 use weft_core::packet::PeerTable;
@@ -166,13 +167,10 @@ impl UdpBackend {
         Ok(())
     }
 
-    /// Swaps in a new peer table (udp leases carry no BackendType).
+    /// Replaces the engine's peer table with one built from `peers` (the accepted leases;
+    /// udp leases carry no BackendType).
     pub fn set_peers<'a>(&self, peers: impl Iterator<Item = &'a Lease>) {
-        let table = PeerTable::new(
-            self.subnet_len,
-            peers.filter(|l| l.attrs.backend_type.is_empty()).filter_map(|l| l.key.v4.map(|n| (n, l.attrs.public_ip))),
-        );
-        self.engine.set_peers(table);
+        self.engine.set_peers(PeerTable::of_leases(self.subnet_len, peers));
     }
 }
 
@@ -217,8 +215,14 @@ impl Backend for UdpBackend {
         None
     }
 
-    fn peers_changed(&self, peers: &mut dyn Iterator<Item = &Lease>) {
-        self.set_peers(peers);
+    /// One peer's two entries per event, changed in place under the table's write lock,
+    /// and the same peers' entries in the fast path's maps.
+    fn peers_changed(&self, events: &[LeaseEvent], cache: &LeaseCache) {
+        self.engine.apply(events, cache);
+    }
+
+    fn peers_reset(&self, cache: &LeaseCache) {
+        self.set_peers(cache.accepted());
     }
 
     fn stop(&mut self) {

@@ -6,11 +6,13 @@
 //! (`crate::wireguard::kernel`); otherwise (or with `WEFT_WIREGUARD=userspace`) WireGuard
 //! runs in userspace on a TUN device (`crate::wireguard`).
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, SocketAddrV6};
 
 use futures::future::BoxFuture;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde_json::value::RawValue;
+use weft_core::cache::{LeaseCache, LeaseEvent};
 use weft_core::config::NetworkConfig;
 use weft_core::iface::External;
 use weft_core::lease::{Lease, LeaseAttrs, SubnetKey};
@@ -41,8 +43,8 @@ struct Device {
     path: DataPath,
     /// Its index, as of the last repair.
     index: Option<u32>,
-    /// Its peers as last planned (the kernel path programs them on the next pass).
-    peers: std::sync::Mutex<Vec<weft_core::wireguard::Peer>>,
+    /// Its peers as last planned, by lease (the kernel path programs them on the next pass).
+    peers: std::sync::Mutex<BTreeMap<SubnetKey, weft_core::wireguard::Peer>>,
 }
 
 /// Which data path `WEFT_WIREGUARD` asks for: `userspace`, `kernel`, or (unset) the
@@ -249,7 +251,7 @@ impl WireguardBackend {
             };
             // The kernel path's peers are desired state, re-asserted on every pass.
             if let DataPath::Kernel { dev, configured } = &mut d.path {
-                let peers = d.peers.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let peers: Vec<_> = d.peers.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
                 let r = if *configured {
                     dev.set_peers(&peers, &ps).await
                 } else {
@@ -282,35 +284,91 @@ impl WireguardBackend {
         Ok(changed)
     }
 
+    /// The lease prefix lengths (IPv4, IPv6) the engines key their tables by.
+    fn prefixes(&self) -> (u8, u8) {
+        (self.v4.map(|(_, l)| l).unwrap_or(24), self.v6.map(|(_, l)| l).unwrap_or(64))
+    }
+
+    fn warn_unreachable(d: &Device, left_out: &[weft_core::wireguard::Peer]) {
+        for p in left_out {
+            tracing::warn!(
+                peer = %p.lease,
+                "ignoring peer lease: its endpoint {} is of an address family {} has no socket for",
+                p.endpoint,
+                d.spec.name
+            );
+        }
+    }
+
+    /// The gauge from the tables' sizes (O(devices)).
+    fn count(&self) {
+        let Some(g) = &self.peers_gauge else { return };
+        let n: usize = self
+            .devs
+            .iter()
+            .map(|d| match &d.path {
+                DataPath::User(engine) => engine.peer_count(),
+                DataPath::Kernel { .. } => d.peers.lock().map(|p| p.len()).unwrap_or(0),
+            })
+            .sum();
+        g.set(n as i64);
+    }
+
+    /// Rebuilds every device's peers from `leases` (the whole accepted set).
     fn set_peers(&self, leases: &[&Lease]) {
-        let mut total = 0;
+        let (prefix, prefix6) = self.prefixes();
         for d in &self.devs {
             let plan = plan_peers(&self.settings, &d.spec, &self.local, leases.iter().copied());
             for (key, why) in &plan.skipped {
                 tracing::warn!(peer = %key, "ignoring peer lease: {why}");
             }
-            let prefix = self.v4.map(|(_, l)| l).unwrap_or(24);
-            let prefix6 = self.v6.map(|(_, l)| l).unwrap_or(64);
             let left_out = match &d.path {
                 DataPath::User(engine) => {
                     engine.set_peers(prefix, prefix6, &plan.peers, self.settings.psk, self.settings.keepalive)
                 }
                 DataPath::Kernel { .. } => Vec::new(),
             };
-            *d.peers.lock().unwrap_or_else(|p| p.into_inner()) = plan.peers.clone();
-            for p in &left_out {
-                tracing::warn!(
-                    peer = %p.lease,
-                    "ignoring peer lease: its endpoint {} is of an address family {} has no socket for",
-                    p.endpoint,
-                    d.spec.name
-                );
+            *d.peers.lock().unwrap_or_else(|p| p.into_inner()) = plan.peers.into_iter().map(|p| (p.lease, p)).collect();
+            Self::warn_unreachable(d, &left_out);
+        }
+        self.count();
+    }
+
+    /// Changes, on every device, the peers of the leases in `events` alone, to what `cache`
+    /// has in use for them now.
+    fn change_peers(&self, events: &[LeaseEvent], cache: &LeaseCache) {
+        let (prefix, prefix6) = self.prefixes();
+        let mut planned = Vec::with_capacity(events.len());
+        for d in &self.devs {
+            planned.clear();
+            for (key, lease) in cache.current(events) {
+                let mut plan = plan_peers(&self.settings, &d.spec, &self.local, lease);
+                for (key, why) in &plan.skipped {
+                    tracing::warn!(peer = %key, "ignoring peer lease: {why}");
+                }
+                planned.push((key, plan.peers.pop()));
             }
-            total += plan.peers.len() - left_out.len();
+            let left_out = match &d.path {
+                DataPath::User(engine) => engine.update_peers(
+                    prefix,
+                    prefix6,
+                    planned.iter().map(|(k, p)| (*k, p.as_ref())),
+                    self.settings.psk,
+                    self.settings.keepalive,
+                ),
+                DataPath::Kernel { .. } => Vec::new(),
+            };
+            let mut m = d.peers.lock().unwrap_or_else(|p| p.into_inner());
+            for (key, p) in planned.drain(..) {
+                match p {
+                    Some(p) => m.insert(key, p),
+                    None => m.remove(&key),
+                };
+            }
+            drop(m);
+            Self::warn_unreachable(d, &left_out);
         }
-        if let Some(g) = &self.peers_gauge {
-            g.set(total as i64);
-        }
+        self.count();
     }
 }
 
@@ -375,8 +433,12 @@ impl Backend for WireguardBackend {
         None
     }
 
-    fn peers_changed(&self, peers: &mut dyn Iterator<Item = &Lease>) {
-        let leases: Vec<&Lease> = peers.collect();
+    fn peers_changed(&self, events: &[LeaseEvent], cache: &LeaseCache) {
+        self.change_peers(events, cache);
+    }
+
+    fn peers_reset(&self, cache: &LeaseCache) {
+        let leases: Vec<&Lease> = cache.accepted().collect();
         self.set_peers(&leases);
     }
 

@@ -357,11 +357,47 @@ impl FastPath {
                 continue;
             }
             self.by_subnet.update(net, ip)?;
-            self.by_public.update(ip, &PeerSubnet { net: *net, mask })?;
+            // The table's own choice when two subnets name one address.
+            let owner = table.subnet_of(Ipv4Addr::from(u32::from_be(*ip))).map(|o| be(o.network())).unwrap_or(*net);
+            self.by_public.update(ip, &PeerSubnet { net: owner, mask })?;
             self.loaded.insert(*net, *ip);
             changes += 1;
         }
         Ok(changes)
+    }
+
+    /// Makes the maps' entries for `net` (and for the public addresses it had and has) what
+    /// `table` says now: the per-event path, O(1).
+    pub fn sync_subnet(&mut self, net: Ipv4Net, table: &PeerTable) -> Result<(), FastPathError> {
+        if net.prefix_len() != table.prefix() {
+            return Ok(());
+        }
+        let key = be(net.network());
+        let want = table.route(net.network()).map(be);
+        let had = self.loaded.get(&key).copied();
+        if want == had {
+            return Ok(());
+        }
+        match want {
+            Some(ip) => {
+                self.by_subnet.update(&key, &ip)?;
+                self.loaded.insert(key, ip);
+            }
+            None => {
+                self.by_subnet.delete(&key)?;
+                self.loaded.remove(&key);
+            }
+        }
+        // The public entries of the old and the new address follow the table's.
+        for ip in [had, want].into_iter().flatten() {
+            match table.subnet_of(Ipv4Addr::from(u32::from_be(ip))) {
+                Some(owner) => self
+                    .by_public
+                    .update(&ip, &PeerSubnet { net: be(owner.network()), mask: mask_be(owner.prefix_len()) })?,
+                None => self.by_public.delete(&ip)?,
+            }
+        }
+        Ok(())
     }
 
     /// Packets the programs carried: (sent, received).

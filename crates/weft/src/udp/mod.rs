@@ -11,7 +11,7 @@ use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -31,6 +31,7 @@ use weft_core::packet::{
 use self::fastpath::{Attachment, FastPath};
 use self::socket::{MAX_GSO_SEGMENTS, Socket};
 use crate::metrics::Metrics;
+use weft_core::cache::{LeaseCache, LeaseEvent};
 
 /// The TUN device's name, as flannel's (`flannel%d` → `flannel0`).
 pub const DEVICE: &str = "flannel0";
@@ -75,21 +76,28 @@ impl Stats {
     }
 }
 
-/// The shared peer table: swapped whole on lease events; readers take a snapshot per batch,
-/// so traffic never waits for an update.
+/// The shared peer table, changed in place one peer at a time on lease events. A
+/// forwarding thread holds the read lock for one batch (never across a wait), so an update
+/// waits at most for the batches in flight and a batch never sees half an update; no table
+/// is copied or rebuilt per event.
 #[derive(Clone, Default)]
-pub struct Peers(Arc<RwLock<Arc<PeerTable>>>);
+pub struct Peers(Arc<RwLock<PeerTable>>);
 
 impl Peers {
-    fn snapshot(&self) -> Arc<PeerTable> {
-        self.0.read().map(|t| t.clone()).unwrap_or_default()
+    /// The table for one batch: drop it before waiting for more packets.
+    fn snapshot(&self) -> RwLockReadGuard<'_, PeerTable> {
+        // A writer that panicked left a table whose maps are whole: forwarding goes on.
+        self.0.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Replaces the table.
+    /// Changes the table in place (one peer per lease event).
+    pub fn update<R>(&self, f: impl FnOnce(&mut PeerTable) -> R) -> R {
+        f(&mut self.0.write().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Replaces the table (a rebuild from the whole peer set).
     pub fn set(&self, t: PeerTable) {
-        if let Ok(mut w) = self.0.write() {
-            *w = Arc::new(t);
-        }
+        self.update(|w| *w = t);
     }
 }
 
@@ -254,6 +262,24 @@ impl Udp {
             fast_disabled: off("tc_bpf"),
             fast_failed: None,
         })
+    }
+
+    /// Applies lease events to the peer tables of the engine and of the fast path: each
+    /// event touches its own peer's entries only.
+    pub fn apply(&self, events: &[LeaseEvent], cache: &LeaseCache) {
+        let mut fast = self.fast.lock().unwrap_or_else(|p| p.into_inner());
+        self.peers.update(|t| {
+            t.apply(events, cache);
+            let Some(f) = fast.as_mut() else { return };
+            for e in events {
+                let (LeaseEvent::Added(l) | LeaseEvent::Removed(l)) = e;
+                if let Some(net) = l.key.v4
+                    && let Err(e) = f.sync_subnet(net, t)
+                {
+                    tracing::warn!("updating the udp fast path's peer {net} failed ({e}); the engine carries it");
+                }
+            }
+        });
     }
 
     /// Replaces the peer table of the engine and of the fast path.
@@ -587,6 +613,8 @@ impl NetToTun {
         let mut recv = vec![0u8; BIG];
         let mut bufs: Vec<BytesMut> = (0..IDEAL_BATCH_SIZE).map(|_| BytesMut::with_capacity(BIG)).collect();
         let mut gro = GROTable::default();
+        // A handle of its own: the table's read guard must not borrow `self`.
+        let peers = self.peers.clone();
         let _ = self.sock.set_read_timeout(Duration::from_secs(1));
         while !self.stop.stopped() {
             let mut staged = 0;
@@ -610,7 +638,7 @@ impl NetToTun {
                     self.stats.drop(DropReason::Truncated);
                     continue;
                 }
-                let table = self.peers.snapshot();
+                let table = peers.snapshot();
                 if self.offload
                     && seg == 0
                     && let Some(sp) = tcp_super_packet(&recv[off..off + n], self.mtu)

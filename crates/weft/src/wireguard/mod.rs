@@ -8,8 +8,9 @@
 //! Threads: TUN → network (encrypt), network → TUN (decrypt; one per socket: the
 //! single-device `auto` mode speaks IPv4 and IPv6), and a timer thread that calls
 //! [`Tunn::update_timers`] every 250 ms (handshake retries, rekeying, keepalives). One
-//! engine per device: `separate` mode with IPv6 runs `flannel-wg` and `flannel-wg-v6`. The peer table is swapped whole on lease events: a removed peer's
-//! sessions go with it, so it can neither send nor receive from the next datagram on.
+//! engine per device: `separate` mode with IPv6 runs `flannel-wg` and `flannel-wg-v6`. The peer table is changed in place, one peer per lease event: a
+//! removed peer's sessions go with it, so it can neither send nor receive from the next
+//! datagram on.
 
 pub mod kernel;
 pub mod key;
@@ -35,6 +36,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::eventfd::EventFd;
 use prometheus_client::metrics::counter::Counter;
 use tun_rs::{DeviceBuilder, GROTable, IDEAL_BATCH_SIZE, SyncDevice, VIRTIO_NET_HDR_LEN};
+use weft_core::lease::SubnetKey;
 use weft_core::wireguard::{Key, Peer};
 
 use crate::metrics::Metrics;
@@ -166,6 +168,8 @@ struct PeerState {
 }
 
 struct PeerInner {
+    /// The lease that configured it (the one whose removal takes it away).
+    lease: SubnetKey,
     tunn: Tunn,
     /// Where datagrams go: the lease's endpoint, or where the peer last spoke from.
     endpoint: SocketAddr,
@@ -179,7 +183,7 @@ impl PeerState {
     }
 }
 
-/// The peers, by allowed subnet, public key and session index.
+/// The peers, by allowed subnet, public key, session index and lease.
 #[derive(Default)]
 struct Table {
     /// IPv4 lease prefix length (every subnet of a network has it).
@@ -190,6 +194,13 @@ struct Table {
     by_subnet6: HashMap<u128, Arc<PeerState>>,
     by_key: HashMap<[u8; 32], Arc<PeerState>>,
     by_index: HashMap<u32, Arc<PeerState>>,
+    /// The peer each lease configured: where a lease event finds its peer.
+    by_lease: HashMap<SubnetKey, Arc<PeerState>>,
+}
+
+/// Whether `m[k]` is `s` itself.
+fn holds<K: std::hash::Hash + Eq>(m: &HashMap<K, Arc<PeerState>>, k: &K, s: &Arc<PeerState>) -> bool {
+    m.get(k).is_some_and(|x| Arc::ptr_eq(x, s))
 }
 
 fn mask(prefix: u8) -> u32 {
@@ -201,6 +212,79 @@ fn mask6(prefix: u8) -> u128 {
 }
 
 impl Table {
+    /// Takes lease `lease`'s peer out: its subnets, and its key and index unless another
+    /// lease took the peer over (its key moved there while events are applied one by one).
+    fn remove_lease(&mut self, lease: &SubnetKey) {
+        let Some(s) = self.by_lease.remove(lease) else { return };
+        if let Some(n) = lease.v4.filter(|n| n.prefix_len() == self.prefix) {
+            let k = u32::from(n.network());
+            if holds(&self.by_subnet, &k, &s) {
+                self.by_subnet.remove(&k);
+            }
+        }
+        if let Some(n) = lease.v6.filter(|n| n.prefix_len() == self.prefix6) {
+            let k = u128::from(n.network());
+            if holds(&self.by_subnet6, &k, &s) {
+                self.by_subnet6.remove(&k);
+            }
+        }
+        if s.lock().lease == *lease {
+            if holds(&self.by_key, &s.key.0, &s) {
+                self.by_key.remove(&s.key.0);
+            }
+            if holds(&self.by_index, &s.index, &s) {
+                self.by_index.remove(&s.index);
+            }
+        }
+    }
+
+    /// Makes `p` the peer of its lease. A peer of the same key and settings (this lease's,
+    /// or one another lease had) keeps its sessions, with the lease's endpoint; otherwise
+    /// `make` creates one (the lease's previous peer goes).
+    fn upsert(&mut self, p: &Peer, psk: Option<Key>, keepalive: u16, make: impl FnOnce(&Table) -> Arc<PeerState>) {
+        let reuse = self.by_key.get(&p.public_key.0).filter(|s| s.psk == psk && s.keepalive == keepalive).cloned();
+        if let Some(old) = self.by_lease.get(&p.lease)
+            && !reuse.as_ref().is_some_and(|r| Arc::ptr_eq(r, old))
+        {
+            self.remove_lease(&p.lease);
+        }
+        let state = match reuse {
+            Some(s) => {
+                let mut i = s.lock();
+                i.lease = p.lease;
+                if i.configured != p.endpoint {
+                    i.configured = p.endpoint;
+                    i.endpoint = p.endpoint;
+                }
+                drop(i);
+                s
+            }
+            None => {
+                // Another peer with this key but other settings is replaced.
+                if let Some(stale) = self.by_key.remove(&p.public_key.0)
+                    && holds(&self.by_index, &stale.index, &stale)
+                {
+                    self.by_index.remove(&stale.index);
+                }
+                make(self)
+            }
+        };
+        for net in &p.allowed_ips {
+            match net {
+                IpNet::V4(n) if n.prefix_len() == self.prefix => {
+                    self.by_subnet.insert(u32::from(n.network()), state.clone());
+                }
+                IpNet::V6(n) if n.prefix_len() == self.prefix6 => {
+                    self.by_subnet6.insert(u128::from(n.network()), state.clone());
+                }
+                _ => {}
+            }
+        }
+        self.by_index.insert(state.index, state.clone());
+        self.by_key.insert(state.key.0, state.clone());
+        self.by_lease.insert(p.lease, state);
+    }
+
     fn route(&self, dst: IpAddr) -> Option<&Arc<PeerState>> {
         match dst {
             IpAddr::V4(a) => self.by_subnet.get(&(u32::from(a) & mask(self.prefix))),
@@ -221,18 +305,19 @@ fn destination(pkt: &[u8]) -> Option<IpAddr> {
     }
 }
 
-/// What the threads share: the current table, swapped whole.
+/// What the threads share: the table, changed in place one peer per lease event. A thread
+/// holds the read lock for one batch (never across a wait); an update waits for the
+/// batches in flight.
 #[derive(Clone, Default)]
-struct Peers(Arc<RwLock<Arc<Table>>>);
+struct Peers(Arc<RwLock<Table>>);
 
 impl Peers {
-    fn snapshot(&self) -> Arc<Table> {
-        self.0.read().map(|t| t.clone()).unwrap_or_default()
+    fn snapshot(&self) -> std::sync::RwLockReadGuard<'_, Table> {
+        self.0.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn set(&self, t: Table) {
-        let mut w = self.0.write().unwrap_or_else(|p| p.into_inner());
-        *w = Arc::new(t);
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Table> {
+        self.0.write().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -284,8 +369,6 @@ pub struct Engine {
     pub tun_offload: bool,
     id: Arc<Identity>,
     peers: Peers,
-    /// Serialises table updates (readers never wait for it).
-    update: Mutex<()>,
     next_index: AtomicU32,
     running: Option<Running>,
     /// The counters, once started (kept for a restart after a reopen).
@@ -337,7 +420,6 @@ impl Engine {
             tun_offload,
             id: Arc::new(Identity { secret, public, limiter }),
             peers: Peers::default(),
-            update: Mutex::new(()),
             next_index: AtomicU32::new(rand::random::<u32>() & 0x00ff_ffff),
             running: None,
             stats: None,
@@ -370,48 +452,60 @@ impl Engine {
     /// sessions. Returns the peers left out because the device has no socket of their
     /// endpoint's family.
     pub fn set_peers(&self, prefix: u8, prefix6: u8, wanted: &[Peer], psk: Option<Key>, keepalive: u16) -> Vec<Peer> {
-        let _g = self.update.lock().unwrap_or_else(|p| p.into_inner());
-        let old = self.peers.snapshot();
-        let mut t = Table { prefix, prefix6, ..Table::default() };
-        let mut unreachable = Vec::new();
-        for p in wanted {
-            let endpoint = p.endpoint;
-            if !self.socks.iter().any(|s| s.reaches(&endpoint)) {
-                unreachable.push(p.clone());
-                continue;
-            }
-            let state = match old.by_key.get(&p.public_key.0).or_else(|| t.by_key.get(&p.public_key.0)) {
-                Some(s) if s.psk == psk && s.keepalive == keepalive => {
-                    let mut i = s.lock();
-                    if i.configured != endpoint {
-                        i.configured = endpoint;
-                        i.endpoint = endpoint;
-                    }
-                    drop(i);
-                    s.clone()
-                }
-                _ => self.new_peer(p.public_key, endpoint, psk, keepalive, &old),
-            };
-            for net in &p.allowed_ips {
-                match net {
-                    IpNet::V4(n) if n.prefix_len() == prefix => {
-                        t.by_subnet.insert(u32::from(n.network()), state.clone());
-                    }
-                    IpNet::V6(n) if n.prefix_len() == prefix6 => {
-                        t.by_subnet6.insert(u128::from(n.network()), state.clone());
-                    }
-                    _ => {}
-                }
-            }
-            t.by_index.insert(state.index, state.clone());
-            t.by_key.insert(state.key.0, state);
+        let mut t = self.peers.write();
+        let keep: std::collections::HashSet<SubnetKey> = wanted.iter().map(|p| p.lease).collect();
+        let gone: Vec<SubnetKey> = t.by_lease.keys().filter(|k| !keep.contains(k)).copied().collect();
+        let changes = gone.into_iter().map(|k| (k, None)).chain(wanted.iter().map(|p| (p.lease, Some(p))));
+        self.change(&mut t, prefix, prefix6, changes, psk, keepalive)
+    }
+
+    /// Sets the peer of each lease in `changes` (`None`: it has none on this device now);
+    /// other peers are untouched. Returns the peers left out because the device has no
+    /// socket of their endpoint's family.
+    pub fn update_peers<'a>(
+        &self,
+        prefix: u8,
+        prefix6: u8,
+        changes: impl IntoIterator<Item = (SubnetKey, Option<&'a Peer>)>,
+        psk: Option<Key>,
+        keepalive: u16,
+    ) -> Vec<Peer> {
+        let mut t = self.peers.write();
+        self.change(&mut t, prefix, prefix6, changes, psk, keepalive)
+    }
+
+    fn change<'a>(
+        &self,
+        t: &mut Table,
+        prefix: u8,
+        prefix6: u8,
+        changes: impl IntoIterator<Item = (SubnetKey, Option<&'a Peer>)>,
+        psk: Option<Key>,
+        keepalive: u16,
+    ) -> Vec<Peer> {
+        if (t.prefix, t.prefix6) != (prefix, prefix6) {
+            // Entries are keyed by the prefix: a new one (never, within a network) starts over.
+            *t = Table { prefix, prefix6, ..Table::default() };
         }
-        self.peers.set(t);
+        let mut unreachable = Vec::new();
+        for (lease, p) in changes {
+            match p {
+                Some(p) if p.lease == lease && self.socks.iter().any(|s| s.reaches(&p.endpoint)) => {
+                    t.upsert(p, psk, keepalive, |t| self.new_peer(p.lease, p.public_key, p.endpoint, psk, keepalive, t))
+                }
+                Some(p) => {
+                    unreachable.push(p.clone());
+                    t.remove_lease(&lease);
+                }
+                None => t.remove_lease(&lease),
+            }
+        }
         unreachable
     }
 
     fn new_peer(
         &self,
+        lease: SubnetKey,
         key: Key,
         endpoint: SocketAddr,
         psk: Option<Key>,
@@ -436,7 +530,7 @@ impl Engine {
             psk,
             keepalive,
             index,
-            inner: Mutex::new(PeerInner { tunn, endpoint, configured: endpoint }),
+            inner: Mutex::new(PeerInner { lease, tunn, endpoint, configured: endpoint }),
         })
     }
 
@@ -911,6 +1005,7 @@ struct Timers {
 impl Timers {
     fn run(self) {
         let mut buf = vec![0u8; PACKET];
+        let mut all: Vec<Arc<PeerState>> = Vec::new();
         let mut last_reset = Instant::now();
         while !self.stop.stopped() {
             self.stop.wait(None, PollTimeout::from(TICK.as_millis() as u16));
@@ -921,8 +1016,11 @@ impl Timers {
                 self.id.limiter.reset_count();
                 last_reset = Instant::now();
             }
-            let table = self.peers.snapshot();
-            for peer in table.by_key.values() {
+            // The peers' handles, then the lock released: a lease event never waits for a
+            // pass over every peer's timers.
+            all.clear();
+            all.extend(self.peers.snapshot().by_key.values().cloned());
+            for peer in &all {
                 let mut inner = peer.lock();
                 let to = inner.endpoint;
                 if let TunnResult::WriteToNetwork(b) = inner.tunn.update_timers(&mut buf) {
@@ -937,5 +1035,108 @@ impl Timers {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(lease: &str, key: u8, index: u32) -> Arc<PeerState> {
+        let id = StaticSecret::from([7u8; 32]);
+        let endpoint: SocketAddr = "192.0.2.1:51820".parse().unwrap();
+        let tunn = Tunn::new(id, PublicKey::from([key; 32]), None, None, index, None);
+        Arc::new(PeerState {
+            key: Key([key; 32]),
+            psk: None,
+            keepalive: 0,
+            index,
+            inner: Mutex::new(PeerInner { lease: lease.parse().unwrap(), tunn, endpoint, configured: endpoint }),
+        })
+    }
+
+    fn peer(lease: &str, key: u8, endpoint: &str) -> Peer {
+        let l: SubnetKey = lease.parse().unwrap();
+        Peer {
+            lease: l,
+            public_key: Key([key; 32]),
+            endpoint: endpoint.parse().unwrap(),
+            allowed_ips: l.v4.map(IpNet::V4).into_iter().chain(l.v6.map(IpNet::V6)).collect(),
+        }
+    }
+
+    fn table() -> Table {
+        Table { prefix: 24, prefix6: 64, ..Table::default() }
+    }
+
+    /// `t.upsert` with new peers numbered from `next`.
+    fn put(t: &mut Table, p: &Peer, next: &mut u32) {
+        *next += 1;
+        let (lease, key, index) = (p.lease.to_string(), p.public_key.0[0], *next);
+        t.upsert(p, None, 0, |_| state(&lease, key, index));
+    }
+
+    fn consistent(t: &Table) {
+        for (lease, s) in &t.by_lease {
+            assert!(holds(&t.by_key, &s.key.0, s), "{lease}: key");
+            assert!(holds(&t.by_index, &s.index, s), "{lease}: index");
+            assert!(holds(&t.by_subnet, &u32::from(lease.v4.unwrap().network()), s), "{lease}: subnet");
+            assert_eq!(s.lock().lease, *lease);
+        }
+        assert_eq!(
+            (t.by_key.len(), t.by_index.len(), t.by_subnet.len()),
+            (t.by_lease.len(), t.by_lease.len(), t.by_lease.len())
+        );
+    }
+
+    #[test]
+    fn one_lease_changes_only_its_peer_and_keeps_sessions_where_it_can() {
+        let (mut t, mut next) = (table(), 0);
+        put(&mut t, &peer("10.5.2.0-24", 2, "192.0.2.12:51820"), &mut next);
+        put(&mut t, &peer("10.5.3.0-24", 3, "192.0.2.13:51820"), &mut next);
+        let b = t.by_lease[&"10.5.3.0-24".parse().unwrap()].clone();
+        let a = t.by_lease[&"10.5.2.0-24".parse().unwrap()].clone();
+        // A new endpoint for a: the same peer (its sessions), the new endpoint; b untouched.
+        put(&mut t, &peer("10.5.2.0-24", 2, "192.0.2.22:51820"), &mut next);
+        let a2 = t.route("10.5.2.9".parse().unwrap()).unwrap().clone();
+        assert!(Arc::ptr_eq(&a, &a2));
+        assert_eq!(a2.lock().endpoint, "192.0.2.22:51820".parse().unwrap());
+        assert!(Arc::ptr_eq(t.route("10.5.3.9".parse().unwrap()).unwrap(), &b));
+        consistent(&t);
+        // A new key: a new peer; the old key and index are gone.
+        put(&mut t, &peer("10.5.2.0-24", 4, "192.0.2.22:51820"), &mut next);
+        assert!(!t.by_key.contains_key(&[2; 32]) && !t.by_index.contains_key(&a.index));
+        assert_eq!(t.route("10.5.2.9".parse().unwrap()).unwrap().key, Key([4; 32]));
+        consistent(&t);
+        // Removal takes every entry of that lease's peer, nothing else.
+        t.remove_lease(&"10.5.2.0-24".parse().unwrap());
+        assert!(t.route("10.5.2.9".parse().unwrap()).is_none());
+        assert!(Arc::ptr_eq(t.route("10.5.3.9".parse().unwrap()).unwrap(), &b));
+        consistent(&t);
+        assert_eq!(t.by_lease.len(), 1);
+        // A lease not in the table, or of another prefix length, changes nothing.
+        t.remove_lease(&"10.5.9.0-24".parse().unwrap());
+        t.remove_lease(&"10.5.0.0-16".parse().unwrap());
+        put(&mut t, &peer("10.5.0.0-16", 9, "192.0.2.99:51820"), &mut next);
+        assert!(t.route("10.5.3.9".parse().unwrap()).is_some_and(|s| Arc::ptr_eq(s, &b)));
+        assert!(t.route("10.5.0.1".parse().unwrap()).is_none(), "a /16 is no subnet of this network's peers");
+        t.remove_lease(&"10.5.0.0-16".parse().unwrap());
+        consistent(&t);
+    }
+
+    #[test]
+    fn a_key_that_moves_to_another_lease_keeps_its_peer_when_the_old_lease_goes() {
+        let (mut t, mut next) = (table(), 0);
+        put(&mut t, &peer("10.5.2.0-24", 2, "192.0.2.12:51820"), &mut next);
+        let s = t.by_key[&[2; 32]].clone();
+        // The host got a new subnet (events: the new lease first, by key order, then the old).
+        put(&mut t, &peer("10.5.1.0-24", 2, "192.0.2.12:51820"), &mut next);
+        assert!(Arc::ptr_eq(&t.by_key[&[2; 32]], &s), "the sessions move with the key");
+        t.remove_lease(&"10.5.2.0-24".parse().unwrap());
+        assert!(Arc::ptr_eq(&t.by_key[&[2; 32]], &s));
+        assert!(t.by_index.contains_key(&s.index));
+        assert!(t.route("10.5.2.9".parse().unwrap()).is_none());
+        assert!(Arc::ptr_eq(t.route("10.5.1.9".parse().unwrap()).unwrap(), &s));
+        consistent(&t);
     }
 }
