@@ -362,20 +362,28 @@ fn openapi_gv(gv: &str) -> Option<Value> {
 async fn read_body(sh: &Shared, req: Request<hyper::body::Incoming>) -> Result<Vec<u8>, &'static str> {
     const TOO_LARGE: &str = "the request body is too large";
     let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|h| h.to_str().ok()?.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > sh.max_body) {
-        return Err(TOO_LARGE);
-    }
     let mut stream = Body::new(req.into_body()).into_data_stream();
+    // A refused body is still read (and thrown away, up to a bound) before the 413 goes
+    // out: a server that closes with unread bytes resets the connection, and the client,
+    // still sending, loses the answer.
+    let drain_limit = sh.max_body.saturating_mul(16);
     let read = async {
         let mut out = Vec::new();
+        let mut refused = declared.is_some_and(|n| n > sh.max_body);
+        let mut seen = 0usize;
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|_| "the request body could not be read")?;
-            if out.len() + chunk.len() > sh.max_body {
-                return Err(TOO_LARGE);
+            seen += chunk.len();
+            if refused || out.len() + chunk.len() > sh.max_body {
+                refused = true;
+                if seen > drain_limit {
+                    break;
+                }
+                continue;
             }
             out.extend_from_slice(&chunk);
         }
-        Ok(out)
+        if refused { Err(TOO_LARGE) } else { Ok(out) }
     };
     // A client that trickles its body does not hold a request forever.
     tokio::time::timeout(sh.body_timeout, read).await.unwrap_or(Err("timed out reading the request body"))
