@@ -83,23 +83,6 @@ struct peer_subnet {
 
 enum stat { STAT_TX = 0, STAT_RX = 1 };
 
-struct outer {
-    __u8 ver_ihl;
-    __u8 tos;
-    __u16 tot_len;
-    __u16 id;
-    __u16 frag_off;
-    __u8 ttl;
-    __u8 protocol;
-    __u16 check;
-    __u32 saddr;
-    __u32 daddr;
-    __u16 sport;
-    __u16 dport;
-    __u16 ulen;
-    __u16 ucheck;
-} __attribute__((packed));
-
 struct ipv4 {
     __u8 ver_ihl;
     __u8 tos;
@@ -113,6 +96,16 @@ struct ipv4 {
     __u32 daddr;
 };
 
+// The outer headers: IPv4 (no options) and UDP.
+struct outer {
+    struct ipv4 ip;
+    __u16 sport;
+    __u16 dport;
+    __u16 ulen;
+    __u16 ucheck;
+};
+_Static_assert(sizeof(struct outer) == 28, "no padding: the struct is the bytes on the wire");
+
 INLINE void count(enum stat s) {
     __u32 k = s;
     __u64 *c = bpf_map_lookup_elem(&weft_stats, &k);
@@ -120,7 +113,7 @@ INLINE void count(enum stat s) {
         *c += 1;
 }
 
-INLINE __u16 ip_checksum(const struct outer *o) {
+INLINE __u16 ip_checksum(const struct ipv4 *o) {
     const __u16 *w = (const __u16 *)o;
     __u32 sum = 0;
 #pragma unroll
@@ -158,19 +151,22 @@ int weft_udp_egress(struct __sk_buff *skb) {
         return TC_ACT_OK; // the engine answers with ICMP net unreachable
     __u32 len = skb->len;
     struct outer o = {
-        .ver_ihl = 0x45,
-        .tot_len = __builtin_bswap16((__u16)(len + sizeof(struct outer))),
-        .frag_off = __builtin_bswap16(0x4000), // DF, as a UDP socket sends
-        .ttl = 64,
-        .protocol = IPPROTO_UDP,
-        .saddr = cfg->local_ip,
-        .daddr = *peer,
+        .ip =
+            {
+                .ver_ihl = 0x45,
+                .tot_len = __builtin_bswap16((__u16)(len + sizeof(struct outer))),
+                .frag_off = __builtin_bswap16(0x4000), // DF, as a UDP socket sends
+                .ttl = 64,
+                .protocol = IPPROTO_UDP,
+                .saddr = cfg->local_ip,
+                .daddr = *peer,
+            },
         .sport = (__u16)cfg->port,
         .dport = (__u16)cfg->port,
         .ulen = __builtin_bswap16((__u16)(len + 8)),
         .ucheck = 0, // no UDP checksum (IPv4), as the kernel's tunnels default to
     };
-    o.check = ip_checksum(&o);
+    o.ip.check = ip_checksum(&o.ip);
     // The inner packets already fit flannel0's MTU (the external one less these 28 bytes):
     // segments keep their size.
     __u64 flags = BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP;
@@ -200,10 +196,10 @@ int weft_udp_ingress(struct __sk_buff *skb) {
     if (bpf_skb_load_bytes(skb, l2, &o, sizeof(o)))
         return TC_ACT_UNSPEC;
     // Only a plain 20-byte header, unfragmented, UDP to our address and port.
-    if (o.ver_ihl != 0x45 || o.protocol != IPPROTO_UDP || (o.frag_off & __builtin_bswap16(0x3fff)) ||
-        o.daddr != cfg->local_ip || o.dport != (__u16)cfg->port)
+    if (o.ip.ver_ihl != 0x45 || o.ip.protocol != IPPROTO_UDP || (o.ip.frag_off & __builtin_bswap16(0x3fff)) ||
+        o.ip.daddr != cfg->local_ip || o.dport != (__u16)cfg->port)
         return TC_ACT_UNSPEC;
-    struct peer_subnet *peer = bpf_map_lookup_elem(&weft_by_public, &o.saddr);
+    struct peer_subnet *peer = bpf_map_lookup_elem(&weft_by_public, &o.ip.saddr);
     if (!peer)
         return TC_ACT_UNSPEC; // the engine counts it as from an unknown peer
     struct ipv4 ip;

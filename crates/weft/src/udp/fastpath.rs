@@ -334,49 +334,32 @@ impl FastPath {
         })
     }
 
-    /// Makes the peer maps hold exactly `table`'s peers, writing only the differences;
-    /// returns how many entries changed.
+    /// Makes the peer maps hold exactly `table`'s peers: every subnet loaded or wanted goes
+    /// through [`FastPath::sync_subnet`], which writes only what differs; returns how many
+    /// subnets changed.
     pub fn set_peers(&mut self, table: &PeerTable) -> Result<usize, FastPathError> {
-        let mask = mask_be(table.prefix());
-        let want: HashMap<u32, u32> = table.iter().map(|(net, ip)| (be(net), be(ip))).collect();
-        let publics: HashSet<u32> = want.values().copied().collect();
-        let gone: Vec<(u32, u32)> =
-            self.loaded.iter().filter(|(k, v)| want.get(k) != Some(v)).map(|(k, v)| (*k, *v)).collect();
+        let prefix = table.prefix();
+        let mut nets: HashSet<Ipv4Addr> = self.loaded.keys().map(|k| Ipv4Addr::from(u32::from_be(*k))).collect();
+        nets.extend(table.iter().map(|(net, _)| net));
         let mut changes = 0;
-        for (net, ip) in gone {
-            self.by_subnet.delete(&net)?;
-            // The public entry stays when another subnet now has the same address.
-            if !publics.contains(&ip) {
-                self.by_public.delete(&ip)?;
-            }
-            self.loaded.remove(&net);
-            changes += 1;
-        }
-        for (net, ip) in &want {
-            if self.loaded.get(net) == Some(ip) {
-                continue;
-            }
-            self.by_subnet.update(net, ip)?;
-            // The table's own choice when two subnets name one address.
-            let owner = table.subnet_of(Ipv4Addr::from(u32::from_be(*ip))).map(|o| be(o.network())).unwrap_or(*net);
-            self.by_public.update(ip, &PeerSubnet { net: owner, mask })?;
-            self.loaded.insert(*net, *ip);
-            changes += 1;
+        for net in nets {
+            let Ok(net) = Ipv4Net::new(net, prefix) else { continue };
+            changes += usize::from(self.sync_subnet(net, table)?);
         }
         Ok(changes)
     }
 
     /// Makes the maps' entries for `net` (and for the public addresses it had and has) what
-    /// `table` says now: the per-event path, O(1).
-    pub fn sync_subnet(&mut self, net: Ipv4Net, table: &PeerTable) -> Result<(), FastPathError> {
+    /// `table` says now: the per-event path, O(1). Returns whether anything changed.
+    pub fn sync_subnet(&mut self, net: Ipv4Net, table: &PeerTable) -> Result<bool, FastPathError> {
         if net.prefix_len() != table.prefix() {
-            return Ok(());
+            return Ok(false);
         }
         let key = be(net.network());
         let want = table.route(net.network()).map(be);
         let had = self.loaded.get(&key).copied();
         if want == had {
-            return Ok(());
+            return Ok(false);
         }
         match want {
             Some(ip) => {
@@ -397,7 +380,7 @@ impl FastPath {
                 None => self.by_public.delete(&ip)?,
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Packets the programs carried: (sent, received).
