@@ -336,8 +336,9 @@ fn policies_labels_and_faults_through_the_api_server_reach_the_kernel() {
     d1.wait_exit(Duration::from_secs(15));
     assert!(w.table(0).is_some(), "a stopped daemon leaves the rules: its pods still run");
     let mut d1 = w.daemon(0, &[]);
+    // The daemon removes the table and then logs it: wait for both, the log line last.
     wait_for(CHANGE, "the table removed by a daemon without --network-policy", || w.table(0).is_none().then_some(()));
-    assert!(d1.log().contains("removed the policy table"), "{}", d1.log());
+    wait_for(CHANGE, "the removal logged", || d1.log().contains("removed the policy table").then_some(()));
     expect("overlay without policy on h1", &[(&c, &a, true), (&a, &c, true), (&c, &d, false)]);
     d1.signal(libc::SIGTERM);
     d1.wait_exit(Duration::from_secs(15));
