@@ -13,6 +13,17 @@
 //                  port, from a known peer, whose inner source lies in that peer's subnet and
 //                  whose inner destination lies in ours, loses its outer header and enters
 //                  flannel0 as if read from it. GRO-merged datagrams go to the engine.
+//                  A peer's TCP super-packet (one that crossed a veth whole) takes a detour
+//                  instead: rewritten into a VXLAN packet to our own receive device.
+// weft_udp_rx      (tcx ingress of that device, weft-udp-rx): what the kernel's VXLAN
+//                  receive path hands on enters flannel0 as if read from it.
+//
+// Why the detour: a super-packet decapsulated here keeps the kernel's tunnel marks
+// (skb->encapsulation, SKB_GSO_UDP_TUNNEL), which no BPF helper clears, and a bridge on
+// the way to the pod (cni0) has no tunnel offloads, so it splits the packet in software
+// and the pod receives it one segment at a time: a third of vxlan's throughput, measured.
+// The VXLAN receive path (iptunnel_pull_header) clears the marks, so the packet stays
+// whole to the pod, as vxlan's own do.
 //
 // Everything else is left to the user-space engine, which applies the same checks, counts
 // drops and answers unroutable packets with ICMP: egress returns TC_ACT_OK (the packet goes
@@ -56,13 +67,13 @@ struct map_def {
 };
 
 // Key 0: struct config.
-struct map_def weft_config SEC("maps") = {BPF_MAP_TYPE_ARRAY, 4, sizeof(__u32) * 8, 1, 0};
+struct map_def weft_config SEC("maps") = {BPF_MAP_TYPE_ARRAY, 4, sizeof(__u32) * 13, 1, 0};
 // Masked peer subnet (network order) -> the peer's public address (network order).
 struct map_def weft_by_subnet SEC("maps") = {BPF_MAP_TYPE_HASH, 4, 4, 1, 0};
 // A peer's public address -> struct peer_subnet.
 struct map_def weft_by_public SEC("maps") = {BPF_MAP_TYPE_HASH, 4, 8, 1, 0};
 // Per-CPU packet counters, indexed by enum stat.
-struct map_def weft_stats SEC("maps") = {BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, 2, 0};
+struct map_def weft_stats SEC("maps") = {BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, 4, 0};
 
 // All addresses and masks in network byte order; the layout is shared with fastpath.rs.
 struct config {
@@ -74,6 +85,10 @@ struct config {
     __u32 tun_ifindex;  // flannel0
     __u32 port;         // UDP port, network order in the low 16 bits
     __u32 l2_len;       // link-layer header length on the external interface (14 or 0)
+    __u32 rx_port;      // the receive device's UDP port, network order; 0: no device
+    __u32 rx_vni;       // its VNI as the second word of the VXLAN header (network order)
+    __u32 rx_on;        // super-packets take the detour (turned off when it is blocked)
+    __u8 rx_mac[8];     // its MAC (6 bytes, 2 of padding)
 };
 
 struct peer_subnet {
@@ -81,7 +96,7 @@ struct peer_subnet {
     __u32 mask;
 };
 
-enum stat { STAT_TX = 0, STAT_RX = 1 };
+enum stat { STAT_TX = 0, STAT_RX = 1, STAT_DETOUR = 2, STAT_RX_DETOURED = 3 };
 
 struct ipv4 {
     __u8 ver_ihl;
@@ -105,6 +120,19 @@ struct outer {
     __u16 ucheck;
 };
 _Static_assert(sizeof(struct outer) == 28, "no padding: the struct is the bytes on the wire");
+
+// The detour's headers: the outer IPv4 and UDP (to the receive device's port), VXLAN, and
+// an Ethernet header to the receive device.
+struct __attribute__((packed)) detour {
+    struct outer o;
+    __u32 vx_flags; // 0x08000000: a VNI is present
+    __u32 vx_vni;
+    __u8 dst[6];
+    __u8 src[6];
+    __u16 proto;
+};
+_Static_assert(sizeof(struct detour) == 50, "no padding: the struct is the bytes on the wire");
+#define DETOUR_GROWTH (sizeof(struct detour) - sizeof(struct outer))
 
 INLINE void count(enum stat s) {
     __u32 k = s;
@@ -150,6 +178,8 @@ int weft_udp_egress(struct __sk_buff *skb) {
     if (!peer)
         return TC_ACT_OK; // the engine answers with ICMP net unreachable
     __u32 len = skb->len;
+    if (len + sizeof(struct outer) > 0xffff)
+        return TC_ACT_OK; // the outer length field cannot hold it: the engine splits it
     struct outer o = {
         .ip =
             {
@@ -196,8 +226,12 @@ int weft_udp_ingress(struct __sk_buff *skb) {
     if (bpf_skb_load_bytes(skb, l2, &o, sizeof(o)))
         return TC_ACT_UNSPEC;
     // Only a plain 20-byte header, unfragmented, UDP to our address and port.
-    if (o.ip.ver_ihl != 0x45 || o.ip.protocol != IPPROTO_UDP || (o.ip.frag_off & __builtin_bswap16(0x3fff)) ||
-        o.ip.daddr != cfg->local_ip || o.dport != (__u16)cfg->port)
+    if (o.ip.ver_ihl != 0x45 || o.ip.protocol != IPPROTO_UDP || (o.ip.frag_off & __builtin_bswap16(0x3fff)))
+        return TC_ACT_UNSPEC;
+    // The receive device's port is ours alone: only the detour below may reach it.
+    if (cfg->rx_port && o.dport == (__u16)cfg->rx_port)
+        return TC_ACT_SHOT;
+    if (o.ip.daddr != cfg->local_ip || o.dport != (__u16)cfg->port)
         return TC_ACT_UNSPEC;
     struct peer_subnet *peer = bpf_map_lookup_elem(&weft_by_public, &o.ip.saddr);
     if (!peer)
@@ -215,14 +249,68 @@ int weft_udp_ingress(struct __sk_buff *skb) {
     // them.
     if (__builtin_bswap16(ip.tot_len) != skb->len - inner)
         return TC_ACT_UNSPEC;
-    // A super-packet keeps its segment size: its segments already fit flannel0. (It also
-    // keeps the kernel's tunnel marks, which no helper clears, so a bridge on the way to
-    // the pod splits it in software; vxlan's own receive path clears them.)
+    __u32 tot = __builtin_bswap16(o.ip.tot_len);
+    if (skb->gso_size && cfg->rx_on && cfg->rx_port && tot + DETOUR_GROWTH <= 0xffff) {
+        // A super-packet: to the receive device as VXLAN (see the top of this file). The
+        // room goes in front of the outer header, which is then written whole, longer.
+        if (bpf_skb_adjust_room(skb, DETOUR_GROWTH, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_FIXED_GSO))
+            return TC_ACT_UNSPEC;
+        struct outer out = o;
+        out.ip.tot_len = __builtin_bswap16((__u16)(tot + DETOUR_GROWTH));
+        out.ip.check = 0;
+        out.ip.check = ip_checksum(&out.ip);
+        out.dport = (__u16)cfg->rx_port;
+        out.ulen = __builtin_bswap16((__u16)(__builtin_bswap16(o.ulen) + DETOUR_GROWTH));
+        out.ucheck = 0;
+        struct detour d = {
+            .o = out,
+            .vx_flags = __builtin_bswap32(0x08000000),
+            .vx_vni = cfg->rx_vni,
+            .proto = __builtin_bswap16(ETH_P_IP),
+        };
+        __builtin_memcpy(d.dst, cfg->rx_mac, 6);
+        // Any source but the device's own address (VXLAN drops those as loops).
+        __builtin_memcpy(d.src, cfg->rx_mac, 6);
+        d.src[5] ^= 1;
+        if (bpf_skb_store_bytes(skb, l2, &d, sizeof(d), 0) || decrement_ttl(skb, l2 + sizeof(d), ip.ttl))
+            return TC_ACT_SHOT; // half rewritten: it cannot go on
+        count(STAT_DETOUR);
+        return TC_ACT_OK;
+    }
+    // A single packet, or a super-packet without the detour: the outer header goes. (A
+    // super-packet keeps its segment size, its segments already fit flannel0, and the
+    // tunnel marks, so a bridge splits it in software.)
     if (bpf_skb_adjust_room(skb, -(__s32)sizeof(struct outer), BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_FIXED_GSO))
         return TC_ACT_UNSPEC;
     if (decrement_ttl(skb, l2, ip.ttl))
         return TC_ACT_SHOT;
     count(STAT_RX);
+    return bpf_redirect(cfg->tun_ifindex, BPF_F_INGRESS);
+}
+
+SEC("tc/rx")
+int weft_udp_rx(struct __sk_buff *skb) {
+    __u32 zero = 0;
+    struct config *cfg = bpf_map_lookup_elem(&weft_config, &zero);
+    // With the detour off nothing of ours comes this way.
+    if (!cfg || !cfg->rx_on)
+        return TC_ACT_SHOT;
+    // Counted on arrival, before the checks: the watchdog in fastpath.rs compares it with
+    // what was sent here to see whether the way is open.
+    count(STAT_RX_DETOURED);
+    if (skb->protocol != __builtin_bswap16(ETH_P_IP))
+        return TC_ACT_SHOT;
+    // Only the detour reaches the device's port (the ingress program drops the port's
+    // datagrams from outside on the external interface, and a random VNI guards it on any
+    // other): the checks were made there; what is left is that the packet is still one
+    // between a known peer's subnet and ours.
+    struct ipv4 ip;
+    if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)))
+        return TC_ACT_SHOT;
+    __u32 subnet = ip.saddr & cfg->subnet_mask;
+    if ((ip.ver_ihl >> 4) != 4 || !bpf_map_lookup_elem(&weft_by_subnet, &subnet) ||
+        (ip.daddr & cfg->own_mask) != cfg->own_net)
+        return TC_ACT_SHOT;
     return bpf_redirect(cfg->tun_ifindex, BPF_F_INGRESS);
 }
 

@@ -7,6 +7,7 @@
 mod common;
 
 use std::net::{Ipv4Addr, UdpSocket};
+use std::process::Stdio;
 use std::time::Duration;
 
 use common::cluster::{PREFIX, cluster};
@@ -203,10 +204,16 @@ fn wire_format(fast: bool) {
     let fast_tx = c.metric(0, "weft_udp_fast_path_packets_total{direction=\"tx\"} ").unwrap_or(0);
     let engine_rx = c.metric(0, "weft_udp_packets_total{direction=\"rx\"} ").unwrap_or(0);
     if fast {
-        let mut want =
-            vec![(ifindex(&c, "flannel0"), "egress".to_string()), (ifindex(&c, "eth0"), "ingress".to_string())];
+        let mut want = vec![
+            (ifindex(&c, "flannel0"), "egress".to_string()),
+            (ifindex(&c, "eth0"), "ingress".to_string()),
+            (ifindex(&c, "weft-udp-rx"), "ingress".to_string()),
+        ];
         want.sort();
-        assert_eq!(links, want, "the fast path's two programs: flannel0's egress, the LAN interface's ingress");
+        assert_eq!(
+            links, want,
+            "the fast path's three programs: flannel0's egress, the LAN interface's and weft-udp-rx's ingress"
+        );
         assert_eq!(c.metric(0, "weft_udp_offload{feature=\"tc_bpf\"} "), Some(1));
         assert!(fast_rx >= 1 && fast_tx >= 1, "the request and its reply went through the kernel: {fast_rx} {fast_tx}");
         assert_eq!(engine_rx, 0, "nothing good was left to the engine");
@@ -284,4 +291,131 @@ fn the_udp_engine_stops_and_restarts_without_leaving_threads() {
         assert_eq!(engine_threads(), 0, "threads left after drop");
     })
     .unwrap();
+}
+
+/// (rx bytes, rx packets) of `dev` in namespace `ns`, by the kernel's counters.
+fn rx_counts(ns: &weft::lab::netns::Netns, dev: &str) -> (u64, u64) {
+    let out = ns.ip(&["-j", "-s", "link", "show", dev]).unwrap_or_else(|e| panic!("{dev} in {}: {e}", ns.name));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let rx = &v[0]["stats64"]["rx"];
+    (rx["bytes"].as_u64().unwrap(), rx["packets"].as_u64().unwrap())
+}
+
+/// One TCP stream for 2 s from `client` to `server_ip:5301` (server in `server`): bytes
+/// the server received.
+fn tcp_stream(server: &weft::lab::netns::Netns, client: &weft::lab::netns::Netns, server_ip: &str) -> u64 {
+    let mut srv = server.command("iperf3").args(["-s", "-1", "-p", "5301"]).stdout(Stdio::null()).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let out = client.exec("iperf3", &["-c", server_ip, "-p", "5301", "-t", "2", "-J"]);
+    let _ = srv.kill();
+    let _ = srv.wait();
+    let out = out.unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("iperf3 printed {out}: {e}"));
+    v["end"]["sum_received"]["bytes"].as_u64().unwrap_or_else(|| panic!("no received bytes in {out}"))
+}
+
+/// A peer's TCP super-packets reach the pod whole (as vxlan's do) through the receive
+/// device `weft-udp-rx`, which is sealed; a firewall that drops its port costs a moment,
+/// not the traffic; the device deleted comes back; its port cannot be reached from outside.
+#[test]
+fn super_packets_reach_pods_whole_through_the_sealed_receive_device() {
+    use common::lab::{ok, status};
+    common::require_root();
+    weft::lab::netns::remove_prefixed("wtlrx");
+    let name = format!("wtlrx{}", std::process::id() % 100_000);
+    struct Down(String);
+    impl Drop for Down {
+        fn drop(&mut self) {
+            let _ = common::lab::lab(&["down", "--name", &self.0]);
+        }
+    }
+    ok(&["up", "--name", &name, "--backend", "udp", "--hosts", "2", "--pods-per-host", "1"]);
+    let _down = Down(name.clone());
+    let st = status(&name);
+    let h2 = weft::lab::netns::Netns::existing(st["hosts"][1]["namespace"].as_str().unwrap());
+    let h2_ip = st["hosts"][1]["ip"].as_str().unwrap().to_string();
+    let pod1 = weft::lab::netns::Netns::existing(st["hosts"][0]["pods"][0]["netns"].as_str().unwrap());
+    let pod2 = weft::lab::netns::Netns::existing(st["hosts"][1]["pods"][0]["netns"].as_str().unwrap());
+    let pod2_ip = st["hosts"][1]["pods"][0]["ip"].as_str().unwrap().to_string();
+    let log = weft::lab::state::dir(&name).join("h2/daemon.log");
+    let metric = |m: &str| -> Option<i64> {
+        let (_, body) = weft::lab::netns::http_get(&h2.name, 8081, "/metrics")?;
+        body.lines().find_map(|l| l.strip_prefix(m).and_then(|v| v.trim().parse().ok()))
+    };
+    let detour = || metric("weft_udp_offload{feature=\"rx_vxlan\"} ");
+
+    // The device as made: VXLAN on the port after flannel's, no learning, and sealed.
+    let link: serde_json::Value =
+        serde_json::from_str(&h2.ip(&["-j", "-d", "link", "show", "weft-udp-rx"]).unwrap()).unwrap();
+    let info = &link[0]["linkinfo"]["info_data"];
+    assert_eq!(link[0]["linkinfo"]["info_kind"], "vxlan", "{link}");
+    assert_eq!(info["port"], 8286, "{link}");
+    assert_eq!(info["learning"], false, "{link}");
+    let sysctl = |k: &str| h2.exec("sysctl", &["-n", k]).unwrap().trim().to_string();
+    assert_eq!(sysctl("net.ipv4.conf.weft-udp-rx.forwarding"), "0", "nothing is forwarded from it");
+    assert_eq!(sysctl("net.ipv4.conf.weft-udp-rx.rp_filter"), "1");
+    assert_eq!(detour(), Some(1));
+
+    // A stream: the pod's interface receives packets far larger than the MTU (whole
+    // super-packets), and the receive device carried them.
+    let whole = |what: &str| {
+        let (b0, p0) = rx_counts(&pod2, "eth0");
+        let (_, rx0) = rx_counts(&h2, "weft-udp-rx");
+        let got = tcp_stream(&pod2, &pod1, &pod2_ip);
+        let (b1, p1) = rx_counts(&pod2, "eth0");
+        let (_, rx1) = rx_counts(&h2, "weft-udp-rx");
+        assert!(got > 1_000_000, "{what}: the stream moved {got} bytes");
+        ((b1 - b0) / (p1 - p0).max(1), rx1 - rx0)
+    };
+    let (avg, through_rx) = whole("first stream");
+    assert!(avg > 3000, "the pod received {avg} bytes per packet: super-packets were split on the way");
+    assert!(through_rx > 0, "the receive device carried none");
+
+    // Deleted: it comes back, and the detour with it.
+    h2.ip(&["link", "del", "weft-udp-rx"]).unwrap();
+    wait_for(Duration::from_secs(10), "weft-udp-rx back", || h2.ip(&["link", "show", "weft-udp-rx"]).ok());
+    wait_for(Duration::from_secs(10), "the detour back on", || (detour() == Some(1)).then_some(()));
+    let (avg, through_rx) = whole("after the device came back");
+    assert!(avg > 3000 && through_rx > 0, "{avg} bytes per packet, {through_rx} through the device");
+
+    // From outside, a VXLAN packet to the device's port (right VNI, an inner packet from
+    // host 1's pod to host 2's) is dropped before it: the device's counter stays.
+    let vni = link[0]["linkinfo"]["info_data"]["id"].as_u64().unwrap() as u32;
+    let link: serde_json::Value =
+        serde_json::from_str(&h2.ip(&["-j", "-d", "link", "show", "weft-udp-rx"]).unwrap()).unwrap();
+    let mac: Vec<u8> =
+        link[0]["address"].as_str().unwrap().split(':').map(|b| u8::from_str_radix(b, 16).unwrap()).collect();
+    let pod1_ip: Ipv4Addr = st["hosts"][0]["pods"][0]["ip"].as_str().unwrap().parse().unwrap();
+    let mut pkt = vec![0x08, 0, 0, 0];
+    pkt.extend_from_slice(&(vni << 8).to_be_bytes());
+    pkt.extend_from_slice(&mac);
+    pkt.extend_from_slice(&[0x02, 0, 0, 0, 0, 1, 0x08, 0x00]);
+    pkt.extend_from_slice(&echo_request(pod1_ip, pod2_ip.parse().unwrap(), 64, 5));
+    let h1_ns = st["hosts"][0]["namespace"].as_str().unwrap().to_string();
+    let to = format!("{h2_ip}:8286");
+    let stranger = |what: &str| {
+        let (_, before) = rx_counts(&h2, "weft-udp-rx");
+        let (pkt, to) = (pkt.clone(), to.clone());
+        in_netns(&h1_ns, move || {
+            let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+            for _ in 0..5 {
+                s.send_to(&pkt, &to).unwrap();
+            }
+        })
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(rx_counts(&h2, "weft-udp-rx").1, before, "{what}: a stranger's packet reached the device");
+    };
+    stranger("detour on");
+
+    // A firewall drops the device's port: the stream goes on (the detour turns off).
+    h2.exec("iptables", &["-I", "INPUT", "-p", "udp", "--dport", "8286", "-j", "DROP"]).unwrap();
+    let (_, through_rx) = whole("with the port dropped");
+    assert_eq!(through_rx, 0);
+    assert_eq!(detour(), Some(0), "the detour is off");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("stopped arriving") && text.contains("UDP port 8286"), "the log says why: {text}");
+    h2.exec("iptables", &["-D", "INPUT", "-p", "udp", "--dport", "8286", "-j", "DROP"]).unwrap();
+
+    stranger("detour off");
 }

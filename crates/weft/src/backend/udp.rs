@@ -15,9 +15,11 @@ use weft_core::lease::SubnetKey;
 use weft_core::plan::Plan;
 
 use super::{Backend, BackendError};
+use crate::kernel::link::LinkState;
+use crate::kernel::vxlan::{VxlanDevice, VxlanParams};
 use crate::kernel::{Kernel, KernelError};
 use crate::metrics::{Labels, Metrics};
-use crate::udp::fastpath::Attachment;
+use crate::udp::fastpath::{Attachment, RxDevice};
 use crate::udp::{DEVICE, Udp};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -40,6 +42,30 @@ fn fast_path_refresher(
     })
 }
 
+/// The VXLAN device a peer's TCP super-packets are received through (see
+/// [`crate::udp::fastpath`]): ours alone, sealed so that nothing but the fast path's
+/// redirect gets through it.
+pub const RX_DEVICE: &str = "weft-udp-rx";
+
+/// Makes the receive device a dead end for anything our program on it does not redirect:
+/// no forwarding from it, strict reverse-path filtering (no route points at it), no IPv6.
+fn seal_rx_device() {
+    for (path, value) in [
+        (format!("ipv4/conf/{RX_DEVICE}/forwarding"), "0"),
+        (format!("ipv4/conf/{RX_DEVICE}/rp_filter"), "1"),
+        (format!("ipv6/conf/{RX_DEVICE}/disable_ipv6"), "1"),
+    ] {
+        if let Err(e) = std::fs::write(format!("/proc/sys/net/{path}"), value) {
+            tracing::warn!("cannot set net.{} to {value}: {e}", path.replace('/', "."));
+        }
+    }
+}
+
+/// The receive device's UDP port: the one after flannel's (before it at the top).
+fn rx_port(port: u16) -> u16 {
+    port.checked_add(1).unwrap_or(port - 1)
+}
+
 /// The udp backend.
 pub struct UdpBackend {
     engine: Udp,
@@ -56,6 +82,14 @@ pub struct UdpBackend {
     port: u16,
     /// `weft_udp_offload` (set at start).
     offload_metric: Option<Family<Labels, Gauge>>,
+    /// The receive device, as of the last repair.
+    rx: Option<VxlanDevice>,
+    /// Its VNI: random per start, one more thing a stranger would have to guess to reach it.
+    rx_vni: u32,
+    /// Creating it failed (logged once until it works).
+    rx_failed: bool,
+    /// The fast path could not be attached: no receive device either.
+    rx_unwanted: bool,
 }
 
 impl UdpBackend {
@@ -88,6 +122,10 @@ impl UdpBackend {
             bind,
             port: s.port,
             offload_metric: None,
+            rx: None,
+            rx_vni: rand::random::<u32>() % 0xff_fffe + 1,
+            rx_failed: false,
+            rx_unwanted: false,
         })
     }
 
@@ -98,6 +136,12 @@ impl UdpBackend {
             self.offload_metric = Some(metrics.udp_offload.clone());
             metrics
                 .on_render(fast_path_refresher(self.engine.fast_path_counter(), metrics.udp_fast_path_packets.clone()));
+            // The watchdog may turn the detour off between passes: read it when rendered.
+            let detour = self.engine.detour_reader();
+            let offload = metrics.udp_offload.clone();
+            metrics.on_render(Box::new(move || {
+                offload.get_or_create(&vec![("feature", "rx_vxlan")]).set(i64::from(detour()));
+            }));
         }
         self.ensure(kernel).await?;
         self.engine.start(own, own.network(), self.mtu, metrics).map_err(|e| KernelError {
@@ -149,6 +193,7 @@ impl UdpBackend {
             // The data plane waits for the interface to come back; nothing to attach to.
             return Ok(());
         };
+        let rx = self.ensure_rx_device(kernel, &ext).await;
         let at = Attachment {
             own,
             subnet_len: self.subnet_len,
@@ -157,14 +202,69 @@ impl UdpBackend {
             ext_index: ext.index,
             ext_ethernet: ext.mac.is_some(),
             tun_index,
+            rx,
         };
         // Every possible subnet of the network fits, up to a million.
         let room = 1u64 << u32::from(self.subnet_len.saturating_sub(self.network.prefix_len())).min(20);
         let on = self.engine.ensure_fast_path(at, room as u32);
+        if !on && self.rx.take().is_some() {
+            // Without the programs the device would only be an open port.
+            self.rx_unwanted = true;
+            if let Err(e) = kernel.delete_link(RX_DEVICE).await {
+                tracing::warn!("removing {RX_DEVICE} failed: {e}");
+            }
+        }
         if let Some(offload) = &self.offload_metric {
             offload.get_or_create(&vec![("feature", "tc_bpf")]).set(i64::from(on));
         }
         Ok(())
+    }
+
+    /// The receive device, created or repaired (re-created when it was deleted: the fast
+    /// path then re-attaches to the new one). `None` when it cannot be made, which is
+    /// logged once: super-packets are then decapsulated in place.
+    async fn ensure_rx_device(&mut self, kernel: &Kernel, ext: &LinkState) -> Option<RxDevice> {
+        let disabled = std::env::var("WEFT_UDP_DISABLE").unwrap_or_default();
+        if self.rx_unwanted || !self.engine.fast_path_enabled() || disabled.split(',').any(|d| d.trim() == "rx_vxlan") {
+            return None;
+        }
+        let port = rx_port(self.port);
+        let p = VxlanParams {
+            name: RX_DEVICE.to_string(),
+            vni: self.rx_vni,
+            port,
+            gbp: false,
+            learning: false,
+            local: IpAddr::V4(self.bind),
+            underlay: ext.index,
+            // VXLAN's own limit under this underlay; nothing is sent through it.
+            mtu: ext.mtu.unwrap_or(1500).saturating_sub(50).max(68),
+        };
+        let made = match self.rx {
+            Some(current) => kernel.vxlan_repair(&p, current, RX_DEVICE.as_bytes()).await.map(|(d, _)| d),
+            None => kernel.vxlan_ensure(&p, None, RX_DEVICE.as_bytes()).await,
+        };
+        match made {
+            Ok(d) => {
+                if self.rx.map(|r| r.index) != Some(d.index) {
+                    seal_rx_device();
+                }
+                self.rx = Some(d);
+                self.rx_failed = false;
+                Some(RxDevice { index: d.index, mac: d.mac, port, vni: self.rx_vni })
+            }
+            Err(e) => {
+                if !self.rx_failed {
+                    tracing::warn!(
+                        "cannot make {RX_DEVICE} (a VXLAN device on UDP port {port}): {e}; peers' TCP super-packets \
+                         are decapsulated in place instead, which is slower (the bridge splits them)"
+                    );
+                }
+                self.rx = None;
+                self.rx_failed = true;
+                None
+            }
+        }
     }
 
     /// Replaces the engine's peer table with one built from `peers` (the accepted leases;
@@ -207,7 +307,9 @@ impl Backend for UdpBackend {
     }
 
     fn devices(&self) -> Vec<(String, u32)> {
-        self.index.map(|i| (DEVICE.to_string(), i)).into_iter().collect()
+        let tun = self.index.map(|i| (DEVICE.to_string(), i));
+        let rx = self.rx.map(|d| (RX_DEVICE.to_string(), d.index));
+        tun.into_iter().chain(rx).collect()
     }
 
     /// The engine forwards by its own peer table; the kernel holds no per-peer entries.

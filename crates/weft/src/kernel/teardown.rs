@@ -15,12 +15,13 @@ use super::translate::route_dst;
 use super::{KernelError, WEFT_PROTOCOL, err};
 
 /// Whether a device of this name and kind is one weft (or flannel) makes: `flannel.<VNI>`
-/// and `flannel-v6.<VNI>` vxlan devices, the `flannel0` TUN device.
+/// and `flannel-v6.<VNI>` vxlan devices, the `flannel0` TUN device, and the udp backend's
+/// `weft-udp-rx` vxlan device.
 pub fn is_own_device(name: &str, kind: Option<&InfoKind>) -> bool {
     let numbered =
         |p: &str| name.strip_prefix(p).is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
     match kind {
-        Some(InfoKind::Vxlan) => numbered("flannel.") || numbered("flannel-v6."),
+        Some(InfoKind::Vxlan) => numbered("flannel.") || numbered("flannel-v6.") || name == "weft-udp-rx",
         Some(InfoKind::Tun) => name == "flannel0",
         _ => false,
     }
@@ -110,6 +111,8 @@ mod tests {
         assert!(!is_own_device("flannel.1x", Some(&InfoKind::Vxlan)));
         assert!(!is_own_device("vxlan0", Some(&InfoKind::Vxlan)));
         assert!(!is_own_device("flannel0", Some(&InfoKind::Vxlan)));
+        assert!(is_own_device("weft-udp-rx", Some(&InfoKind::Vxlan)));
+        assert!(!is_own_device("weft-udp-rx", Some(&InfoKind::Tun)));
         assert!(!is_own_device("cni0", Some(&InfoKind::Bridge)));
         assert!(!is_own_device("flannel.1", None));
     }

@@ -8,6 +8,14 @@
 //! The programs are attached with tcx links (kernel ≥ 6.6) held by this process: they go
 //! away with it, so a crash leaves nothing on the external interface, and the engine, which
 //! reads what the programs pass on, is what runs when they are gone.
+//!
+//! A peer's TCP super-packet (a whole TSO packet that crossed a veth) is received through a
+//! VXLAN device of ours, `weft-udp-rx` (see the C source for why): the ingress program
+//! rewrites it into a VXLAN packet to that device's port, and a third program on the
+//! device hands what the kernel's VXLAN receive path decapsulated to `flannel0`. If the
+//! rewritten packets stop arriving there (a firewall's INPUT chain dropping the device's
+//! port, say), [`FastPath::check_detour`] turns the detour off and super-packets are
+//! decapsulated in place, whole but split by the bridge.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
@@ -234,6 +242,31 @@ struct Config {
     tun_ifindex: u32,
     port: u32,
     l2_len: u32,
+    rx_port: u32,
+    rx_vni: u32,
+    rx_on: u32,
+    rx_mac: [u8; 8],
+}
+const _: () = assert!(size_of::<Config>() == 13 * 4);
+
+/// The per-CPU counters (`enum stat` in the C source).
+const STAT_TX: u32 = 0;
+const STAT_RX: u32 = 1;
+const STAT_DETOUR: u32 = 2;
+const STAT_RX_DETOURED: u32 = 3;
+const STATS: u32 = 4;
+
+/// The receive device super-packets take their detour through (`weft-udp-rx`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RxDevice {
+    /// Its index.
+    pub index: u32,
+    /// Its MAC (the rewritten packets' destination).
+    pub mac: [u8; 6],
+    /// Its UDP port.
+    pub port: u16,
+    /// Its VNI.
+    pub vni: u32,
 }
 
 #[repr(C)]
@@ -260,6 +293,8 @@ pub struct Attachment {
     pub ext_ethernet: bool,
     /// `flannel0`'s index.
     pub tun_index: u32,
+    /// The receive device for super-packets, when there is one.
+    pub rx: Option<RxDevice>,
 }
 
 fn be(a: Ipv4Addr) -> u32 {
@@ -281,8 +316,12 @@ pub struct FastPath {
     /// What the peer maps hold: subnet (network order) → public address (network order).
     loaded: HashMap<u32, u32>,
     /// Held for their lifetime: closing a link detaches its program.
-    _links: [OwnedFd; 2],
-    _config: Map,
+    _links: Vec<OwnedFd>,
+    config: Map,
+    cfg: Config,
+    /// The detour counters (sent, arrived) at the last two [`FastPath::check_detour`]s,
+    /// the latest last.
+    detour_seen: [(u64, u64); 2],
 }
 
 impl FastPath {
@@ -300,7 +339,7 @@ impl FastPath {
             entries,
             BPF_F_NO_PREALLOC,
         )?;
-        let stats = Map::create("weft_stats", BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, 2, 0)?;
+        let stats = Map::create("weft_stats", BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, STATS, 0)?;
         let cfg = Config {
             own_net: be(at.own.network()),
             own_mask: mask_be(at.own.prefix_len()),
@@ -310,6 +349,15 @@ impl FastPath {
             tun_ifindex: at.tun_index,
             port: u32::from(at.port.to_be()),
             l2_len: if at.ext_ethernet { 14 } else { 0 },
+            rx_port: at.rx.map_or(0, |r| u32::from(r.port.to_be())),
+            // The VXLAN header's second word: the VNI in its top 24 bits.
+            rx_vni: at.rx.map_or(0, |r| (r.vni << 8).to_be()),
+            rx_on: u32::from(at.rx.is_some()),
+            rx_mac: at.rx.map_or([0; 8], |r| {
+                let mut m = [0u8; 8];
+                m[..6].copy_from_slice(&r.mac);
+                m
+            }),
         };
         config.update(&0u32, &cfg)?;
         let maps: [(&str, &Map); 4] = [
@@ -320,8 +368,14 @@ impl FastPath {
         ];
         let egress = load_program("tc/egress", "weft_udp_egress", &maps)?;
         let ingress = load_program("tc/ingress", "weft_udp_ingress", &maps)?;
-        let out = link(&egress, at.tun_index, BPF_TCX_EGRESS, "attach to flannel0's egress")?;
-        let inb = link(&ingress, at.ext_index, BPF_TCX_INGRESS, "attach to the external interface's ingress")?;
+        let mut links = Vec::with_capacity(3);
+        // The receive device's program first: the ingress program detours to it at once.
+        if let Some(rx) = at.rx {
+            let prog = load_program("tc/rx", "weft_udp_rx", &maps)?;
+            links.push(link(&prog, rx.index, BPF_TCX_INGRESS, "attach to weft-udp-rx's ingress")?);
+        }
+        links.push(link(&egress, at.tun_index, BPF_TCX_EGRESS, "attach to flannel0's egress")?);
+        links.push(link(&ingress, at.ext_index, BPF_TCX_INGRESS, "attach to the external interface's ingress")?);
         Ok(FastPath {
             at,
             by_subnet,
@@ -329,9 +383,42 @@ impl FastPath {
             stats,
             cpus: possible_cpus(),
             loaded: HashMap::new(),
-            _links: [out, inb],
-            _config: config,
+            _links: links,
+            config,
+            cfg,
+            detour_seen: [(0, 0); 2],
         })
+    }
+
+    /// Whether super-packets take the detour through the receive device.
+    pub fn detour_on(&self) -> bool {
+        self.cfg.rx_on != 0
+    }
+
+    /// Turns the detour off when super-packets were sent to the receive device between
+    /// the two calls before this one but none arrived there since the first of them:
+    /// something between the two (a firewall's INPUT chain, the device down or gone) drops
+    /// them, and in-place decapsulation carries them instead. One lost packet is enough:
+    /// a TCP stream whose packets are dropped sends few. Returns true when it turned the
+    /// detour off just now. Meant to be called every fraction of a second: about twice
+    /// that long is the most the drop lasts.
+    pub fn check_detour(&mut self) -> Result<bool, FastPathError> {
+        if !self.detour_on() {
+            return Ok(false);
+        }
+        let sent = self.stats.percpu_sum(STAT_DETOUR, self.cpus)?;
+        let arrived = self.stats.percpu_sum(STAT_RX_DETOURED, self.cpus)?;
+        let [(sent0, arrived0), (sent1, _)] = self.detour_seen;
+        self.detour_seen = [self.detour_seen[1], (sent, arrived)];
+        if !detour_is_lost(sent1.saturating_sub(sent0), arrived.saturating_sub(arrived0)) {
+            return Ok(false);
+        }
+        // The port stays closed to strangers (`rx_port` is kept): only the detour goes.
+        let mut cfg = self.cfg;
+        cfg.rx_on = 0;
+        self.config.update(&0u32, &cfg)?;
+        self.cfg = cfg;
+        Ok(true)
     }
 
     /// Makes the peer maps hold exactly `table`'s peers: every subnet loaded or wanted goes
@@ -386,7 +473,7 @@ impl FastPath {
     /// Packets the programs carried: (sent, received).
     pub fn counts(&self) -> (u64, u64) {
         let get = |k| self.stats.percpu_sum(k, self.cpus).unwrap_or(0);
-        (get(0), get(1))
+        (get(STAT_TX), get(STAT_RX) + get(STAT_RX_DETOURED))
     }
 }
 
@@ -451,4 +538,26 @@ fn link(prog: &OwnedFd, ifindex: u32, attach_type: u32, op: &str) -> Result<Owne
     let mut a =
         LinkCreate { prog_fd: prog.as_raw_fd() as u32, target_ifindex: ifindex, attach_type, ..Default::default() };
     fd_result(sys_bpf(BPF_LINK_CREATE, &mut a), op)
+}
+
+/// Whether the way to the receive device is blocked: super-packets were sent in one
+/// interval (`sent`) and none arrived in it or the next (`arrived`). In flight takes
+/// microseconds; the device counts what reaches it, before its own checks, so a packet it
+/// refuses does not count as lost.
+fn detour_is_lost(sent: u64, arrived: u64) -> bool {
+    sent > 0 && arrived == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_blocked_detour_is_told_from_a_quiet_or_busy_one() {
+        assert!(!detour_is_lost(0, 0), "no traffic");
+        assert!(!detour_is_lost(1000, 1), "some arrive: the way is open");
+        assert!(!detour_is_lost(0, 5), "arrivals of what was sent before");
+        assert!(detour_is_lost(1, 0), "a blocked TCP stream sends little: one lost is enough");
+        assert!(detour_is_lost(100_000, 0));
+    }
 }

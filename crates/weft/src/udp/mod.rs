@@ -226,6 +226,53 @@ pub struct Udp {
     fast_disabled: bool,
     /// The attachment the last attempt failed for (not retried until it changes).
     fast_failed: Option<Attachment>,
+    /// Watches the fast path's detour while it runs.
+    watchdog: Option<Watchdog>,
+}
+
+/// A thread that checks, twice a second, that super-packets sent through the receive
+/// device arrive there ([`FastPath::check_detour`]). Stopped and joined on drop.
+struct Watchdog {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Watchdog {
+    fn start(fast: Arc<Mutex<Option<FastPath>>>) -> io::Result<Watchdog> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new().name("weft-udp-watch".into()).spawn(move || {
+            while !flag.load(Ordering::Acquire) {
+                std::thread::park_timeout(Duration::from_millis(500));
+                let mut fast = fast.lock().unwrap_or_else(|p| p.into_inner());
+                let Some(f) = fast.as_mut() else { continue };
+                match f.check_detour() {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        let port = f.at.rx.map_or(0, |r| r.port);
+                        tracing::warn!(
+                            "super-packets sent to weft-udp-rx (UDP port {port}, inside this host) stopped arriving \
+                             there: a firewall INPUT rule dropping that port? They are decapsulated in place now, \
+                             which is slower (the bridge splits them); allow UDP port {port} to this host's address \
+                             and restart weft to have the detour back"
+                        )
+                    }
+                    Err(e) => tracing::warn!("checking the udp fast path's detour failed: {e}"),
+                }
+            }
+        })?;
+        Ok(Watchdog { stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
 }
 
 impl Udp {
@@ -261,6 +308,7 @@ impl Udp {
             fast: Arc::new(Mutex::new(None)),
             fast_disabled: off("tc_bpf"),
             fast_failed: None,
+            watchdog: None,
         })
     }
 
@@ -321,8 +369,15 @@ impl Udp {
                 }
                 // The old programs, if any, go only now: no moment without one.
                 *fast = Some(f);
+                drop(fast);
                 self.fast_failed = None;
                 tracing::info!(?at, "udp kernel fast path attached");
+                if self.watchdog.is_none() {
+                    match Watchdog::start(self.fast.clone()) {
+                        Ok(w) => self.watchdog = Some(w),
+                        Err(e) => tracing::warn!("cannot start the udp fast path's watchdog thread: {e}"),
+                    }
+                }
                 true
             }
             Err(e) => {
@@ -341,6 +396,17 @@ impl Udp {
     pub fn fast_path_counter(&self) -> impl Fn() -> Option<(u64, u64)> + Send + Sync + 'static {
         let fast = self.fast.clone();
         move || fast.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|f| f.counts())
+    }
+
+    /// Whether the kernel fast path may be used (not turned off by `WEFT_UDP_DISABLE`).
+    pub fn fast_path_enabled(&self) -> bool {
+        !self.fast_disabled
+    }
+
+    /// Whether super-packets take the receive device's detour, whenever called.
+    pub fn detour_reader(&self) -> impl Fn() -> bool + Send + Sync + 'static {
+        let fast = self.fast.clone();
+        move || fast.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_some_and(|f| f.detour_on())
     }
 
     /// Opens `flannel0` again (it was deleted) with the same offloads; the forwarding
@@ -436,6 +502,7 @@ impl Udp {
 
 impl Drop for Udp {
     fn drop(&mut self) {
+        self.watchdog = None;
         self.stop();
     }
 }
