@@ -32,9 +32,9 @@ use crate::wireguard::key::{key_path, load_or_generate, public_of};
 enum DataPath {
     /// weft's userspace engine on a TUN device.
     User(Engine),
-    /// A kernel `wireguard` link, programmed over generic netlink; `configured` once the
-    /// device holds our key and port (a re-created link is configured again).
-    Kernel { dev: KernelDevice, configured: bool },
+    /// A kernel `wireguard` link, programmed over generic netlink (it knows what it last
+    /// programmed; a re-created link is configured whole again).
+    Kernel(KernelDevice),
 }
 
 /// One of the backend's devices: what it is for, its data path, its index.
@@ -43,7 +43,8 @@ struct Device {
     path: DataPath,
     /// Its index, as of the last repair.
     index: Option<u32>,
-    /// Its peers as last planned, by lease (the kernel path programs them on the next pass).
+    /// Its peers as last planned, by lease (the kernel path programs what changed on the
+    /// next pass).
     peers: std::sync::Mutex<BTreeMap<SubnetKey, weft_core::wireguard::Peer>>,
 }
 
@@ -176,7 +177,7 @@ impl WireguardBackend {
         for spec in specs {
             let path = if use_kernel {
                 let dev = KernelDevice::connect(spec.name).map_err(|e| BackendError::Address(e.to_string()))?;
-                DataPath::Kernel { dev, configured: false }
+                DataPath::Kernel(dev)
             } else {
                 // The kernel's device listens on every address; weft's sockets bind the
                 // interface's, one per outer family the device speaks.
@@ -209,7 +210,7 @@ impl WireguardBackend {
     /// `userspace` or `kernel`.
     fn path_name(&self) -> &'static str {
         match self.devs.first().map(|d| &d.path) {
-            Some(DataPath::Kernel { .. }) => "kernel",
+            Some(DataPath::Kernel(_)) => "kernel",
             _ => "userspace",
         }
     }
@@ -239,26 +240,22 @@ impl WireguardBackend {
                             tracing::warn!("{name} is gone; re-opening it and restarting the engine");
                             engine.reopen().map_err(|e| kernel_err(format!("re-open {name}: {e}")))?;
                         }
-                        DataPath::Kernel { configured, .. } => {
+                        DataPath::Kernel(dev) => {
                             tracing::warn!("{name} is gone; creating it again");
                             kernel.add_wireguard_link(name).await?;
-                            *configured = false;
+                            dev.created();
                         }
                     }
                     changed = true;
                     kernel.link(name).await?.ok_or_else(|| kernel_err(format!("find {name} after re-opening it")))?
                 }
             };
-            // The kernel path's peers are desired state, re-asserted on every pass.
-            if let DataPath::Kernel { dev, configured } = &mut d.path {
-                let peers: Vec<_> = d.peers.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
-                let r = if *configured {
-                    dev.set_peers(&peers, &ps).await
-                } else {
-                    dev.configure(&self.private, d.spec.port, &peers, &ps).await
-                };
-                r.map_err(|e| kernel_err(e.to_string()))?;
-                *configured = true;
+            // The kernel path's peers are desired state: each pass sends what differs from
+            // what the device was last given (nothing when no lease changed; the peer of a
+            // lease event alone), and now and then everything (drift, see `FULL_RESEND`).
+            if let DataPath::Kernel(dev) = &mut d.path {
+                let c = dev.changes(d.peers.lock().unwrap_or_else(|p| p.into_inner()).values(), &ps);
+                dev.program(&self.private, d.spec.port, c).await.map_err(|e| kernel_err(e.to_string()))?;
             }
             d.index = Some(link.index);
             if !link.up || link.mtu != Some(self.mtu) {
@@ -308,7 +305,7 @@ impl WireguardBackend {
             .iter()
             .map(|d| match &d.path {
                 DataPath::User(engine) => engine.peer_count(),
-                DataPath::Kernel { .. } => d.peers.lock().map(|p| p.len()).unwrap_or(0),
+                DataPath::Kernel(_) => d.peers.lock().map(|p| p.len()).unwrap_or(0),
             })
             .sum();
         g.set(n as i64);
@@ -326,7 +323,7 @@ impl WireguardBackend {
                 DataPath::User(engine) => {
                     engine.set_peers(prefix, prefix6, &plan.peers, self.settings.psk, self.settings.keepalive)
                 }
-                DataPath::Kernel { .. } => Vec::new(),
+                DataPath::Kernel(_) => Vec::new(),
             };
             *d.peers.lock().unwrap_or_else(|p| p.into_inner()) = plan.peers.into_iter().map(|p| (p.lease, p)).collect();
             Self::warn_unreachable(d, &left_out);
@@ -356,7 +353,7 @@ impl WireguardBackend {
                     self.settings.psk,
                     self.settings.keepalive,
                 ),
-                DataPath::Kernel { .. } => Vec::new(),
+                DataPath::Kernel(_) => Vec::new(),
             };
             let mut m = d.peers.lock().unwrap_or_else(|p| p.into_inner());
             for (key, p) in planned.drain(..) {

@@ -3,15 +3,20 @@
 //! `netlink-packet-wireguard`; no `wg` subprocess) as flanneld programs it: private key,
 //! listen port, and per peer its public key, PSK, keepalive, endpoint and allowed IPs.
 //!
-//! The messages are built by pure functions from the planner's peers; the device is
-//! configured whole once (replace-peers) and then re-asserted on every reconcile pass
-//! without replace-peers, so that existing sessions survive: each wanted peer is set (its
-//! allowed IPs replaced), and each peer programmed before and no longer wanted is removed.
+//! The messages are built by pure functions from the planner's peers. The device is
+//! configured whole once (replace-peers); after that, each reconcile pass sends only what
+//! differs from what was last programmed ([`Programmed::changes`]): new and changed peers
+//! are set (their allowed IPs replaced), peers no longer wanted removed by key, the others
+//! left alone, so a pass with nothing new sends nothing, and no replace-peers: existing
+//! sessions survive.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use genetlink::GenetlinkHandle;
+use ipnet::IpNet;
 use netlink_packet_core::{NLM_F_ACK, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
 use netlink_packet_generic::GenlMessage;
 use netlink_packet_wireguard::{
@@ -23,6 +28,14 @@ use weft_core::wireguard::{Key, Peer};
 /// Peers per generic netlink message (a message must fit the socket's buffer; `wg` splits
 /// the same way).
 pub const PEERS_PER_MESSAGE: usize = 64;
+
+/// How often every peer is sent again although the record says the device holds it (six
+/// resync periods). The record cannot see a peer removed or changed by hand (`wg set`);
+/// re-sending is cheaper and simpler than dumping 20 000 peers back from the kernel on
+/// every resync, and once a minute instead of every pass is the cost this record removes.
+/// (A peer added by hand stays, as it did before: only a re-created device is configured
+/// whole.)
+pub const FULL_RESEND: Duration = Duration::from_secs(60);
 
 /// Programming a kernel WireGuard device failed.
 #[derive(Debug, thiserror::Error)]
@@ -49,16 +62,93 @@ pub struct PeerSettings {
     pub keepalive: u16,
 }
 
-fn peer(p: &Peer, s: &PeerSettings) -> WireguardPeer {
+/// One peer's configuration as sent to the kernel (its key aside).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerConfig {
+    /// Where it is reached.
+    pub endpoint: SocketAddr,
+    /// Its subnets.
+    pub allowed_ips: Vec<IpNet>,
+    /// PSK and keepalive.
+    pub settings: PeerSettings,
+}
+
+impl PeerConfig {
+    fn of(p: &Peer, s: &PeerSettings) -> PeerConfig {
+        PeerConfig { endpoint: p.endpoint, allowed_ips: p.allowed_ips.clone(), settings: *s }
+    }
+
+    /// Whether `p` with `s` is this (compared in place: a pass allocates nothing for the
+    /// peers that did not change).
+    fn is(&self, p: &Peer, s: &PeerSettings) -> bool {
+        self.endpoint == p.endpoint && self.allowed_ips == p.allowed_ips && self.settings == *s
+    }
+}
+
+/// What one pass sends: the peers to set (new or changed) and the keys to remove.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Peers to set, with their whole configuration.
+    pub set: Vec<(Key, PeerConfig)>,
+    /// Peers to remove.
+    pub remove: Vec<Key>,
+}
+
+/// What a device holds as far as weft knows: each peer as last programmed, by key.
+#[derive(Debug, Clone, Default)]
+pub struct Programmed {
+    peers: BTreeMap<Key, PeerConfig>,
+    /// The configurations above may not be what the device holds (a send failed part-way,
+    /// or the periodic [`FULL_RESEND`] is due): every wanted peer is sent again. The keys
+    /// are still every peer that may be there, so the unwanted ones are removed.
+    stale: bool,
+}
+
+impl Programmed {
+    /// What makes the device's peers `peers`: the wanted peers that are new or differ from
+    /// the record (all of them when it is stale), and the recorded keys no longer wanted.
+    /// Peers are keyed as the kernel keys them: of two with one key, the later wins, as it
+    /// would within one message.
+    pub fn changes<'a>(&self, peers: impl IntoIterator<Item = &'a Peer>, s: &PeerSettings) -> Changes {
+        let wanted: BTreeMap<&Key, &Peer> = peers.into_iter().map(|p| (&p.public_key, p)).collect();
+        let set = wanted
+            .iter()
+            .filter(|(k, p)| self.stale || self.peers.get(k).is_none_or(|c| !c.is(p, s)))
+            .map(|(k, p)| (**k, PeerConfig::of(p, s)))
+            .collect();
+        let remove = self.peers.keys().filter(|k| !wanted.contains_key(k)).copied().collect();
+        Changes { set, remove }
+    }
+
+    /// Records a pass that sent `c`: all of it (`ok`), or maybe only part of it, when the
+    /// record keeps every key that may be there and becomes stale.
+    pub fn record(&mut self, c: Changes, ok: bool) {
+        if ok {
+            for k in &c.remove {
+                self.peers.remove(k);
+            }
+        }
+        self.peers.extend(c.set);
+        // A successful stale pass sent every wanted peer and removed every other key.
+        self.stale = !ok;
+    }
+
+    /// Every wanted peer goes again on the next pass.
+    pub fn doubt(&mut self) {
+        self.stale = true;
+    }
+}
+
+fn peer(key: &Key, c: &PeerConfig) -> WireguardPeer {
     let mut attrs = vec![
-        WireguardPeerAttribute::PublicKey(p.public_key.0),
+        WireguardPeerAttribute::PublicKey(key.0),
         WireguardPeerAttribute::Flags(WireguardPeerFlags::ReplaceAllowedIps),
-        WireguardPeerAttribute::Endpoint(p.endpoint),
-        WireguardPeerAttribute::PersistentKeepalive(s.keepalive),
+        WireguardPeerAttribute::Endpoint(c.endpoint),
+        WireguardPeerAttribute::PersistentKeepalive(c.settings.keepalive),
     ];
     // No PSK: all zero, which the kernel treats as none (and clears a previous one).
-    attrs.push(WireguardPeerAttribute::PresharedKey(s.psk.map(|k| k.0).unwrap_or([0; 32])));
-    let ips = p
+    attrs.push(WireguardPeerAttribute::PresharedKey(c.settings.psk.map(|k| k.0).unwrap_or([0; 32])));
+    let ips = c
         .allowed_ips
         .iter()
         .map(|net| {
@@ -90,35 +180,33 @@ fn set_device(name: &str, head: Vec<WireguardAttribute>, peers: Vec<WireguardPee
     WireguardMessage { cmd: WireguardCmd::SetDevice, attributes }
 }
 
+/// `c`'s peers as netlink entries, in messages of [`PEERS_PER_MESSAGE`]: the peers set,
+/// then the removals.
+fn chunks(name: &str, c: &Changes) -> Vec<WireguardMessage> {
+    let all: Vec<WireguardPeer> = c.set.iter().map(|(k, p)| peer(k, p)).chain(c.remove.iter().map(removal)).collect();
+    all.chunks(PEERS_PER_MESSAGE).map(|c| set_device(name, Vec::new(), c.to_vec())).collect()
+}
+
 /// The messages that configure device `name` whole: private key, listen port, and exactly
-/// `peers` (the first message replaces whatever peers the device had).
-pub fn configure(name: &str, private: &Key, port: u16, peers: &[Peer], s: &PeerSettings) -> Vec<WireguardMessage> {
-    let mut out = vec![set_device(
-        name,
-        vec![
-            WireguardAttribute::PrivateKey(private.0),
-            WireguardAttribute::ListenPort(port),
-            WireguardAttribute::Flags(WireguardDeviceFlags::ReplacePeers),
-        ],
-        peers.iter().take(PEERS_PER_MESSAGE).map(|p| peer(p, s)).collect(),
-    )];
-    for chunk in peers.chunks(PEERS_PER_MESSAGE).skip(1) {
-        out.push(set_device(name, Vec::new(), chunk.iter().map(|p| peer(p, s)).collect()));
+/// the peers `c` sets (the first message replaces whatever peers the device had).
+pub fn configure(name: &str, private: &Key, port: u16, c: &Changes) -> Vec<WireguardMessage> {
+    let mut out = chunks(name, c);
+    if out.is_empty() {
+        out.push(set_device(name, Vec::new(), Vec::new()));
     }
+    let head = [
+        WireguardAttribute::PrivateKey(private.0),
+        WireguardAttribute::ListenPort(port),
+        WireguardAttribute::Flags(WireguardDeviceFlags::ReplacePeers),
+    ];
+    out[0].attributes.splice(1..1, head);
     out
 }
 
-/// The messages that make device `name`'s peers `peers` when `programmed` are the keys set
-/// before: every wanted peer set again (sessions kept, allowed IPs replaced), the others
-/// removed by key. Empty when there is nothing to send.
-pub fn update(name: &str, peers: &[Peer], programmed: &BTreeSet<Key>, s: &PeerSettings) -> Vec<WireguardMessage> {
-    let wanted: BTreeSet<Key> = peers.iter().map(|p| p.public_key).collect();
-    let all: Vec<WireguardPeer> = peers
-        .iter()
-        .map(|p| peer(p, s))
-        .chain(programmed.iter().filter(|k| !wanted.contains(k)).map(removal))
-        .collect();
-    all.chunks(PEERS_PER_MESSAGE).map(|c| set_device(name, Vec::new(), c.to_vec())).collect()
+/// The messages that send `c` to device `name` without replace-peers (the sessions of the
+/// peers left alone survive). Empty when there is nothing to send.
+pub fn update(name: &str, c: &Changes) -> Vec<WireguardMessage> {
+    chunks(name, c)
 }
 
 /// A kernel WireGuard device, programmed over generic netlink.
@@ -126,8 +214,11 @@ pub struct KernelDevice {
     name: &'static str,
     handle: GenetlinkHandle,
     conn: tokio::task::JoinHandle<()>,
-    /// The peers' keys as last programmed.
-    programmed: BTreeSet<Key>,
+    /// What the device holds as last programmed; `None` until it holds our key and port
+    /// (a new or re-created link), when the next pass configures it whole.
+    programmed: Option<Programmed>,
+    /// When every peer was last sent again (see [`FULL_RESEND`]).
+    resent: Instant,
 }
 
 impl Drop for KernelDevice {
@@ -141,7 +232,13 @@ impl KernelDevice {
     pub fn connect(name: &'static str) -> Result<KernelDevice, KernelWgError> {
         let (conn, handle, _) = genetlink::new_connection().map_err(KernelWgError::Socket)?;
         let conn = tokio::spawn(conn);
-        Ok(KernelDevice { name, handle, conn, programmed: BTreeSet::new() })
+        Ok(KernelDevice { name, handle, conn, programmed: None, resent: Instant::now() })
+    }
+
+    /// The link was (re-)created: it holds nothing of ours, the next pass configures it
+    /// whole.
+    pub fn created(&mut self) {
+        self.programmed = None;
     }
 
     async fn send(&mut self, msg: WireguardMessage) -> Result<(), KernelWgError> {
@@ -164,28 +261,44 @@ impl KernelDevice {
         Ok(())
     }
 
-    /// Configures the device whole (key, port, exactly `peers`).
-    pub async fn configure(
-        &mut self,
-        private: &Key,
-        port: u16,
-        peers: &[Peer],
-        s: &PeerSettings,
-    ) -> Result<(), KernelWgError> {
-        for m in configure(self.name, private, port, peers, s) {
-            self.send(m).await?;
+    /// What the next [`KernelDevice::program`] must send for the device's peers to be
+    /// `peers` (synchronous, so that the caller may hold a lock over `peers`): every peer
+    /// when the device is to be configured or the periodic re-send is due, else only what
+    /// changed.
+    pub fn changes<'a>(&mut self, peers: impl IntoIterator<Item = &'a Peer>, s: &PeerSettings) -> Changes {
+        match &mut self.programmed {
+            None => Programmed::default().changes(peers, s),
+            Some(p) => {
+                if self.resent.elapsed() >= FULL_RESEND {
+                    p.doubt();
+                    self.resent = Instant::now();
+                }
+                p.changes(peers, s)
+            }
         }
-        self.programmed = peers.iter().map(|p| p.public_key).collect();
-        Ok(())
     }
 
-    /// Re-asserts the peer set (see [`update`]).
-    pub async fn set_peers(&mut self, peers: &[Peer], s: &PeerSettings) -> Result<(), KernelWgError> {
-        for m in update(self.name, peers, &self.programmed, s) {
-            self.send(m).await?;
+    /// Sends `c` (from [`KernelDevice::changes`]): the whole configuration (key, port,
+    /// replace-peers) to a device not configured yet, else `c` alone. What was sent is
+    /// recorded; after a failure the record is stale and the next pass sends every peer
+    /// again (a device that was being configured is configured whole again).
+    pub async fn program(&mut self, private: &Key, port: u16, c: Changes) -> Result<(), KernelWgError> {
+        let msgs = match &self.programmed {
+            None => configure(self.name, private, port, &c),
+            Some(_) => update(self.name, &c),
+        };
+        let mut result = Ok(());
+        for m in msgs {
+            result = self.send(m).await;
+            if result.is_err() {
+                break;
+            }
         }
-        self.programmed = peers.iter().map(|p| p.public_key).collect();
-        Ok(())
+        let ok = result.is_ok();
+        if ok || self.programmed.is_some() {
+            self.programmed.get_or_insert_default().record(c, ok);
+        }
+        result
     }
 }
 
@@ -234,7 +347,7 @@ mod tests {
             p(1, "192.0.2.12:51820", &["10.5.2.0/24", "fd00:5:0:2::/64"]),
             p(2, "[fd00:192::13]:51821", &["fd00:5:0:3::/64"]),
         ];
-        let msgs = configure("flannel-wg", &key(7), 51820, &peers, &s);
+        let msgs = configure("flannel-wg", &key(7), 51820, &Programmed::default().changes(&peers, &s));
         assert_eq!(msgs.len(), 1);
         let m = wire(&msgs[0]);
         assert_eq!(m.cmd, WireguardCmd::SetDevice);
@@ -271,16 +384,48 @@ mod tests {
         );
         assert!(got[1].contains(&WireguardPeerAttribute::Endpoint("[fd00:192::13]:51821".parse().unwrap())));
         // No PSK configured: all zero, the kernel's "none".
-        let m =
-            wire(&configure("flannel-wg", &key(7), 51820, &peers[..1], &PeerSettings { psk: None, keepalive: 0 })[0]);
+        let none = PeerSettings { psk: None, keepalive: 0 };
+        let m = wire(&configure("flannel-wg", &key(7), 51820, &Programmed::default().changes(&peers[..1], &none))[0]);
         assert!(peers_of(&m)[0].contains(&WireguardPeerAttribute::PresharedKey([0; 32])));
+        // No peers yet: the device still gets its key and port.
+        let m = wire(&configure("flannel-wg", &key(7), 51820, &Changes::default())[0]);
+        assert!(m.attributes.contains(&WireguardAttribute::PrivateKey([7; 32])));
+        assert!(peers_of(&m).is_empty());
+    }
+
+    /// What `c` sends to `flannel-wg` without replace-peers, as the kernel reads it: per
+    /// message, the peers' public keys and whether each is a removal.
+    fn sent(c: &Changes) -> Vec<Vec<(Key, bool)>> {
+        update("flannel-wg", c)
+            .iter()
+            .map(|m| {
+                let m = wire(m);
+                assert!(
+                    !m.attributes.iter().any(|a| matches!(a, WireguardAttribute::Flags(_))),
+                    "no replace-peers: the sessions of the peers that stay survive"
+                );
+                peers_of(&m)
+                    .iter()
+                    .map(|attrs| {
+                        let k = attrs.iter().find_map(|a| match a {
+                            WireguardPeerAttribute::PublicKey(k) => Some(Key(*k)),
+                            _ => None,
+                        });
+                        (k.unwrap(), attrs.contains(&WireguardPeerAttribute::Flags(WireguardPeerFlags::RemoveMe)))
+                    })
+                    .collect()
+            })
+            .collect()
     }
 
     #[test]
     fn updates_keep_sessions_and_remove_only_what_is_gone() {
         let s = PeerSettings { psk: None, keepalive: 0 };
-        let programmed: BTreeSet<Key> = [key(1), key(2)].into();
-        let msgs = update("flannel-wg-v6", &[p(2, "[fd00::2]:51821", &["fd00:5:0:2::/64"])], &programmed, &s);
+        let mut programmed = Programmed::default();
+        let first = programmed.changes(&[p(1, "[fd00::1]:51821", &[]), p(2, "[fd00::2]:51821", &[])], &s);
+        programmed.record(first, true);
+        let c = programmed.changes(&[p(2, "[fd00::2]:51821", &["fd00:5:0:2::/64"])], &s);
+        let msgs = update("flannel-wg-v6", &c);
         assert_eq!(msgs.len(), 1);
         let m = wire(&msgs[0]);
         assert!(
@@ -297,14 +442,112 @@ mod tests {
                 WireguardPeerAttribute::Flags(WireguardPeerFlags::RemoveMe)
             ]
         );
-        assert!(update("flannel-wg", &[], &BTreeSet::new(), &s).is_empty());
+        assert!(update("flannel-wg", &Programmed::default().changes(&[], &s)).is_empty());
+    }
+
+    /// Peer `i` of a large cluster: its own key, subnet and host.
+    fn nth(i: u32) -> Peer {
+        let [_, a, b, c] = i.to_be_bytes();
+        let mut k = [0u8; 32];
+        k[..4].copy_from_slice(&i.to_be_bytes());
+        Peer {
+            lease: SubnetKey::v4(format!("10.{a}.{b}.{c}/32").parse().unwrap()),
+            public_key: Key(k),
+            endpoint: format!("192.{a}.{b}.{c}:51820").parse().unwrap(),
+            allowed_ips: vec![format!("10.{a}.{b}.{c}/32").parse().unwrap()],
+        }
+    }
+
+    #[test]
+    fn a_pass_sends_only_what_changed_since_the_last() {
+        let s = PeerSettings { psk: Some(key(9)), keepalive: 25 };
+        let mut peers: Vec<Peer> = (0..20_000).map(nth).collect();
+        let mut programmed = Programmed::default();
+
+        // First pass: every peer, split as `wg` splits.
+        let c = programmed.changes(&peers, &s);
+        let msgs = configure("flannel-wg", &key(7), 51820, &c);
+        assert_eq!(msgs.len(), 313);
+        assert_eq!(msgs.iter().map(|m| peers_of(m).len()).sum::<usize>(), 20_000);
+        assert_eq!(peers_of(&wire(&msgs[312])).len(), 20_000 - 312 * 64);
+        programmed.record(c, true);
+
+        // Nothing changed: nothing sent.
+        let c = programmed.changes(&peers, &s);
+        assert_eq!(c, Changes::default());
+        assert!(update("flannel-wg", &c).is_empty());
+
+        // One lease's endpoint changed: that peer alone, set whole.
+        peers[1234].endpoint = "198.51.100.7:51821".parse().unwrap();
+        let c = programmed.changes(&peers, &s);
+        assert_eq!(sent(&c), [vec![(peers[1234].public_key, false)]]);
+        let m = wire(&update("flannel-wg", &c)[0]);
+        assert!(peers_of(&m)[0].contains(&WireguardPeerAttribute::Endpoint("198.51.100.7:51821".parse().unwrap())));
+        assert!(peers_of(&m)[0].contains(&WireguardPeerAttribute::PresharedKey([9; 32])));
+        programmed.record(c, true);
+        assert_eq!(programmed.changes(&peers, &s), Changes::default(), "recorded");
+
+        // Its subnets changed, or the settings: re-sent too.
+        peers[7].allowed_ips.push("fd00:5::/64".parse().unwrap());
+        assert_eq!(sent(&programmed.changes(&peers, &s)), [vec![(peers[7].public_key, false)]]);
+        peers[7] = nth(7);
+        assert_eq!(programmed.changes(&peers, &PeerSettings { psk: None, keepalive: 25 }).set.len(), 20_000);
+
+        // One lease gone: one removal, by key.
+        let gone = peers.remove(500);
+        let c = programmed.changes(&peers, &s);
+        assert_eq!(sent(&c), [vec![(gone.public_key, true)]]);
+        programmed.record(c, true);
+        assert_eq!(programmed.changes(&peers, &s), Changes::default());
+
+        // A new lease: that peer alone.
+        peers.push(nth(20_000));
+        assert_eq!(sent(&programmed.changes(&peers, &s)), [vec![(nth(20_000).public_key, false)]]);
+    }
+
+    #[test]
+    fn after_a_failed_send_every_peer_goes_again() {
+        let s = PeerSettings { psk: None, keepalive: 0 };
+        let mut peers: Vec<Peer> = (0..20_000).map(nth).collect();
+        let mut programmed = Programmed::default();
+        let c = programmed.changes(&peers, &s);
+        programmed.record(c, true);
+
+        // A pass that removes peer 9 and changes peer 10 fails part-way: which of the two
+        // the kernel took is unknown.
+        let gone = peers.remove(9);
+        peers[9].endpoint = "198.51.100.7:51821".parse().unwrap();
+        let c = programmed.changes(&peers, &s);
+        assert_eq!(sent(&c), [vec![(peers[9].public_key, false), (gone.public_key, true)]]);
+        programmed.record(c, false);
+
+        // The next pass sends every wanted peer again and removes the gone one again.
+        let c = programmed.changes(&peers, &s);
+        assert_eq!(c.set.len(), peers.len());
+        assert_eq!(c.remove, [gone.public_key]);
+        assert_eq!(update("flannel-wg", &c).len(), 313);
+        programmed.record(c, true);
+        assert_eq!(programmed.changes(&peers, &s), Changes::default(), "certain again once all of it went");
+
+        // The periodic re-send (drift: a peer removed by hand) is the same.
+        programmed.doubt();
+        assert_eq!(programmed.changes(&peers, &s).set.len(), peers.len());
+    }
+
+    #[test]
+    fn of_two_peers_with_one_key_the_later_wins() {
+        let s = PeerSettings { psk: None, keepalive: 0 };
+        let peers = [p(1, "192.0.2.1:51820", &["10.5.1.0/24"]), p(1, "192.0.2.2:51820", &["10.5.2.0/24"])];
+        let c = Programmed::default().changes(&peers, &s);
+        assert_eq!(c.set.len(), 1);
+        assert_eq!(c.set[0].1.endpoint, "192.0.2.2:51820".parse().unwrap());
     }
 
     #[test]
     fn many_peers_are_split_into_messages() {
         let s = PeerSettings { psk: None, keepalive: 0 };
         let peers: Vec<Peer> = (0..150u8).map(|i| p(i, "192.0.2.1:51820", &["10.5.2.0/24"])).collect();
-        let msgs = configure("flannel-wg", &key(7), 51820, &peers, &s);
+        let msgs = configure("flannel-wg", &key(7), 51820, &Programmed::default().changes(&peers, &s));
         assert_eq!(msgs.iter().map(|m| peers_of(&wire(m)).len()).collect::<Vec<_>>(), [64, 64, 22]);
         assert!(wire(&msgs[0]).attributes.contains(&WireguardAttribute::Flags(WireguardDeviceFlags::ReplacePeers)));
         assert!(
