@@ -10,7 +10,8 @@
 //!
 //! `sudo cargo run --release --example scale_bench [-- N...]` (default: 1000 5000).
 //! `--data-plane-only` skips the control-plane part; `WEFT_BIN=<path>` runs another weft
-//! binary as the daemon (to compare two builds in one run); `WEFT_NEXTHOPS=off` is passed on.
+//! binary as the daemon (to compare two builds in one run); `WEFT_NEXTHOPS=off` is passed on;
+//! `WEFT_BENCH_HOLD=<s>` keeps the converged daemon running for a profiler.
 //! Peer leases use addresses of 198.18.0.0/15 (benchmarking range); no packet is sent to them.
 
 use std::net::Ipv4Addr;
@@ -293,6 +294,12 @@ fn data_plane(n: u32) -> Row {
         let passes = b.metric("weft_reconciles_total ").unwrap_or(0);
         b.wait("a periodic pass", Duration::from_secs(15), || b.metric("weft_reconciles_total ").unwrap_or(0) > passes);
         idle.push(b.metric("weft_reconcile_milliseconds ").unwrap_or(-1));
+    }
+    // WEFT_BENCH_HOLD=<s>: keep the converged daemon running that long (to profile its
+    // resync passes, e.g. `perf record -g -p <pid>`).
+    if let Some(s) = std::env::var("WEFT_BENCH_HOLD").ok().and_then(|s| s.parse().ok()) {
+        eprintln!("holding the daemon (pid {}) for {s} s", d.id());
+        std::thread::sleep(Duration::from_secs(s));
     }
     // Memory once the first pass's leftovers are gone (its delayed trim ran).
     let rss_steady = rss_mib(d.id());

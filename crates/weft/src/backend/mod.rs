@@ -467,8 +467,14 @@ impl DataPlane {
         let changed = self.interest.read().unwrap_or_else(|p| p.into_inner()).changed.clone();
         changed.store(false, std::sync::atomic::Ordering::SeqCst);
         self.model_ok = false;
-        // Backends without per-peer kernel entries (udp forwards by its own table) are done.
+        // Backends without per-peer kernel entries (udp forwards by its own table) are done
+        // (an empty plan says which).
+        if self.backend.plan(&mut std::iter::empty()).is_none() {
+            return report;
+        }
         let cpu = cpu_time();
+        // The kernel is read on two other threads while this one plans.
+        let reading = self.kernel.begin_read(&self.links, &self.networks, &self.own).await;
         let Some(mut p) = self.backend.plan_cached(&self.peers.read()) else { return report };
         let planned = started.elapsed();
         for (key, why) in p.skipped {
@@ -477,14 +483,13 @@ impl DataPlane {
                 self.warned.insert(key, why);
             }
         }
-        let (actual, displaced) =
-            match self.kernel.read_state(&self.links, &self.networks, &self.own, &mut p.state).await {
-                Ok(a) => a,
-                Err(e) => {
-                    report.errors.push(e);
-                    return report;
-                }
-            };
+        let (actual, displaced) = match reading.finish(&mut p.state).await {
+            Ok(a) => a,
+            Err(e) => {
+                report.errors.push(e);
+                return report;
+            }
+        };
         for net in displaced {
             match self.kernel.restore_own_route(net, self.links.external).await {
                 Ok(true) => {

@@ -112,6 +112,14 @@ impl Kernel {
         slot: Arc<Mutex<Option<Batcher>>>,
         f: impl FnOnce(&mut Batcher) -> std::io::Result<T> + Send + 'static,
     ) -> std::io::Result<T> {
+        joined(Self::spawn_on(slot, f).await)
+    }
+
+    /// Starts `f` with the sender in `slot` (opened on first use) on a blocking thread now.
+    fn spawn_on<T: Send + 'static>(
+        slot: Arc<Mutex<Option<Batcher>>>,
+        f: impl FnOnce(&mut Batcher) -> std::io::Result<T> + Send + 'static,
+    ) -> tokio::task::JoinHandle<std::io::Result<T>> {
         tokio::task::spawn_blocking(move || {
             let mut guard = slot.lock().unwrap_or_else(|p| p.into_inner());
             if guard.is_none() {
@@ -125,8 +133,6 @@ impl Kernel {
             }
             res
         })
-        .await
-        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
     }
 
     /// Whether nexthop objects are in use, once probed (`None` before the first pass).
@@ -240,8 +246,15 @@ impl Kernel {
         own: &[IpNet],
         desired: &mut KernelState,
     ) -> Result<(KernelState, Vec<IpNet>), KernelError> {
+        self.begin_read(links, networks, own).await.finish(desired).await
+    }
+
+    /// Starts [`Kernel::read_state`]'s dumps at once, on two threads and two sockets (nexthops
+    /// and routes on one, neighbours and FDB entries on the other, each turned into its half
+    /// of the model there), so the caller can plan meanwhile; [`PendingRead::finish`] joins
+    /// them.
+    pub async fn begin_read(&self, links: &Links, networks: &[IpNet], own: &[IpNet]) -> PendingRead {
         let started = std::time::Instant::now();
-        let mut dump = Dump::default();
         let nexthops = self.nexthops().await;
         let want_neigh: Vec<AddressFamily> =
             [(links.vxlan4, AddressFamily::Inet), (links.vxlan6, AddressFamily::Inet6)]
@@ -249,92 +262,66 @@ impl Kernel {
                 .filter_map(|(l, f)| l.map(|_| f))
                 .collect();
         let want_fdb = links.vxlan4.is_some() || links.vxlan6.is_some();
+        let (l, networks, own) = (*links, networks.to_vec(), own.to_vec());
         // Raw dumps parsed in place: a resync reads every route, neighbour and FDB entry.
-        // Nexthops and routes on one socket, neighbours and FDB entries on another, at once.
-        let nexthops_and_routes = async {
-            let nh = self.dump_nexthops().await;
-            let routes = self
-                .with_batcher(move |b| {
-                    let mut routes = Vec::new();
-                    for family in [AddressFamily::Inet, AddressFamily::Inet6] {
-                        b.dump(RTM_GETROUTE, &translate::route_dump(family), |t, p| {
-                            if t == RTM_NEWROUTE
-                                && let Some(r) = translate::parse_route(p)
-                            {
-                                routes.push(r);
-                            }
-                        })?;
+        let routes = Self::spawn_on(self.batcher.clone(), move |b| {
+            let t = std::time::Instant::now();
+            let mut dump = Dump::default();
+            let nh = b.dump(translate::RTM_GETNEXTHOP, &translate::nexthop_dump(), |t, p| {
+                if t == translate::RTM_NEWNEXTHOP
+                    && let Some(e) = translate::parse_nexthop(p)
+                {
+                    dump.nexthops.push(e);
+                }
+            });
+            match nh {
+                Ok(()) => {}
+                Err(e) if nexthops => return Err(std::io::Error::new(e.kind(), format!("dump nexthops: {e}"))),
+                // Also with nexthops off: ours from an earlier run are then found and removed.
+                Err(_) => dump.nexthops.clear(),
+            }
+            for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+                b.dump(RTM_GETROUTE, &translate::route_dump(family), |t, p| {
+                    if t == RTM_NEWROUTE
+                        && let Some(r) = translate::parse_route(p)
+                    {
+                        dump.routes.push(r);
                     }
-                    Ok(routes)
-                })
-                .await;
-            (nh, routes)
-        };
-        let neighbours_and_fdb = Self::with_slot(self.dumper.clone(), move |b| {
-            let mut neighbours = Vec::new();
+                })?;
+            }
+            let dumped = t.elapsed();
+            let (state, displaced) = translate::read_routes(&dump.nexthops, &dump.routes, &l, &networks, &own);
+            // Every id in the kernel, sorted (the dump comes by id): searched, not hashed.
+            let mut taken: Vec<u32> = dump.nexthops.iter().map(|n| n.id).collect();
+            taken.sort_unstable();
+            Ok(RoutesRead { state, displaced, taken, count: dump.routes.len(), dumped, took: t.elapsed() })
+        });
+        let neighbours = Self::spawn_on(self.dumper.clone(), move |b| {
+            let t = std::time::Instant::now();
+            let mut dump = Dump::default();
             for family in want_neigh {
                 b.dump(RTM_GETNEIGH, &translate::neigh_dump(family), |t, p| {
                     if t == RTM_NEWNEIGH
                         && let Some(n) = translate::parse_neigh(p)
                     {
-                        neighbours.push(n);
+                        dump.neighbours.push(n);
                     }
                 })?;
             }
-            let mut fdb = Vec::new();
             if want_fdb {
                 b.dump(RTM_GETNEIGH, &translate::neigh_dump(AddressFamily::Bridge), |t, p| {
                     if t == RTM_NEWNEIGH
                         && let Some(n) = translate::parse_neigh(p)
                     {
-                        fdb.push(n);
+                        dump.fdb.push(n);
                     }
                 })?;
             }
-            Ok((neighbours, fdb))
+            let dumped = t.elapsed();
+            let state = translate::read_neighbours(&dump.neighbours, &dump.fdb, &l);
+            Ok(NeighboursRead { state, counts: (dump.neighbours.len(), dump.fdb.len()), dumped, took: t.elapsed() })
         });
-        let ((nh, routes), neighbours_fdb) = tokio::join!(nexthops_and_routes, neighbours_and_fdb);
-        // Also with nexthops off: ours from an earlier run are then found and removed.
-        match nh {
-            Ok(n) => dump.nexthops = n,
-            Err(e) if nexthops => return Err(e),
-            Err(_) => {}
-        }
-        let routes = routes.map_err(|e| io_error("dump routes", e))?;
-        let (neighbours, fdb) = neighbours_fdb.map_err(|e| io_error("dump neighbours and FDB entries", e))?;
-        dump.routes = routes;
-        dump.neighbours = neighbours;
-        dump.fdb = fdb;
-        let dumped = started.elapsed();
-        let (actual, displaced) = translate::read_state(&dump, links, networks, own);
-        let parsed = started.elapsed();
-        if nexthops {
-            // Every id in the kernel, sorted (the dump comes by id): searched, not hashed.
-            let mut taken: Vec<u32> = dump.nexthops.iter().map(|n| n.id).collect();
-            taken.sort_unstable();
-            weft_core::plan::assign_nexthops(desired, &actual, &|id| taken.binary_search(&id).is_ok());
-            // Others' ids: those of the dump that are not ours (both lists sorted).
-            let mut ours = actual.nexthops.keys().peekable();
-            let foreign: std::collections::HashSet<u32> = taken
-                .iter()
-                .copied()
-                .filter(|id| {
-                    while ours.next_if(|o| **o < *id).is_some() {}
-                    ours.peek() != Some(&id)
-                })
-                .collect();
-            *self.foreign_ids.lock().unwrap_or_else(|p| p.into_inner()) = foreign;
-        }
-        tracing::debug!(
-            dump_us = dumped.as_micros() as u64,
-            model_us = (parsed - dumped).as_micros() as u64,
-            ids_us = (started.elapsed() - parsed).as_micros() as u64,
-            routes = dump.routes.len(),
-            neighbours = dump.neighbours.len(),
-            fdb = dump.fdb.len(),
-            "kernel state read"
-        );
-        Ok((actual, displaced))
+        PendingRead { kernel: self.clone(), nexthops, started, routes, neighbours }
     }
 
     /// Puts back the route of our own subnet `net` on the device holding an address inside
@@ -528,5 +515,78 @@ impl Kernel {
             })
             .map(|n| n.trunc())
             .collect())
+    }
+}
+
+/// A blocking task's result, or its panic as an error.
+fn joined<T>(r: Result<std::io::Result<T>, tokio::task::JoinError>) -> std::io::Result<T> {
+    r.unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
+}
+
+/// The routing half of a read: our nexthops and routes, the displaced own subnets, and
+/// every nexthop id in the kernel (sorted).
+struct RoutesRead {
+    state: KernelState,
+    displaced: Vec<IpNet>,
+    taken: Vec<u32>,
+    count: usize,
+    dumped: std::time::Duration,
+    took: std::time::Duration,
+}
+
+/// The neighbour half of a read: our neighbours and FDB entries.
+struct NeighboursRead {
+    state: KernelState,
+    counts: (usize, usize),
+    dumped: std::time::Duration,
+    took: std::time::Duration,
+}
+
+/// A read of the kernel's state under way ([`Kernel::begin_read`]).
+pub struct PendingRead {
+    kernel: Kernel,
+    nexthops: bool,
+    started: std::time::Instant,
+    routes: tokio::task::JoinHandle<std::io::Result<RoutesRead>>,
+    neighbours: tokio::task::JoinHandle<std::io::Result<NeighboursRead>>,
+}
+
+impl PendingRead {
+    /// Waits for both halves and returns what is ours, as [`Kernel::read_state`] does
+    /// (pointing `desired`'s routes at nexthop objects where they are used).
+    pub async fn finish(self, desired: &mut KernelState) -> Result<(KernelState, Vec<IpNet>), KernelError> {
+        let (routes, neighbours) = tokio::join!(self.routes, self.neighbours);
+        let waited = self.started.elapsed();
+        let routes = joined(routes).map_err(|e| io_error("dump nexthops and routes", e))?;
+        let neighbours = joined(neighbours).map_err(|e| io_error("dump neighbours and FDB entries", e))?;
+        let RoutesRead { state: mut actual, displaced, taken, .. } = routes;
+        (actual.neighbors, actual.fdb) = (neighbours.state.neighbors, neighbours.state.fdb);
+        if self.nexthops {
+            weft_core::plan::assign_nexthops(desired, &actual, &|id| taken.binary_search(&id).is_ok());
+            // Others' ids: those of the dump that are not ours (both lists sorted).
+            let mut ours = actual.nexthops.keys().peekable();
+            let foreign: std::collections::HashSet<u32> = taken
+                .iter()
+                .copied()
+                .filter(|id| {
+                    while ours.next_if(|o| **o < *id).is_some() {}
+                    ours.peek() != Some(&id)
+                })
+                .collect();
+            *self.kernel.foreign_ids.lock().unwrap_or_else(|p| p.into_inner()) = foreign;
+        }
+        tracing::debug!(
+            routes_dump_us = routes.dumped.as_micros() as u64,
+            routes_us = routes.took.as_micros() as u64,
+            neigh_dump_us = neighbours.dumped.as_micros() as u64,
+            neigh_us = neighbours.took.as_micros() as u64,
+            waited_us = waited.as_micros() as u64,
+            ids_us = (self.started.elapsed() - waited).as_micros() as u64,
+            routes = routes.count,
+            neighbours = neighbours.counts.0,
+            fdb = neighbours.counts.1,
+            "kernel state read"
+        );
+        Ok((actual, displaced))
     }
 }

@@ -531,11 +531,27 @@ pub fn neigh_dump(family: AddressFamily) -> Vec<u8> {
 /// Also returns our own subnets whose route was displaced by a route via a gateway on
 /// the external interface (what a hostile lease did before weft validated leases).
 pub fn read_state(dump: &Dump, links: &Links, networks: &[IpNet], own: &[IpNet]) -> (KernelState, Vec<IpNet>) {
+    let (mut state, displaced) = read_routes(&dump.nexthops, &dump.routes, links, networks, own);
+    let neighbours = read_neighbours(&dump.neighbours, &dump.fdb, links);
+    (state.neighbors, state.fdb) = (neighbours.neighbors, neighbours.fdb);
+    (state, displaced)
+}
+
+/// The routing half of [`read_state`]: our nexthop objects and routes (the neighbour and FDB
+/// maps stay empty), and our displaced subnets. Apart from the other half, so that a resync
+/// builds the two on two threads.
+pub fn read_routes(
+    nexthops: &[NexthopEntry],
+    routes: &[RouteEntry],
+    links: &Links,
+    networks: &[IpNet],
+    own: &[IpNet],
+) -> (KernelState, Vec<IpNet>) {
     let mut displaced = Vec::new();
     // Lists built into maps at once (a resync reads every entry; see `plan::Builder`).
     let mut s = weft_core::plan::Builder::default();
     // The kernel dumps nexthops by id; sorted here whatever it did, for binary search.
-    let mut by_id: Vec<&NexthopEntry> = dump.nexthops.iter().collect();
+    let mut by_id: Vec<&NexthopEntry> = nexthops.iter().collect();
     if !by_id.is_sorted_by_key(|n| n.id) {
         by_id.sort_by_key(|n| n.id);
     }
@@ -549,7 +565,7 @@ pub fn read_state(dump: &Dump, links: &Links, networks: &[IpNet], own: &[IpNet])
     }
     const UNICAST: u8 = 1;
     const ONLINK: u32 = 4;
-    for r in &dump.routes {
+    for r in routes {
         if r.table != u32::from(MAIN_TABLE) || r.kind != UNICAST {
             continue;
         }
@@ -582,7 +598,14 @@ pub fn read_state(dump: &Dump, links: &Links, networks: &[IpNet], own: &[IpNet])
         };
         s.routes.push(route);
     }
-    for n in &dump.neighbours {
+    (s.build(), displaced)
+}
+
+/// The neighbour half of [`read_state`]: the neighbours and FDB entries on our vxlan devices
+/// (the route and nexthop maps stay empty).
+pub fn read_neighbours(neighbours: &[NeighEntry], fdb: &[NeighEntry], links: &Links) -> KernelState {
+    let mut s = weft_core::plan::Builder::default();
+    for n in neighbours {
         let Some(link @ (LinkRef::Vxlan4 | LinkRef::Vxlan6)) = links.link(n.ifindex) else { continue };
         let family_ok = match link {
             LinkRef::Vxlan4 => n.family == u8::from(AddressFamily::Inet),
@@ -592,7 +615,7 @@ pub fn read_state(dump: &Dump, links: &Links, networks: &[IpNet], own: &[IpNet])
             s.neighbors.push(((link, ip), mac));
         }
     }
-    for n in &dump.fdb {
+    for n in fdb {
         let Some(link @ (LinkRef::Vxlan4 | LinkRef::Vxlan6)) = links.link(n.ifindex) else { continue };
         if let (Some(mac), Some(dst)) = (n.mac, n.dst)
             && mac != [0; 6]
@@ -600,7 +623,7 @@ pub fn read_state(dump: &Dump, links: &Links, networks: &[IpNet], own: &[IpNet])
             s.fdb.push(((link, mac), dst));
         }
     }
-    (s.build(), displaced)
+    s.build()
 }
 
 #[cfg(test)]
