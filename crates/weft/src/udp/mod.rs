@@ -8,7 +8,7 @@ pub mod fastpath;
 pub mod socket;
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
@@ -293,7 +293,7 @@ impl Udp {
                 (open(false)?, false)
             }
         };
-        let mut sock = Socket::bind(SocketAddrV4::new(bind, port), true)?;
+        let mut sock = Socket::bind(SocketAddrV4::new(bind, port).into(), true)?;
         sock.gso &= !off("udp_gso");
         if off("udp_gro") {
             sock.disable_gro()?;
@@ -437,7 +437,7 @@ impl Udp {
         r.stop.trigger();
         // Wake the receiver with an empty datagram to ourselves (it checks the flag first).
         if let Ok(std::net::SocketAddr::V4(me)) = self.sock.local_addr() {
-            let _ = self.sock.send_each(&[(&[][..], me)]);
+            let _ = self.sock.send_each(&[(&[][..], me.into())]);
         }
         for t in r.threads {
             if t.join().is_err() {
@@ -598,8 +598,10 @@ impl TunToNet {
             }
             self.flush(&mut group);
             if !plain.is_empty() {
-                let batch: Vec<(&[u8], SocketAddrV4)> =
-                    plain.iter().map(|(i, p)| (&bufs[*i][..sizes[*i]], SocketAddrV4::new(*p, self.port))).collect();
+                let batch: Vec<(&[u8], SocketAddr)> = plain
+                    .iter()
+                    .map(|(i, p)| (&bufs[*i][..sizes[*i]], SocketAddrV4::new(*p, self.port).into()))
+                    .collect();
                 if let Err(e) = self.sock.send_each(&batch) {
                     tracing::debug!("udp send: {e}");
                 }
@@ -633,7 +635,7 @@ impl TunToNet {
 
     fn flush(&self, g: &mut Group) {
         if let Some(peer) = g.peer.take() {
-            let to = SocketAddrV4::new(peer, self.port);
+            let to = SocketAddr::V4(SocketAddrV4::new(peer, self.port));
             let r = if g.count == 1 {
                 self.sock.send_each(&[(&g.buf[..], to)])
             } else {

@@ -14,7 +14,6 @@
 
 pub mod kernel;
 pub mod key;
-pub mod socket;
 
 use std::collections::HashMap;
 use std::io;
@@ -40,7 +39,7 @@ use weft_core::lease::SubnetKey;
 use weft_core::wireguard::{Key, Peer};
 
 use crate::metrics::Metrics;
-use socket::{MAX_GSO_SEGMENTS, Socket};
+use crate::udp::socket::{MAX_GSO_SEGMENTS, Socket};
 
 /// Room for one receive: the largest TUN read or GRO-coalesced datagram batch.
 const BIG: usize = 65_536 + VIRTIO_NET_HDR_LEN;
