@@ -9,28 +9,17 @@
 //! kubelet writes, as real Nodes are 5–15 KB). Peer public IPs are in 198.18.0.0/15
 //! (benchmarking range); no packet is sent to them.
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use support::{rss_mib, weft_bin};
 use weft::apiserver::store::WriteOpts;
 use weft::apiserver::{ApiServer, Options, resources};
 use weft::lab::netns::{Lan, Netns, in_netns};
-
-fn weft_bin() -> String {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().join("weft").display().to_string()
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0);
-    kib as f64 / 1024.0
-}
 
 fn count(host: &Netns, program: &str, args: &[&str]) -> usize {
     let v: Value = serde_json::from_str(&host.exec(program, args).unwrap_or_else(|_| "[]".into())).unwrap_or_default();

@@ -14,26 +14,18 @@
 //! ingress on a port, namespace-selector ingress on a named port, egress to an ipBlock with
 //! except plus DNS, and pod+namespace-selector ingress on a port range.
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
+use support::Rng;
 use weft::lab::netns::{Netns, in_netns};
 use weft::netpol::PolicyTable;
 use weft_core::netpol::compile::{Ruleset, compile};
 use weft_core::netpol::model::*;
 use weft_core::netpol::render::render;
-
-/// A small deterministic generator (no dependency, same cluster every run).
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 % n.max(1) as u64) as usize
-    }
-}
 
 fn cluster(pods: usize, policies: usize) -> Cluster {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);

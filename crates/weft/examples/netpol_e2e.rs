@@ -11,27 +11,19 @@
 //!  sudo target/release/examples/netpol_e2e [PODS,... POLICIES,...]` (default
 //! `10,1000,5000 100,1000`; `WEFT_BIN` names another weft binary). Prints a table.
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use support::Rng;
 use weft::apiserver::patch::PatchType;
 use weft::apiserver::store::WriteOpts;
 use weft::apiserver::{ApiServer, Options, resources};
 use weft::lab::netns::{Lan, Netns, in_netns};
-
-/// A small deterministic generator (same cluster every run).
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 % n.max(1) as u64) as usize
-    }
-}
 
 fn res(plural: &str) -> &'static resources::Resource {
     match plural {

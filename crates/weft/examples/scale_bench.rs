@@ -14,12 +14,16 @@
 //! `WEFT_BENCH_HOLD=<s>` keeps the converged daemon running for a profiler.
 //! Peer leases use addresses of 198.18.0.0/15 (benchmarking range); no packet is sent to them.
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::value::RawValue;
+use support::{rss_mib, weft_bin};
 use weft::lab::etcd::Etcd;
 use weft::lab::netns::{Lan, Netns};
 use weft::registry::etcd::{EtcdOptions, EtcdRegistry};
@@ -35,24 +39,6 @@ struct Bench {
     etcd: Etcd,
     host: Netns,
     lan: Lan,
-}
-
-fn weft_bin() -> String {
-    if let Some(b) = std::env::var_os("WEFT_BIN") {
-        return b.to_string_lossy().into_owned();
-    }
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().join("weft").display().to_string()
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0);
-    kib as f64 / 1024.0
 }
 
 fn ms(d: Duration) -> f64 {

@@ -7,6 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::cluster::{Cluster, Daemon, PREFIX, cluster};
+use common::mesh::{Host, assert_full_mesh, host_info, json, ping, routes};
 use common::wait_for;
 use serde_json::Value;
 
@@ -15,59 +16,12 @@ const VXLAN_DR: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan","Di
 const HOST_GW: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}"#;
 const VXLAN_NFT: &str = r#"{"Network":"10.5.0.0/16","EnableNFTables":true,"Backend":{"Type":"vxlan"}}"#;
 
-/// A host's lease as the test sees it.
-#[derive(Debug, Clone)]
-struct Host {
-    /// `10.5.X.0/24`.
-    subnet: String,
-    /// `10.5.X.0`: the vxlan gateway address of the host.
-    base: String,
-    /// `10.5.X.1`: the address the test puts on the host's `cni0` bridge.
-    pod_ip: String,
-    /// `192.0.2.1N`.
-    public_ip: String,
-}
-
-fn json(ns: &weft::lab::netns::Netns, program: &str, args: &[&str]) -> Value {
-    serde_json::from_str(&ns.exec(program, args).unwrap()).unwrap()
-}
-
 /// Starts daemons on all hosts, waits for their subnet files and gives each a `cni0` bridge
 /// holding the first address of its subnet (what the CNI bridge plugin does).
 fn start_all(c: &Cluster, extra: &[&str]) -> (Vec<Daemon>, Vec<Host>) {
     let daemons: Vec<Daemon> = (0..c.hosts.len()).map(|i| c.daemon(i, extra)).collect();
     let hosts = (0..c.hosts.len()).map(|i| host_info(c, i)).collect();
     (daemons, hosts)
-}
-
-fn host_info(c: &Cluster, i: usize) -> Host {
-    let env = c.wait_env(i);
-    let sub = env.lines().find_map(|l| l.strip_prefix("FLANNEL_SUBNET=")).unwrap().to_string();
-    let pod_ip = sub.split('/').next().unwrap().to_string();
-    // strip_suffix, not trim_end_matches: 10.5.1.1 would lose both ".1"s (base 10.5.0).
-    let base = pod_ip.strip_suffix(".1").unwrap_or_else(|| panic!("{pod_ip} is not .1")).to_string() + ".0";
-    let ns = &c.hosts[i];
-    common::cni_bridge(ns, &sub);
-    Host { subnet: format!("{base}/24"), base, pod_ip, public_ip: c.lan.host_ip(i as u8 + 1) }
-}
-
-fn ping(c: &Cluster, from: usize, src: &str, dst: &str) -> bool {
-    c.hosts[from].exec("ping", &["-c", "1", "-W", "1", "-I", src, dst]).is_ok()
-}
-
-fn assert_full_mesh(c: &Cluster, hosts: &[Host]) {
-    for (i, a) in hosts.iter().enumerate() {
-        for b in hosts.iter().filter(|b| b.pod_ip != a.pod_ip) {
-            // The first packet may wait for the peer's route to be programmed.
-            wait_for(Duration::from_secs(5), &format!("ping {} -> {}", a.pod_ip, b.pod_ip), || {
-                ping(c, i, &a.pod_ip, &b.pod_ip).then_some(())
-            });
-        }
-    }
-}
-
-fn routes(c: &Cluster, i: usize) -> Vec<Value> {
-    json(&c.hosts[i], "ip", &["-j", "route", "show", "table", "main"]).as_array().unwrap().clone()
 }
 
 fn route_to<'a>(routes: &'a [Value], dst: &str) -> Option<&'a Value> {

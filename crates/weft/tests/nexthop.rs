@@ -7,6 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::cluster::{Cluster, Daemon, PREFIX, cluster};
+use common::mesh::{Host, assert_full_mesh, host_info, json, ping, routes};
 use common::wait_for;
 use serde_json::Value;
 
@@ -15,49 +16,10 @@ const HOST_GW: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}"
 /// Our nexthops' id range and protocol.
 const FIRST_ID: u64 = 87_000_000;
 
-#[derive(Debug, Clone)]
-struct Host {
-    subnet: String,
-    base: String,
-    pod_ip: String,
-    public_ip: String,
-}
-
-fn json(ns: &weft::lab::netns::Netns, program: &str, args: &[&str]) -> Value {
-    serde_json::from_str(&ns.exec(program, args).unwrap()).unwrap()
-}
-
 fn daemon(c: &Cluster, i: usize, env: &[(&str, &str)]) -> Daemon {
     let endpoints = format!("--etcd-endpoints={}", c.etcd.url());
     let subnet_file = format!("--subnet-file={}", c.env_file(i).display());
     Daemon::start_with_env(&c.hosts[i], &c.dir, &[&endpoints, &subnet_file, "-healthz-port", "8081"], env)
-}
-
-fn host_info(c: &Cluster, i: usize) -> Host {
-    let env = c.wait_env(i);
-    let sub = env.lines().find_map(|l| l.strip_prefix("FLANNEL_SUBNET=")).unwrap().to_string();
-    let pod_ip = sub.split('/').next().unwrap().to_string();
-    let base = pod_ip.strip_suffix(".1").unwrap_or_else(|| panic!("{pod_ip} is not .1")).to_string() + ".0";
-    common::cni_bridge(&c.hosts[i], &sub);
-    Host { subnet: format!("{base}/24"), base, pod_ip, public_ip: c.lan.host_ip(i as u8 + 1) }
-}
-
-fn ping(c: &Cluster, from: usize, src: &str, dst: &str) -> bool {
-    c.hosts[from].exec("ping", &["-c", "1", "-W", "1", "-I", src, dst]).is_ok()
-}
-
-fn assert_full_mesh(c: &Cluster, hosts: &[Host]) {
-    for (i, a) in hosts.iter().enumerate() {
-        for b in hosts.iter().filter(|b| b.pod_ip != a.pod_ip) {
-            wait_for(Duration::from_secs(10), &format!("ping {} -> {}", a.pod_ip, b.pod_ip), || {
-                ping(c, i, &a.pod_ip, &b.pod_ip).then_some(())
-            });
-        }
-    }
-}
-
-fn routes(c: &Cluster, i: usize) -> Vec<Value> {
-    json(&c.hosts[i], "ip", &["-j", "route", "show", "table", "main"]).as_array().unwrap().clone()
 }
 
 fn route_to(c: &Cluster, i: usize, dst: &str) -> Option<Value> {

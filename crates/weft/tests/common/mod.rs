@@ -4,6 +4,7 @@
 pub mod capture;
 pub mod cluster;
 pub mod lab;
+pub mod mesh;
 pub mod scenarios;
 
 use std::time::{Duration, Instant};
