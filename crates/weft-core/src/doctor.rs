@@ -140,6 +140,11 @@ pub struct Facts {
     pub renew_margin: Duration,
     /// The daemon's health port.
     pub health: Option<Health>,
+    /// Whether NetworkPolicy is enforced here (the daemon's `weft_netpol_enabled`, or
+    /// doctor's own `--network-policy`); `None`: the daemon could not be asked.
+    pub policy_enforced: Option<bool>,
+    /// Whether the policy table (`inet weft-netpol`) exists; `None`: `nft` cannot tell.
+    pub policy_table: Option<bool>,
 }
 
 fn check(name: &'static str, status: Status, message: impl Into<String>, fix: impl Into<String>) -> Check {
@@ -162,7 +167,41 @@ pub fn checks(f: &Facts) -> Vec<Check> {
     out.push(subnet_env(f));
     out.push(store(f));
     out.push(daemon(f));
+    out.push(network_policy(f));
     out
+}
+
+fn network_policy(f: &Facts) -> Check {
+    const NAME: &str = "network_policy";
+    let table = "the policy table inet weft-netpol";
+    match (f.policy_enforced, f.policy_table) {
+        (Some(true), Some(true)) => ok(NAME, format!("NetworkPolicy is enforced; {table} is in place")),
+        (Some(true), Some(false)) => check(
+            NAME,
+            Status::Problem,
+            format!("NetworkPolicy is enforced but {table} is missing: pods selected by a policy are not isolated"),
+            "see the daemon's log for nft errors and whether something flushes the ruleset (nft flush ruleset, a firewall service); the daemon puts the table back on its next resync, a restart does at once",
+        ),
+        (Some(true), None) => check(
+            NAME,
+            Status::Problem,
+            "NetworkPolicy is enforced but nft cannot tell whether the policy table exists",
+            "run doctor as root, and install nftables if nft is missing (the daemon needs it to enforce NetworkPolicy)",
+        ),
+        (Some(false), Some(true)) => check(
+            NAME,
+            Status::Warning,
+            format!(
+                "{table} is present but the daemon does not enforce NetworkPolicy: its rules are a leftover that still filters pod traffic"
+            ),
+            "restart the daemon (it removes a leftover table at start), or run weft cleanup, or enforce policy with --network-policy",
+        ),
+        (None, Some(true)) => ok(
+            NAME,
+            format!("{table} is present; whether the daemon enforces NetworkPolicy is unknown (see the daemon check)"),
+        ),
+        (_, _) => ok(NAME, "NetworkPolicy is not enforced here, and there is no policy table"),
+    }
 }
 
 fn forwarding(f: &Facts) -> Check {
@@ -602,6 +641,24 @@ mod tests {
             ),
             ("daemon", Status::Warning, Box::new(|f| f.health = Some(Health::Off)), "--healthz-port"),
             (
+                "network_policy",
+                Status::Problem,
+                Box::new(|f| (f.policy_enforced, f.policy_table) = (Some(true), Some(false))),
+                "inet weft-netpol is missing",
+            ),
+            (
+                "network_policy",
+                Status::Problem,
+                Box::new(|f| (f.policy_enforced, f.policy_table) = (Some(true), None)),
+                "install nftables",
+            ),
+            (
+                "network_policy",
+                Status::Warning,
+                Box::new(|f| (f.policy_enforced, f.policy_table) = (Some(false), Some(true))),
+                "a leftover",
+            ),
+            (
                 "daemon",
                 Status::Problem,
                 Box::new(|f| {
@@ -624,6 +681,21 @@ mod tests {
             assert!(!text.ends_with("| "), "{name} has a fix");
             let all = checks(&f);
             assert_eq!(exit_code(&all), if status == Status::Problem { 2 } else { 1 }, "{}", render(&all));
+        }
+    }
+
+    #[test]
+    fn policy_enforced_with_its_table_or_off_without_one_is_ok() {
+        for (enforced, table) in [
+            (Some(true), Some(true)),
+            (Some(false), Some(false)),
+            (Some(false), None),
+            (None, None),
+            (None, Some(true)),
+        ] {
+            let mut f = healthy();
+            (f.policy_enforced, f.policy_table) = (enforced, table);
+            assert_eq!(status_of(&f, "network_policy").0, Status::Ok, "{enforced:?} {table:?}");
         }
     }
 

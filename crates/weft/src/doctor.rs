@@ -170,12 +170,13 @@ pub(crate) fn health_addr(opts: &DaemonOptions) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip, opts.healthz_port))
 }
 
-async fn health(opts: &DaemonOptions) -> Health {
-    let Some(addr) = health_addr(opts) else { return Health::Off };
+/// The daemon's answers, and whether it enforces NetworkPolicy (`None`: not asked).
+async fn health(opts: &DaemonOptions) -> (Health, Option<bool>) {
+    let Some(addr) = health_addr(opts) else { return (Health::Off, None) };
     let healthz = match http_get(addr, "/healthz").await {
         Ok((200, _)) => Ok(()),
         Ok((_, body)) => Err(body.trim().to_string()),
-        Err(e) => return Health::Unreachable(e),
+        Err(e) => return (Health::Unreachable(e), None),
     };
     let ready = matches!(http_get(addr, "/readyz").await, Ok((200, _)));
     let metrics = http_get(addr, "/metrics").await.map(|(_, b)| b).unwrap_or_default();
@@ -184,7 +185,8 @@ async fn health(opts: &DaemonOptions) -> Health {
         .filter(|ms| *ms > 0.0)
         .map(|ms| Duration::from_millis((now_ms - ms).max(0.0) as u64));
     let reconciles = metric(&metrics, "weft_reconciles_total").map(|v| v as u64);
-    Health::Answered { healthz, ready, main_loop_age, reconciles }
+    let policy = metric(&metrics, "weft_netpol_enabled").map(|v| v == 1.0);
+    (Health::Answered { healthz, ready, main_loop_age, reconciles }, policy)
 }
 
 fn describe(ops: &plan::Ops, actual: &plan::KernelState) -> DataPlaneDiff {
@@ -221,6 +223,7 @@ fn describe(ops: &plan::Ops, actual: &plan::KernelState) -> DataPlaneDiff {
 
 /// Gathers every fact; never fails (what cannot be read is `None` and named by its check).
 pub async fn gather(opts: &DaemonOptions, bridge: &str) -> Facts {
+    let (health, policy_enforced) = health(opts).await;
     let mut f = Facts {
         renew_margin: Duration::from_secs(opts.renew_margin_minutes * 60),
         ip_forward: sysctl("net/ipv4/ip_forward").map(|v| v == 1),
@@ -229,7 +232,10 @@ pub async fn gather(opts: &DaemonOptions, bridge: &str) -> Facts {
         kernel: kernel_version(),
         legacy_chains: flannel_chains("iptables-legacy-save").await,
         nft_chains: flannel_chains("iptables-nft-save").await,
-        health: Some(health(opts).await),
+        health: Some(health),
+        // doctor's own --network-policy says so too (the daemon may not run yet).
+        policy_enforced: if opts.network_policy { Some(true) } else { policy_enforced },
+        policy_table: crate::netpol::table_state().await,
         ..Facts::default()
     };
     if let Some(p) = crate::daemon::subnet_file::read_previous(&opts.subnet_file) {

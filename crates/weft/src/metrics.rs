@@ -86,6 +86,8 @@ pub struct Metrics {
     pub wg_path: Family<Labels, Gauge>,
     /// wireguard peers configured.
     pub wg_peers: Gauge,
+    /// 1 when this daemon enforces NetworkPolicy (`weft doctor` reads it).
+    pub netpol_enabled: Gauge,
     /// NetworkPolicy `nft` transactions run (changes and drift repairs).
     pub netpol_transactions: Counter,
     /// NetworkPolicies known (all namespaces).
@@ -132,6 +134,7 @@ impl Metrics {
             wg_drops: Family::default(),
             wg_path: Family::default(),
             wg_peers: Gauge::default(),
+            netpol_enabled: Gauge::default(),
             netpol_transactions: Counter::default(),
             netpol_policies: Gauge::default(),
             netpol_policy_errors: Gauge::default(),
@@ -204,6 +207,7 @@ impl Metrics {
             "Unix time (ms) the daemon main loop last ran",
             m.main_loop_ms.clone(),
         );
+        registry.register("weft_netpol_enabled", "1 when this daemon enforces NetworkPolicy", m.netpol_enabled.clone());
         registry.register(
             "weft_netpol_transactions",
             "NetworkPolicy nft transactions run (changes and drift repairs)",

@@ -229,7 +229,18 @@ async fn nft(args: &[&str], stdin: Option<&str>) -> Result<String, FirewallError
 
 /// Whether the policy table exists in the kernel (`false` too when `nft` cannot run).
 pub async fn table_present() -> bool {
-    nft(&["list", "table", TABLE_FAMILY, TABLE], None).await.is_ok()
+    table_state().await == Some(true)
+}
+
+/// Whether the policy table exists in the kernel; `None` when `nft` cannot tell (not
+/// installed, not root, timed out).
+pub async fn table_state() -> Option<bool> {
+    match nft(&["list", "table", TABLE_FAMILY, TABLE], None).await {
+        Ok(_) => Some(true),
+        // ENOENT: nft's answer for a table that does not exist.
+        Err(FirewallError::Failed { stderr, .. }) if stderr.contains("No such file or directory") => Some(false),
+        Err(_) => None,
+    }
 }
 
 /// The table's outline: `nft -t list table` (chains, rules and set declarations, no

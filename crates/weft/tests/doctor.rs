@@ -112,6 +112,12 @@ fn doctor_names_each_broken_condition_and_passes_a_healthy_host() {
     expect(h1, &flags, "iptables_backends", "problem", "iptables-legacy (FLANNEL-POSTRTG)");
     sh(h1, "iptables-legacy -w -t nat -X FLANNEL-POSTRTG");
 
+    // A policy table while the daemon does not enforce NetworkPolicy (its metrics say
+    // weft_netpol_enabled 0): a leftover that still filters pod traffic.
+    sh(h1, "nft add table inet weft-netpol");
+    expect(h1, &flags, "network_policy", "warning", "a leftover");
+    sh(h1, "nft delete table inet weft-netpol");
+
     // subnet.env naming another subnet than our lease.
     let env_path = c.env_file(0);
     std::fs::write(&env_path, env1.replace(&own_addr, "10.244.250.1/24")).unwrap();
@@ -126,8 +132,15 @@ fn doctor_names_each_broken_condition_and_passes_a_healthy_host() {
     expect(h1, &flags, "dataplane", "problem", &format!("missing: route {peer_net}"));
     sh(h1, &format!("ip neigh replace {peer_vtep} lladdr 02:00:00:00:00:01 dev flannel.1 nud permanent"));
     expect(h1, &flags, "dataplane", "problem", "has 02:00:00:00:00:01 instead of");
-    sh(h1, "ip route add 10.244.77.0/24 via 10.244.77.0 dev flannel.1 onlink proto 87");
-    expect(h1, &flags, "dataplane", "problem", "stale: route 10.244.77.0/24");
+    // In neither host's subnet (h1's own would collide with its bridge's route).
+    let stale = (2..=254u8)
+        .rev()
+        .map(|x| format!("10.244.{x}.0/24"))
+        .find(|n| *n != peer_net && !own_addr.starts_with(&n[..n.len() - 4]))
+        .unwrap();
+    let stale_gw = stale.trim_end_matches("/24").to_string();
+    sh(h1, &format!("ip route add {stale} via {stale_gw} dev flannel.1 onlink proto 87"));
+    expect(h1, &flags, "dataplane", "problem", &format!("stale: route {stale}"));
     // The frozen daemon itself does not answer its health port.
     expect(h1, &flags, "daemon", "problem", "does not answer on its health port");
     d1.signal(libc::SIGCONT);

@@ -282,6 +282,8 @@ fn policies_labels_and_faults_through_the_api_server_reach_the_kernel() {
     assert_eq!(w.metric(0, "weft_netpol_transactions_total"), Some(before), "h1 ran a transaction for h2's pods");
     assert!(w.metric(1, "weft_netpol_transactions_total").unwrap() >= 2.0);
     assert_eq!(w.metric(0, "weft_netpol_policies"), Some(3.0));
+    // What `weft doctor` reads to know that a missing table is a problem here.
+    assert_eq!(w.metric(0, "weft_netpol_enabled"), Some(1.0));
 
     // Drift: the table deleted by hand is repaired within seconds.
     w.hosts[0].exec("nft", &["delete", "table", "inet", "weft-netpol"]).unwrap();
@@ -339,6 +341,7 @@ fn policies_labels_and_faults_through_the_api_server_reach_the_kernel() {
     // The daemon removes the table and then logs it: wait for both, the log line last.
     wait_for(CHANGE, "the table removed by a daemon without --network-policy", || w.table(0).is_none().then_some(()));
     wait_for(CHANGE, "the removal logged", || d1.log().contains("removed the policy table").then_some(()));
+    assert_eq!(w.metric(0, "weft_netpol_enabled"), Some(0.0), "no policy enforced now");
     expect("overlay without policy on h1", &[(&c, &a, true), (&a, &c, true), (&c, &d, false)]);
     d1.signal(libc::SIGTERM);
     d1.wait_exit(Duration::from_secs(15));

@@ -153,9 +153,12 @@ fn vxlan_routes_go_through_nexthops_survive_a_restart_and_are_repaired() {
     wait_for(Duration::from_secs(10), "the departed peer's route and nexthop to go", || {
         (route_to(&c, 0, &hosts[2].subnet).is_none() && ours(&c, 0).len() == 1).then_some(())
     });
-    // A stale nexthop of ours (left by a crash) is removed.
+    // A stale nexthop of ours (left by a crash) is removed. Its gateway is in no host's
+    // subnet: h1's own 10.5.X.0 is a local address, which the kernel refuses as a gateway.
+    let stale_gw =
+        (2..=254u8).rev().map(|x| format!("10.5.{x}.0")).find(|g| hosts.iter().all(|h| h.base != *g)).unwrap();
     c.hosts[0]
-        .ip(&["nexthop", "add", "id", "87000900", "via", "10.5.77.0", "dev", "flannel.1", "onlink", "proto", "87"])
+        .ip(&["nexthop", "add", "id", "87000900", "via", &stale_gw, "dev", "flannel.1", "onlink", "proto", "87"])
         .unwrap();
     wait_for(Duration::from_secs(15), "the stale nexthop to go", || {
         (!ours(&c, 0).iter().any(|n| n["id"] == 87_000_900)).then_some(())

@@ -287,6 +287,7 @@ async fn run_with<R: Registry>(
     let firewall_kick = Arc::new(Notify::new());
     let (reconciled, _policy) = match policy {
         Some(source) => {
+            metrics.netpol_enabled.set(1);
             let (applied_tx, mut applied) = watch::channel(false);
             let kick = Arc::new(Notify::new());
             let task = netpol::spawn(
