@@ -18,7 +18,7 @@ use rtnetlink::Handle;
 use weft_core::plan::{KernelState, LinkRef, NEXTHOP_IDS, Ops, Route};
 
 use self::batch::{Batcher, CREATE_EXCL, CREATE_REPLACE, Refusal, Requests};
-pub use self::translate::{Dump, Links, NexthopEntry, WEFT_PROTOCOL};
+pub use self::translate::{Links, NexthopEntry, WEFT_PROTOCOL};
 
 /// Set to `off` (or `0`, `false`, `no`), weft programs flannel's plain routes even where the
 /// kernel has nexthop objects.
@@ -104,15 +104,7 @@ impl Kernel {
         &self,
         f: impl FnOnce(&mut Batcher) -> std::io::Result<T> + Send + 'static,
     ) -> std::io::Result<T> {
-        Self::with_slot(self.batcher.clone(), f).await
-    }
-
-    /// Runs `f` with the sender in `slot` (opened on first use) on a blocking thread.
-    async fn with_slot<T: Send + 'static>(
-        slot: Arc<Mutex<Option<Batcher>>>,
-        f: impl FnOnce(&mut Batcher) -> std::io::Result<T> + Send + 'static,
-    ) -> std::io::Result<T> {
-        joined(Self::spawn_on(slot, f).await)
+        joined(Self::spawn_on(self.batcher.clone(), f).await)
     }
 
     /// Starts `f` with the sender in `slot` (opened on first use) on a blocking thread now.
@@ -147,19 +139,7 @@ impl Kernel {
 
     /// Every nexthop object in the kernel (ours and others').
     pub async fn dump_nexthops(&self) -> Result<Vec<NexthopEntry>, KernelError> {
-        self.with_batcher(|b| {
-            let mut out = Vec::new();
-            b.dump(translate::RTM_GETNEXTHOP, &translate::nexthop_dump(), |t, p| {
-                if t == translate::RTM_NEWNEXTHOP
-                    && let Some(e) = translate::parse_nexthop(p)
-                {
-                    out.push(e);
-                }
-            })?;
-            Ok(out)
-        })
-        .await
-        .map_err(|e| io_error("dump nexthops", e))
+        self.with_batcher(dump_nexthops_on).await.map_err(|e| io_error("dump nexthops", e))
     }
 
     /// Deletes every nexthop object of ours (protocol 87; the kernel removes the routes
@@ -266,60 +246,50 @@ impl Kernel {
         // Raw dumps parsed in place: a resync reads every route, neighbour and FDB entry.
         let routes = Self::spawn_on(self.batcher.clone(), move |b| {
             let t = std::time::Instant::now();
-            let mut dump = Dump::default();
-            let nh = b.dump(translate::RTM_GETNEXTHOP, &translate::nexthop_dump(), |t, p| {
-                if t == translate::RTM_NEWNEXTHOP
-                    && let Some(e) = translate::parse_nexthop(p)
-                {
-                    dump.nexthops.push(e);
-                }
-            });
-            match nh {
-                Ok(()) => {}
+            let all_nexthops = match dump_nexthops_on(b) {
+                Ok(n) => n,
                 Err(e) if nexthops => return Err(std::io::Error::new(e.kind(), format!("dump nexthops: {e}"))),
                 // Also with nexthops off: ours from an earlier run are then found and removed.
-                Err(_) => dump.nexthops.clear(),
-            }
+                Err(_) => Vec::new(),
+            };
+            let mut routes = Vec::new();
             for family in [AddressFamily::Inet, AddressFamily::Inet6] {
-                b.dump(RTM_GETROUTE, &translate::route_dump(family), |t, p| {
-                    if t == RTM_NEWROUTE
-                        && let Some(r) = translate::parse_route(p)
-                    {
-                        dump.routes.push(r);
-                    }
-                })?;
+                dump_parsed(
+                    b,
+                    RTM_GETROUTE,
+                    &translate::route_dump(family),
+                    RTM_NEWROUTE,
+                    translate::parse_route,
+                    &mut routes,
+                )?;
             }
             let dumped = t.elapsed();
-            let (state, displaced) = translate::read_routes(&dump.nexthops, &dump.routes, &l, &networks, &own);
+            let (state, displaced) = translate::read_routes(&all_nexthops, &routes, &l, &networks, &own);
             // Every id in the kernel, sorted (the dump comes by id): searched, not hashed.
-            let mut taken: Vec<u32> = dump.nexthops.iter().map(|n| n.id).collect();
+            let mut taken: Vec<u32> = all_nexthops.iter().map(|n| n.id).collect();
             taken.sort_unstable();
-            Ok(RoutesRead { state, displaced, taken, count: dump.routes.len(), dumped, took: t.elapsed() })
+            Ok(RoutesRead { state, displaced, taken, count: routes.len(), dumped, took: t.elapsed() })
         });
         let neighbours = Self::spawn_on(self.dumper.clone(), move |b| {
             let t = std::time::Instant::now();
-            let mut dump = Dump::default();
+            let (mut neighbours, mut fdb) = (Vec::new(), Vec::new());
             for family in want_neigh {
-                b.dump(RTM_GETNEIGH, &translate::neigh_dump(family), |t, p| {
-                    if t == RTM_NEWNEIGH
-                        && let Some(n) = translate::parse_neigh(p)
-                    {
-                        dump.neighbours.push(n);
-                    }
-                })?;
+                dump_parsed(
+                    b,
+                    RTM_GETNEIGH,
+                    &translate::neigh_dump(family),
+                    RTM_NEWNEIGH,
+                    translate::parse_neigh,
+                    &mut neighbours,
+                )?;
             }
             if want_fdb {
-                b.dump(RTM_GETNEIGH, &translate::neigh_dump(AddressFamily::Bridge), |t, p| {
-                    if t == RTM_NEWNEIGH
-                        && let Some(n) = translate::parse_neigh(p)
-                    {
-                        dump.fdb.push(n);
-                    }
-                })?;
+                let payload = translate::neigh_dump(AddressFamily::Bridge);
+                dump_parsed(b, RTM_GETNEIGH, &payload, RTM_NEWNEIGH, translate::parse_neigh, &mut fdb)?;
             }
             let dumped = t.elapsed();
-            let state = translate::read_neighbours(&dump.neighbours, &dump.fdb, &l);
-            Ok(NeighboursRead { state, counts: (dump.neighbours.len(), dump.fdb.len()), dumped, took: t.elapsed() })
+            let state = translate::read_neighbours(&neighbours, &fdb, &l);
+            Ok(NeighboursRead { state, counts: (neighbours.len(), fdb.len()), dumped, took: t.elapsed() })
         });
         PendingRead { kernel: self.clone(), nexthops, started, routes, neighbours }
     }
@@ -516,6 +486,39 @@ impl Kernel {
             .map(|n| n.trunc())
             .collect())
     }
+}
+
+/// Dumps `kind` with `payload` on `b` and appends every answer of type `answer` that `parse`
+/// reads to `out`.
+fn dump_parsed<T>(
+    b: &mut Batcher,
+    kind: u16,
+    payload: &[u8],
+    answer: u16,
+    parse: impl Fn(&[u8]) -> Option<T>,
+    out: &mut Vec<T>,
+) -> std::io::Result<()> {
+    b.dump(kind, payload, |t, p| {
+        if t == answer
+            && let Some(e) = parse(p)
+        {
+            out.push(e);
+        }
+    })
+}
+
+/// Every nexthop object in the kernel, dumped on `b`.
+fn dump_nexthops_on(b: &mut Batcher) -> std::io::Result<Vec<NexthopEntry>> {
+    let mut out = Vec::new();
+    dump_parsed(
+        b,
+        translate::RTM_GETNEXTHOP,
+        &translate::nexthop_dump(),
+        translate::RTM_NEWNEXTHOP,
+        translate::parse_nexthop,
+        &mut out,
+    )?;
+    Ok(out)
 }
 
 /// A blocking task's result, or its panic as an error.

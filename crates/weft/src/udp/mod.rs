@@ -436,8 +436,8 @@ impl Udp {
         let Some(r) = self.running.take() else { return };
         r.stop.trigger();
         // Wake the receiver with an empty datagram to ourselves (it checks the flag first).
-        if let Ok(std::net::SocketAddr::V4(me)) = self.sock.local_addr() {
-            let _ = self.sock.send_each(&[(&[][..], me.into())]);
+        if let Ok(me) = self.sock.local_addr() {
+            let _ = self.sock.send_to(&[], me);
         }
         for t in r.threads {
             if t.join().is_err() {
