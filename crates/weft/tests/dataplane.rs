@@ -7,22 +7,16 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::cluster::{Cluster, Daemon, PREFIX, cluster};
-use common::mesh::{Host, assert_full_mesh, host_info, json, ping, routes};
+use common::mesh::{Host, assert_full_mesh, host_info, json, ping, routes, start_all};
 use common::wait_for;
 use serde_json::Value;
 
 const VXLAN: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#;
 const VXLAN_DR: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan","DirectRouting":true}}"#;
 const HOST_GW: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}"#;
+/// How long each pair of hosts may take to reach each other after a change.
+const MESH: Duration = Duration::from_secs(5);
 const VXLAN_NFT: &str = r#"{"Network":"10.5.0.0/16","EnableNFTables":true,"Backend":{"Type":"vxlan"}}"#;
-
-/// Starts daemons on all hosts, waits for their subnet files and gives each a `cni0` bridge
-/// holding the first address of its subnet (what the CNI bridge plugin does).
-fn start_all(c: &Cluster, extra: &[&str]) -> (Vec<Daemon>, Vec<Host>) {
-    let daemons: Vec<Daemon> = (0..c.hosts.len()).map(|i| c.daemon(i, extra)).collect();
-    let hosts = (0..c.hosts.len()).map(|i| host_info(c, i)).collect();
-    (daemons, hosts)
-}
 
 fn route_to<'a>(routes: &'a [Value], dst: &str) -> Option<&'a Value> {
     routes.iter().find(|r| r["dst"] == dst)
@@ -114,7 +108,7 @@ fn vxlan_programs_the_kernel_as_flannel_and_keeps_it_right() {
         )
     );
     assert!(c.wait_env(0).contains("FLANNEL_MTU=1450\n"));
-    assert_full_mesh(&c, &hosts);
+    assert_full_mesh(&c, &hosts, MESH);
     for i in 0..3 {
         let peers: Vec<(&Host, String)> = (0..3).filter(|j| *j != i).map(|j| (&hosts[j], macs[j].clone())).collect();
         wait_for(Duration::from_secs(5), "a converged kernel", || {
@@ -225,7 +219,7 @@ fn vxlan_programs_the_kernel_as_flannel_and_keeps_it_right() {
 fn vxlan_direct_routing_routes_lan_peers_directly() {
     let c = cluster("vdr", 2, VXLAN_DR);
     let (_daemons, hosts) = start_all(&c, &[]);
-    assert_full_mesh(&c, &hosts);
+    assert_full_mesh(&c, &hosts, MESH);
     let r =
         wait_for(Duration::from_secs(5), "the direct route", || route_to(&routes(&c, 0), &hosts[1].subnet).cloned());
     assert_eq!(r["gateway"], hosts[1].public_ip.as_str());
@@ -246,7 +240,7 @@ fn host_gw_routes_via_peer_public_ips() {
         value.trim(),
         format!(r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"host-gw"}}"#, hosts[1].public_ip)
     );
-    assert_full_mesh(&c, &hosts);
+    assert_full_mesh(&c, &hosts, MESH);
     for i in 0..3 {
         let rts = routes(&c, i);
         for (j, p) in hosts.iter().enumerate().filter(|(j, _)| *j != i) {
@@ -271,7 +265,7 @@ fn host_gw_routes_via_peer_public_ips() {
 fn a_daemon_restart_keeps_traffic_flowing_and_cleans_up_vanished_peers() {
     let c = cluster("rst", 3, VXLAN);
     let (mut daemons, hosts) = start_all(&c, &[]);
-    assert_full_mesh(&c, &hosts);
+    assert_full_mesh(&c, &hosts, MESH);
     let mac = vtep_mac(&c, 1);
     let subnet = c.wait_env(1);
     // A ping stream from host 1 to host 2's pod address while host 2's daemon is killed
@@ -350,7 +344,7 @@ fn a_daemon_restart_keeps_traffic_flowing_and_cleans_up_vanished_peers() {
 fn nftables_mode_installs_flannels_tables_and_keeps_them() {
     let c = cluster("nft", 2, VXLAN_NFT);
     let (mut daemons, hosts) = start_all(&c, &["--ip-masq", "--iptables-resync=1"]);
-    assert_full_mesh(&c, &hosts);
+    assert_full_mesh(&c, &hosts, MESH);
     let (net, pod) = ("10.5.0.0/16", hosts[0].subnet.as_str());
     let golden = format!(
         "table ip flannel-ipv4 {{\n\tchain postrtg {{\n\t\tcomment \"chain to manage traffic masquerading by flannel\"\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\t\tmeta mark 0x00004000 return\n\t\tip saddr {pod} ip daddr {net} return\n\t\tip saddr {net} ip daddr {pod} return\n\t\tip saddr != {pod} ip daddr {net} return\n\t\tip saddr {net} ip daddr != 224.0.0.0/4 masquerade fully-random\n\t\tip saddr != {net} ip daddr {net} masquerade fully-random\n\t}}\n}}\n"
@@ -480,7 +474,7 @@ fn dual_stack_vxlan_programs_both_families() {
 fn kernel_events_about_things_weft_does_not_own_cause_no_pass() {
     let c = cluster("dqu", 2, VXLAN);
     let (_daemons, hosts) = start_all(&c, &[]);
-    assert_full_mesh(&c, &hosts);
+    assert_full_mesh(&c, &hosts, MESH);
     let h = &c.hosts[0];
     let dir = tempfile::tempdir().unwrap();
     let batch = dir.path().join("churn");

@@ -118,10 +118,18 @@ fn doctor_names_each_broken_condition_and_passes_a_healthy_host() {
     expect(h1, &flags, "network_policy", "warning", "a leftover");
     sh(h1, "nft delete table inet weft-netpol");
 
+    // A /24 that is neither host's lease (the leases are random: a fixed one would sometimes
+    // be h1's own, and h1's own subnet cannot stand in for another or carry a stale route).
+    let spare = (2..=254u8)
+        .rev()
+        .map(|x| format!("10.244.{x}"))
+        .find(|p| peer_net != format!("{p}.0/24") && own_addr != format!("{p}.1/24"))
+        .unwrap();
+
     // subnet.env naming another subnet than our lease.
     let env_path = c.env_file(0);
-    std::fs::write(&env_path, env1.replace(&own_addr, "10.244.250.1/24")).unwrap();
-    expect(h1, &flags, "subnet_env", "problem", "FLANNEL_SUBNET is 10.244.250.0/24 but our lease is");
+    std::fs::write(&env_path, env1.replace(&own_addr, &format!("{spare}.1/24"))).unwrap();
+    expect(h1, &flags, "subnet_env", "problem", &format!("FLANNEL_SUBNET is {spare}.0/24 but our lease is"));
     std::fs::write(&env_path, &env1).unwrap();
 
     // The data plane: with the daemon frozen (so it repairs nothing), a missing route, a
@@ -132,15 +140,8 @@ fn doctor_names_each_broken_condition_and_passes_a_healthy_host() {
     expect(h1, &flags, "dataplane", "problem", &format!("missing: route {peer_net}"));
     sh(h1, &format!("ip neigh replace {peer_vtep} lladdr 02:00:00:00:00:01 dev flannel.1 nud permanent"));
     expect(h1, &flags, "dataplane", "problem", "has 02:00:00:00:00:01 instead of");
-    // In neither host's subnet (h1's own would collide with its bridge's route).
-    let stale = (2..=254u8)
-        .rev()
-        .map(|x| format!("10.244.{x}.0/24"))
-        .find(|n| *n != peer_net && !own_addr.starts_with(&n[..n.len() - 4]))
-        .unwrap();
-    let stale_gw = stale.trim_end_matches("/24").to_string();
-    sh(h1, &format!("ip route add {stale} via {stale_gw} dev flannel.1 onlink proto 87"));
-    expect(h1, &flags, "dataplane", "problem", &format!("stale: route {stale}"));
+    sh(h1, &format!("ip route add {spare}.0/24 via {spare}.0 dev flannel.1 onlink proto 87"));
+    expect(h1, &flags, "dataplane", "problem", &format!("stale: route {spare}.0/24"));
     // The frozen daemon itself does not answer its health port.
     expect(h1, &flags, "daemon", "problem", "does not answer on its health port");
     d1.signal(libc::SIGCONT);

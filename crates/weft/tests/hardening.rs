@@ -6,61 +6,14 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::cluster::{Cluster, Daemon, PREFIX, cluster};
+use common::cluster::{Cluster, PREFIX, cluster};
+use common::mesh::{Host, assert_full_mesh, host_info, ping, routes, start_all};
 use common::wait_for;
 use serde_json::Value;
 
 const HOST_GW: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}"#;
 const VXLAN: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#;
 const UDP: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"udp"}}"#;
-
-/// A host's lease as the test sees it.
-#[derive(Debug, Clone)]
-struct Host {
-    /// `10.5.X.0/24`.
-    subnet: String,
-    /// `10.5.X.1`: the address on the host's `cni0` bridge.
-    pod_ip: String,
-}
-
-fn json(ns: &weft::lab::netns::Netns, program: &str, args: &[&str]) -> Value {
-    serde_json::from_str(&ns.exec(program, args).unwrap()).unwrap()
-}
-
-/// Waits for host `i`'s subnet file and gives it a `cni0` bridge holding the first address of
-/// its subnet (what the CNI bridge plugin does), which makes the kernel's connected route.
-fn host_info(c: &Cluster, i: usize) -> Host {
-    let env = c.wait_env(i);
-    let sub = env.lines().find_map(|l| l.strip_prefix("FLANNEL_SUBNET=")).unwrap().to_string();
-    let pod_ip = sub.split('/').next().unwrap().to_string();
-    let ns = &c.hosts[i];
-    common::cni_bridge(ns, &sub);
-    Host { subnet: sub.replace(".1/24", ".0/24"), pod_ip }
-}
-
-fn start_all(c: &Cluster, extra: &[&str]) -> (Vec<Daemon>, Vec<Host>) {
-    let daemons: Vec<Daemon> = (0..c.hosts.len()).map(|i| c.daemon(i, extra)).collect();
-    let hosts = (0..c.hosts.len()).map(|i| host_info(c, i)).collect();
-    (daemons, hosts)
-}
-
-fn ping(c: &Cluster, from: usize, src: &str, dst: &str) -> bool {
-    c.hosts[from].exec("ping", &["-c", "1", "-W", "1", "-I", src, dst]).is_ok()
-}
-
-fn assert_full_mesh(c: &Cluster, hosts: &[Host], limit: Duration) {
-    for (i, a) in hosts.iter().enumerate() {
-        for b in hosts.iter().filter(|b| b.pod_ip != a.pod_ip) {
-            wait_for(limit, &format!("ping {} -> {}", a.pod_ip, b.pod_ip), || {
-                ping(c, i, &a.pod_ip, &b.pod_ip).then_some(())
-            });
-        }
-    }
-}
-
-fn routes(c: &Cluster, i: usize) -> Vec<Value> {
-    json(&c.hosts[i], "ip", &["-j", "route", "show", "table", "main"]).as_array().unwrap().clone()
-}
 
 fn route_to(c: &Cluster, i: usize, dst: &str) -> Option<Value> {
     routes(c, i).into_iter().find(|r| r["dst"] == dst)

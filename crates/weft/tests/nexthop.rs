@@ -88,7 +88,7 @@ fn vxlan_routes_go_through_nexthops_survive_a_restart_and_are_repaired() {
         })
         .collect();
     assert_eq!(ours(&c, 0).len(), 2, "one nexthop per peer: {:?}", ours(&c, 0));
-    assert_full_mesh(&c, &hosts);
+    assert_full_mesh(&c, &hosts, Duration::from_secs(10));
     let foreign = |c: &Cluster| {
         let nh = nexthops(c, 0).into_iter().find(|n| n["id"] == 5);
         let r = route_to(c, 0, "10.5.250.0/24");
@@ -180,7 +180,7 @@ fn plain_routes_when_nexthops_are_off_and_the_two_forms_replace_each_other_in_pl
         });
     }
     assert!(ours(&c, 0).is_empty(), "no nexthop objects with WEFT_NEXTHOPS=off: {:?}", ours(&c, 0));
-    assert_full_mesh(&c, &hosts);
+    assert_full_mesh(&c, &hosts, Duration::from_secs(10));
     let dev = route_to(&c, 0, &hosts[1].subnet).unwrap()["dev"].as_str().unwrap().to_string();
 
     // Restarted with nexthops on: the plain routes are replaced by routes through nexthops.
@@ -193,7 +193,7 @@ fn plain_routes_when_nexthops_are_off_and_the_two_forms_replace_each_other_in_pl
         });
     }
     assert_eq!(ours(&c, 0).len(), 2);
-    assert_full_mesh(&c, &hosts);
+    assert_full_mesh(&c, &hosts, Duration::from_secs(10));
 
     // And back: plain routes again, our nexthops deleted.
     daemons[0].signal(libc::SIGTERM);
@@ -203,6 +203,6 @@ fn plain_routes_when_nexthops_are_off_and_the_two_forms_replace_each_other_in_pl
         ([1, 2].iter().all(|&p| plain_route(&c, 0, &hosts[p], &hosts[p].public_ip)) && ours(&c, 0).is_empty())
             .then_some(())
     });
-    assert_full_mesh(&c, &hosts);
+    assert_full_mesh(&c, &hosts, Duration::from_secs(10));
     drop(daemons);
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::cluster::Cluster;
+use super::cluster::{Cluster, Daemon};
 use super::wait_for;
 
 /// A host's lease as the test sees it.
@@ -39,6 +39,14 @@ pub fn host_info(c: &Cluster, i: usize) -> Host {
     Host { subnet: format!("{base}/24"), base, pod_ip, public_ip: c.lan.host_ip(i as u8 + 1) }
 }
 
+/// Starts a daemon on every host (with `extra` flags) and reads each host's lease, giving
+/// it its `cni0` bridge ([`host_info`]).
+pub fn start_all(c: &Cluster, extra: &[&str]) -> (Vec<Daemon>, Vec<Host>) {
+    let daemons: Vec<Daemon> = (0..c.hosts.len()).map(|i| c.daemon(i, extra)).collect();
+    let hosts = (0..c.hosts.len()).map(|i| host_info(c, i)).collect();
+    (daemons, hosts)
+}
+
 /// Host `i`'s main routing table, as `ip -j route` reports it.
 pub fn routes(c: &Cluster, i: usize) -> Vec<Value> {
     json(&c.hosts[i], "ip", &["-j", "route", "show", "table", "main"]).as_array().unwrap().clone()
@@ -49,12 +57,12 @@ pub fn ping(c: &Cluster, from: usize, src: &str, dst: &str) -> bool {
     c.hosts[from].exec("ping", &["-c", "1", "-W", "1", "-I", src, dst]).is_ok()
 }
 
-/// Every host's pod address reaches every other's (within 10 s each: the first packet may
-/// wait for the peer's entries to be programmed).
-pub fn assert_full_mesh(c: &Cluster, hosts: &[Host]) {
+/// Every host's pod address reaches every other's, each pair within `limit` (the first
+/// packet may wait for the peer's entries to be programmed).
+pub fn assert_full_mesh(c: &Cluster, hosts: &[Host], limit: Duration) {
     for (i, a) in hosts.iter().enumerate() {
         for b in hosts.iter().filter(|b| b.pod_ip != a.pod_ip) {
-            wait_for(Duration::from_secs(10), &format!("ping {} -> {}", a.pod_ip, b.pod_ip), || {
+            wait_for(limit, &format!("ping {} -> {}", a.pod_ip, b.pod_ip), || {
                 ping(c, i, &a.pod_ip, &b.pod_ip).then_some(())
             });
         }
